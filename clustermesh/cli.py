@@ -1,0 +1,166 @@
+"""The ``clustermesh`` command line: one subcommand per component.
+
+Subcommands import their component lazily so that ``clustermesh --help`` works
+without kopf, bcc or a cluster, and a missing piece names itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from clustermesh import __version__
+
+NOT_BUILT = 3  # exit code of a subcommand that does not exist yet
+
+
+def _not_built(what: str, issue: str) -> int:
+    print(
+        f"clustermesh {what}: not built yet ({issue}). Nothing was done.",
+        file=sys.stderr,
+    )
+    return NOT_BUILT
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"clustermesh {__version__}")
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from clustermesh.operator.main import run_operator
+
+    return run_operator(args)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    return _not_built("agent", "the agent issue: watch remote stores, merge, program the datapath")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _not_built("status", "comes with the agent")
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    return _not_built("connect", "comes with the agent and the real-cluster deploy")
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from clustermesh.lab.run import run_lab
+
+    return run_lab(args)
+
+
+def cmd_datapath_dump(args: argparse.Namespace) -> int:
+    from clustermesh.datapath.dump import dump_main
+
+    return dump_main(args.pin_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clustermesh",
+        description="Multi-cluster global Services for Kubernetes with eBPF socket load balancing.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser(
+        "operator",
+        help="export this cluster's global Services and Nodes into its state store",
+        description="Run the per-cluster operator (kopf). Identity comes from the ClusterMesh "
+        "resource, or from --cluster-name/--cluster-id on the first start.",
+    )
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: in-cluster or ~/.kube")
+    p.add_argument("--context", default=None, help="kubeconfig context")
+    p.add_argument(
+        "--etcd", default=os.environ.get("CLUSTERMESH_ETCD", "http://127.0.0.1:2379"),
+        help="this cluster's state store (etcd itself, not the proxy): URL",
+    )
+    p.add_argument(
+        "--etcd-prefix", default=os.environ.get("CLUSTERMESH_ETCD_PREFIX", ""),
+        help="key prefix inside the store; expose it to remote clusters with grpc-proxy --namespace=PREFIX",
+    )
+    p.add_argument("--etcd-ca", default=os.environ.get("CLUSTERMESH_ETCD_CA"))
+    p.add_argument("--etcd-cert", default=os.environ.get("CLUSTERMESH_ETCD_CERT"))
+    p.add_argument("--etcd-key", default=os.environ.get("CLUSTERMESH_ETCD_KEY"))
+    p.add_argument("--cluster-name", default=os.environ.get("CLUSTERMESH_CLUSTER_NAME"))
+    p.add_argument("--cluster-id", type=int, default=_env_int("CLUSTERMESH_CLUSTER_ID"))
+    p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
+    p.add_argument("--lease-ttl", type=int, default=15, help="seconds; records vanish this long after a crash")
+    p.add_argument("--heartbeat-interval", type=float, default=60.0, help="seconds between heartbeats")
+    p.add_argument(
+        "--min-write-interval", type=float, default=0.25,
+        help="seconds between two writes of one record; changes in between are coalesced",
+    )
+    p.add_argument(
+        "--batch-window", type=float, default=0.05,
+        help="seconds kopf waits for more events of one object before handling it",
+    )
+    p.add_argument("--metrics-port", type=int, default=9963, help="Prometheus /metrics and /healthz; -1: off")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--namespace", action="append", default=None, help="watch only these namespaces")
+    p.add_argument(
+        "--peering", default=None,
+        help="kopf peering name for leader election (needs crds/kopf-peering.yaml); default: standalone",
+    )
+    p.set_defaults(func=cmd_operator)
+
+    p = sub.add_parser("agent", help="per-node agent: merge remote backends into the eBPF maps")
+    p.set_defaults(func=cmd_agent)
+    p = sub.add_parser("status", help="show the mesh as this cluster sees it")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("connect", help="connect this cluster with another one")
+    p.set_defaults(func=cmd_connect)
+
+    p = sub.add_parser("lab", help="local control planes and stores on this machine, no Docker")
+    lab = p.add_subparsers(dest="lab_command", metavar="ACTION")
+    up = lab.add_parser("up", help="start a local cluster and stay in the foreground until Ctrl-C")
+    up.add_argument("--dir", default=None, help="state folder (default ~/.cache/clustermesh/lab)")
+    up.add_argument("--name", default="lab-1")
+    up.add_argument("--id", type=int, default=1)
+    up.add_argument("--no-wait", action="store_true", help="start, print, stop (a smoke test)")
+    p.set_defaults(func=cmd_lab)
+
+    p = sub.add_parser("datapath", help="inspect the eBPF datapath")
+    dp = p.add_subparsers(dest="datapath_command", metavar="ACTION")
+    dump = dp.add_parser("dump", help="print the service and backend maps")
+    dump.add_argument("--pin-dir", default="/sys/fs/bpf/clustermesh", help="where the maps are pinned")
+    dump.set_defaults(func=cmd_datapath_dump)
+    p.set_defaults(func=lambda args: _usage(p))
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.command == "lab" and not args.lab_command:
+        return _usage(parser)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

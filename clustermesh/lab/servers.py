@@ -1,0 +1,362 @@
+"""Real servers on loopback: etcd, etcd grpc-proxy, and a Kubernetes control plane.
+
+Used by the test fixtures and by ``clustermesh lab``. Every server listens on
+127.0.0.1 only, on a free port, with its files in one folder, and is stopped
+with its process group. Nothing here connects anywhere but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from clustermesh.lab.pki import CertificateAuthority, service_account_keys
+
+log = logging.getLogger(__name__)
+
+KUBE_VERSION = "1.20.2"
+CACHE = Path(os.environ.get("CLUSTERMESH_CACHE", Path.home() / ".cache" / "clustermesh"))
+
+
+class ServerError(RuntimeError):
+    """A server did not start or stopped unexpectedly; the message names its log."""
+
+
+def find_binary(name: str) -> str:
+    """$KUBEBUILDER_ASSETS, then PATH, then the setup script's build cache."""
+    candidates = []
+    if assets := os.environ.get("KUBEBUILDER_ASSETS"):
+        candidates.append(Path(assets) / name)
+    if found := shutil.which(name):
+        candidates.append(Path(found))
+    candidates.append(CACHE / f"kube-{KUBE_VERSION}" / "bin" / name)
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise ServerError(f"{name} not found in $KUBEBUILDER_ASSETS, PATH or {CACHE}; run scripts/setup.sh")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, proc: Process | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.running:
+            raise ServerError(f"{what} exited with {proc.returncode}; see {proc.log_path}:\n{proc.tail()}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    raise ServerError(f"{what} not ready after {timeout:.0f}s" + (f"; see {proc.log_path}" if proc else ""))
+
+
+class Process:
+    """One server process in its own process group, logging to a file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            self._proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        log.debug("started %s pid %d: %s", self.name, self._proc.pid, " ".join(self.argv))
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(timeout=5, sig=signal.SIGKILL)
+
+
+def _http_ok(url: str, token: str | None = None, ca: Path | None = None) -> bool:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class EtcdServer:
+    """A single-member etcd on 127.0.0.1; ``stop()`` keeps the data for ``start()`` again."""
+
+    def __init__(self, directory: Path, name: str = "etcd", client_port: int | None = None) -> None:
+        self.directory = directory
+        self.name = name
+        self.client_port = client_port or free_port()
+        self.peer_port = free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.process = Process(
+            name,
+            [
+                find_etcd(),
+                f"--name={name}",
+                f"--data-dir={directory / 'data'}",
+                f"--listen-client-urls={self.url}",
+                f"--advertise-client-urls={self.url}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster={name}={peer}",
+                "--initial-cluster-state=new",
+                "--enable-v2=false",
+                "--snapshot-count=10000",
+            ],
+            directory / f"{name}.log",
+        )
+
+    def start(self, timeout: float = 30.0) -> EtcdServer:
+        self.process.start()
+        _wait(f"etcd {self.name} at {self.url}", lambda: _http_ok(f"{self.url}/health"), timeout, self.process)
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def find_etcd() -> str:
+    path = shutil.which("etcd")
+    if path is None:
+        raise ServerError("etcd not found on PATH; run scripts/setup.sh (Debian package etcd-server)")
+    return path
+
+
+class EtcdGrpcProxy:
+    """``etcd grpc-proxy start --namespace``: what a remote cluster is allowed to see.
+
+    A client of the proxy reads ``<namespace><key>`` of the backing etcd as
+    ``<key>``, and cannot reach anything outside the namespace.
+    """
+
+    def __init__(self, directory: Path, backend: str, namespace: str, name: str = "grpc-proxy") -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.namespace = namespace
+        self.process = Process(
+            name,
+            [
+                find_etcd(),
+                "grpc-proxy",
+                "start",
+                f"--endpoints={backend.removeprefix('http://')}",
+                f"--listen-addr=127.0.0.1:{self.port}",
+                f"--metrics-addr=http://127.0.0.1:{self.metrics_port}",
+                f"--namespace={namespace}",
+                f"--data-dir={directory / name}",
+            ],
+            directory / f"{name}.log",
+        )
+
+    def start(self, timeout: float = 30.0) -> EtcdGrpcProxy:
+        self.process.start()
+        _wait(
+            f"etcd grpc-proxy at {self.url}",
+            lambda: _http_ok(f"http://127.0.0.1:{self.metrics_port}/health"),
+            timeout,
+            self.process,
+        )
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class ControlPlane:
+    """etcd + kube-apiserver (+ controller-manager, scheduler) of one local cluster.
+
+    Auth: a static admin token (group system:masters) in a kubeconfig that
+    ``kubectl --kubeconfig`` and the Python clients use as is.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str = "cluster",
+        service_cidr: str = "10.96.0.0/16",
+        pod_cidr: str = "10.244.0.0/16",
+        controller_manager: bool = True,
+        scheduler: bool = False,
+    ) -> None:
+        self.directory = directory
+        self.name = name
+        self.service_cidr = service_cidr
+        self.pod_cidr = pod_cidr
+        directory.mkdir(parents=True, exist_ok=True)
+        self.pki = CertificateAuthority(directory / "pki")
+        self.serving = self.pki.issue(
+            "apiserver", "kube-apiserver",
+            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+        )
+        self.sa = service_account_keys(directory / "pki")
+        self.token = secrets.token_hex(16)
+        (directory / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+        self.etcd = EtcdServer(directory / "etcd", name=f"{name}-k8s-etcd")
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.kubeconfig = directory / "kubeconfig"
+        self._want_kcm = controller_manager
+        self._want_scheduler = scheduler
+        self.apiserver = Process(
+            "kube-apiserver",
+            [
+                find_binary("kube-apiserver"),
+                f"--etcd-servers={self.etcd.url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.port}",
+                "--insecure-port=0",
+                f"--tls-cert-file={self.serving.cert}",
+                f"--tls-private-key-file={self.serving.key}",
+                f"--client-ca-file={self.pki.cert_path}",
+                f"--token-auth-file={directory / 'tokens.csv'}",
+                "--authorization-mode=Node,RBAC",
+                f"--service-cluster-ip-range={service_cidr}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={self.sa.cert}",
+                f"--service-account-signing-key-file={self.sa.key}",
+                "--endpoint-reconciler-type=none",
+                "--allow-privileged=true",
+                "--profiling=false",
+                f"--cert-dir={directory / 'apiserver-certs'}",
+            ],
+            directory / "kube-apiserver.log",
+        )
+        self.controller_manager = Process(
+            "kube-controller-manager",
+            [
+                find_binary("kube-controller-manager"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                f"--service-account-private-key-file={self.sa.key}",
+                f"--root-ca-file={self.pki.cert_path}",
+                "--use-service-account-credentials=false",
+                "--controllers=*,-csrsigning,-csrapproving,-csrcleaner",
+                "--allocate-node-cidrs=true",
+                f"--cluster-cidr={pod_cidr}",
+                "--node-cidr-mask-size=24",
+                f"--service-cluster-ip-range={service_cidr}",
+                "--concurrent-endpoint-syncs=10",
+                "--concurrent-service-endpoint-syncs=10",
+                "--endpointslice-updates-batch-period=0s",
+                "--profiling=false",
+            ],
+            directory / "kube-controller-manager.log",
+        )
+        self.scheduler = Process(
+            "kube-scheduler",
+            [
+                find_binary("kube-scheduler"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+            ],
+            directory / "kube-scheduler.log",
+        )
+
+    def write_kubeconfig(self, path: Path, context: str | None = None) -> Path:
+        context = context or self.name
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": context,
+                    "cluster": {"server": self.url, "certificate-authority": str(self.pki.cert_path)},
+                }
+            ],
+            "users": [{"name": f"{context}-admin", "user": {"token": self.token}}],
+            "contexts": [{"name": context, "context": {"cluster": context, "user": f"{context}-admin"}}],
+            "current-context": context,
+        }
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
+        return path
+
+    def ready(self) -> bool:
+        return _http_ok(f"{self.url}/readyz", self.token, self.pki.cert_path)
+
+    def start(self, timeout: float = 90.0) -> ControlPlane:
+        self.write_kubeconfig(self.kubeconfig)
+        self.etcd.start()
+        self.apiserver.start()
+        _wait(f"kube-apiserver at {self.url}", self.ready, timeout, self.apiserver)
+        if self._want_kcm:
+            self.controller_manager.start()
+        if self._want_scheduler:
+            self.scheduler.start()
+        return self
+
+    def check_running(self) -> None:
+        for proc in self.processes():
+            if proc.pid is not None and not proc.running:
+                raise ServerError(f"{proc.name} exited with {proc.returncode}; see {proc.log_path}")
+
+    def processes(self) -> Iterator[Process]:
+        yield from (self.scheduler, self.controller_manager, self.apiserver)
+
+    def stop(self) -> None:
+        for proc in self.processes():
+            proc.stop()
+        self.etcd.stop()

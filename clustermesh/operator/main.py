@@ -1,0 +1,59 @@
+"""``clustermesh operator``: wire the Kubernetes client, etcd, metrics and kopf together."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import kopf
+
+from clustermesh import metrics
+from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.operator import handlers
+from clustermesh.operator.controller import Operator, OperatorConfig
+from clustermesh.operator.kube import KubeClient, KubeError
+from clustermesh.store.sync import WriterSettings
+
+log = logging.getLogger(__name__)
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    try:
+        kube = KubeClient(args.kubeconfig, args.context)
+        endpoint = Endpoint.parse(args.etcd, args.etcd_ca, args.etcd_cert, args.etcd_key)
+        kv = KVClient(endpoint, prefix=args.etcd_prefix)
+        config = OperatorConfig(
+            mesh_name=args.clustermesh,
+            cluster_name=args.cluster_name,
+            cluster_id=args.cluster_id,
+            writer=WriterSettings(
+                lease_ttl=args.lease_ttl,
+                heartbeat_interval=args.heartbeat_interval,
+                min_interval=args.min_write_interval,
+            ),
+        )
+        operator = Operator(config, kv, kube)
+        operator.ensure_mesh()
+    except (KubeError, KVStoreError, ValueError) as exc:
+        print(f"clustermesh operator: {exc}", file=sys.stderr)
+        return 1
+    if args.metrics_port >= 0:
+        try:
+            metrics.serve(args.metrics_host, args.metrics_port, operator.health)
+        except OSError as exc:
+            print(f"clustermesh operator: metrics port {args.metrics_port}: {exc}; "
+                  "pick another with --metrics-port (or -1 to disable)", file=sys.stderr)
+            return 1
+    memo = kopf.Memo(operator=operator, connection=kube.connection(), batch_window=args.batch_window)
+    if not args.verbose:  # one line per handled event is noise at this rate
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    kopf.run(
+        registry=handlers.registry,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        memo=memo,
+    )
+    return 0

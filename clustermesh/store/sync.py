@@ -1,0 +1,248 @@
+"""The writer side of a cluster's state store (the shape of Cilium's syncstore).
+
+Callers say what *should* be in the store (``set(key, value)``); one asyncio
+task makes it so:
+
+- coalescing: a key is written at most once per ``min_interval``; a burst of
+  changes to one Service becomes a few writes of its latest value;
+- skip-unchanged: a value equal to the last one written is not sent again;
+- one lease for every key, kept alive from a thread; when it is lost (etcd
+  was away longer than the TTL), a new lease is granted and every key is
+  written again;
+- retries with exponential backoff (tenacity) while the desired state keeps
+  moving, so the store converges to the latest state once etcd is back;
+- after the first full pass, keys under the managed prefixes that are not
+  desired are deleted, then the "synced" markers are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from clustermesh import metrics, schema
+from clustermesh.kvstore import KVClient, KVStoreError, LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WriterSettings:
+    lease_ttl: int = 15
+    """Seconds. Records of a dead writer disappear this long after its last keep-alive."""
+    min_interval: float = 0.25
+    """Seconds between two writes of the same key; changes in between are coalesced."""
+    heartbeat_interval: float = 60.0
+    """Seconds between refreshes of ``cilium/.heartbeat``."""
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+
+
+def _kind(key: str) -> str:
+    if key.startswith(schema.SERVICES_PREFIX):
+        return "service"
+    if key.startswith(schema.NODES_PREFIX):
+        return "node"
+    return "meta"
+
+
+class SyncStore:
+    def __init__(self, client: KVClient, cluster: str, settings: WriterSettings | None = None) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.settings = settings or WriterSettings()
+        self.desired: dict[str, str] = {}
+        self.written: dict[str, str] = {}
+        self.dirty: set[str] = set()
+        self.last_write: dict[str, float] = {}
+        self.reachable: bool | None = None
+        self.last_error: str | None = None
+        self.last_sync: dt.datetime | None = None
+        self.synced = False
+        self._lease: LeaseKeeper | None = None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_heartbeat = 0.0
+        self._closing = False
+
+    # ------------------------------------------------------------ desired state
+
+    def set(self, key: str, value: str | None) -> None:
+        """Desired value of ``key``; None means the key must not exist."""
+        if value is None:
+            if self.desired.pop(key, None) is None and key not in self.written:
+                return
+        elif self.desired.get(key) == value:
+            return
+        else:
+            self.desired[key] = value
+        self._mark(key)
+
+    def replace_prefix(self, prefix: str, values: Mapping[str, str]) -> None:
+        """Make ``values`` the whole desired content under ``prefix``."""
+        for key in [k for k in self.desired if k.startswith(prefix) and k not in values]:
+            self.set(key, None)
+        for key, value in values.items():
+            self.set(key, value)
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for k in self.desired if k.startswith(prefix))
+
+    def _mark(self, key: str) -> None:
+        self.dirty.add(key)
+        self._idle.clear()
+        metrics.QUEUE_DEPTH.set(len(self.dirty))
+        self._wake.set()
+
+    async def flushed(self, timeout: float | None = None) -> None:
+        """Wait until every desired value is in the store."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    # ------------------------------------------------------------ first full pass
+
+    async def initial_sync(self, prefixes: Iterable[str], synced_prefixes: Iterable[str]) -> int:
+        """After the caller has set the complete desired state: write it, delete the
+        rest under ``prefixes``, then write the synced markers. Returns the number of
+        stale keys deleted."""
+        await self.flushed()
+        stale: list[str] = []
+        for prefix in prefixes:
+            listing = await self._etcd("list", self.client.list_prefix, prefix)
+            stale += [k for k in listing.items if k not in self.desired]
+        if stale:
+            log.info("removing %d stale records left by an earlier run: %s", len(stale), ", ".join(stale[:5]))
+            await self._etcd("delete", self.client.apply, {}, stale)
+            for key in stale:
+                metrics.EXPORTS.labels(_kind(key), "delete").inc()
+        now = schema.rfc3339_now()
+        for prefix in synced_prefixes:
+            self.set(schema.synced_key(self.cluster, prefix), now)
+        await self.flushed()
+        self.synced = True
+        return len(stale)
+
+    # ------------------------------------------------------------ the worker
+
+    async def run(self) -> None:
+        """Write forever; cancel the task to stop (the lease is kept: see close())."""
+        self._loop = asyncio.get_running_loop()
+        while not self._closing:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(KVStoreError),
+                wait=wait_exponential_jitter(initial=self.settings.backoff_initial, max=self.settings.backoff_max),
+                before_sleep=self._on_retry,
+            ):
+                with attempt:
+                    delay = await self._cycle()
+            self._set_reachable(True)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self._set_reachable(False, str(exc))
+        if state.attempt_number == 1:
+            log.warning("state store write failed, retrying with backoff: %s", exc)
+        metrics.ERRORS.labels("operator", "etcd").inc()
+
+    def _set_reachable(self, ok: bool, error: str | None = None) -> None:
+        if ok and self.reachable is False:
+            log.info("state store %s reachable again", self.client.endpoint)
+        self.reachable = ok
+        self.last_error = error
+        metrics.STORE_REACHABLE.set(1 if ok else 0)
+
+    async def _cycle(self) -> float:
+        """Ensure the lease, refresh the heartbeat if due, write what is due.
+        Returns how long the worker may sleep if nothing else happens."""
+        await self._ensure_lease()
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self.set(schema.HEARTBEAT_KEY, schema.rfc3339_now())
+            self._next_heartbeat = now + self.settings.heartbeat_interval
+        sleep = self._next_heartbeat - now
+        ready = []
+        for key in self.dirty:
+            due = self.last_write.get(key, 0.0) + self.settings.min_interval
+            if due <= now:
+                ready.append(key)
+            else:
+                sleep = min(sleep, due - now)
+        puts: dict[str, str] = {}
+        deletes: list[str] = []
+        for key in ready:
+            value = self.desired.get(key)
+            if value == self.written.get(key):
+                self.dirty.discard(key)
+                metrics.SKIPPED_WRITES.inc()
+            elif value is None:
+                deletes.append(key)
+            else:
+                puts[key] = value
+        if puts or deletes:
+            lease = self._lease.lease_id if self._lease else None
+            await self._etcd("txn", self.client.apply, puts, deletes, lease)
+            stamp = time.monotonic()
+            for key, value in puts.items():
+                self.written[key] = value
+                metrics.EXPORTS.labels(_kind(key), "put").inc()
+            for key in deletes:
+                self.written.pop(key, None)
+                metrics.EXPORTS.labels(_kind(key), "delete").inc()
+            for key in (*puts, *deletes):
+                self.last_write[key] = stamp
+                # A change that arrived while the write was in flight stays dirty.
+                if self.desired.get(key) == self.written.get(key):
+                    self.dirty.discard(key)
+            self.last_sync = dt.datetime.now(dt.UTC)
+        metrics.QUEUE_DEPTH.set(len(self.dirty))
+        if not self.dirty:
+            self._idle.set()
+        elif not any(
+            self.last_write.get(k, 0.0) + self.settings.min_interval > time.monotonic() for k in self.dirty
+        ):
+            sleep = 0.0
+        return max(sleep, 0.0)
+
+    async def _ensure_lease(self) -> None:
+        if self._lease is not None and not self._lease.lost.is_set():
+            return
+        if self._lease is not None:
+            await asyncio.to_thread(self._lease.close, False)
+        keeper = await self._etcd("lease", LeaseKeeper, self.client, self.settings.lease_ttl, self._lease_lost)
+        self._lease = keeper
+        if self.written:
+            log.warning("new lease %x: rewriting all %d records", keeper.lease_id, len(self.desired))
+        self.written.clear()
+        for key in self.desired:
+            self.dirty.add(key)
+        self.last_write.clear()
+
+    def _lease_lost(self, lease_id: int) -> None:
+        # Called from the keeper's thread.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _etcd(self, op: str, fn, *args):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            metrics.ETCD_LATENCY.labels(op).observe(time.perf_counter() - start)
+
+    async def close(self, revoke: bool = False) -> None:
+        """Stop keeping the lease alive. Without ``revoke`` the records stay until
+        the lease expires, so a restarting writer does not blink its records away."""
+        self._closing = True
+        self._wake.set()
+        if self._lease is not None:
+            await asyncio.to_thread(self._lease.close, revoke)

@@ -1,0 +1,386 @@
+"""The operator against a real kube-apiserver + controller-manager and a real etcd.
+
+Each test runs `clustermesh operator` as a separate process (so it can be
+killed) with its own cluster name, ClusterMesh object, namespace and store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clustermesh import schema
+from clustermesh.kvstore import KVClient
+from clustermesh.lab.servers import free_port
+from tests.kubeapi import KubeAPI, eventually
+
+REPO = Path(__file__).resolve().parents[2]
+GLOBAL = {"service.cilium.io/global": "true"}
+
+
+class OperatorProcess:
+    def __init__(self, kubeconfig: str, etcd_url: str, cluster: str, cluster_id: int, log: Path, *extra: str):
+        self.metrics_port = free_port()
+        self.argv = [
+            sys.executable, "-m", "clustermesh.cli", "operator",
+            "--kubeconfig", kubeconfig, "--etcd", etcd_url,
+            "--clustermesh", f"mesh-{cluster}", "--cluster-name", cluster, "--cluster-id", str(cluster_id),
+            "--metrics-port", str(self.metrics_port), *extra,
+        ]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def healthz(self) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+
+@pytest.fixture(scope="module")
+def crds(kubeconfig: str) -> None:
+    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "crds")],
+                   check=True, capture_output=True)
+    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "wait", "--for=condition=Established",
+                    "crd/clustermeshes.clustermesh.io", "--timeout=60s"], check=True, capture_output=True)
+
+
+@pytest.fixture
+def api(control_plane) -> KubeAPI:
+    return KubeAPI.for_control_plane(control_plane)
+
+
+@pytest.fixture
+def namespace(api: KubeAPI):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    api.delete("Namespace", None, name)
+
+
+@pytest.fixture
+def cluster() -> str:
+    return f"c-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def operators(kubeconfig: str, crds: None, etcd_server, tmp_path: Path, cluster: str):
+    started: list[OperatorProcess] = []
+
+    def start(*extra: str, cluster_id: int = 7, etcd_url: str | None = None) -> OperatorProcess:
+        op = OperatorProcess(kubeconfig, etcd_url or etcd_server.url, cluster, cluster_id,
+                             tmp_path / f"operator-{len(started)}.log", *extra)
+        started.append(op.start())
+        return op
+
+    yield start
+    for op in started:
+        op.kill()
+    if os.environ.get("CLUSTERMESH_TEST_SHOW_LOGS"):
+        for log in tmp_path.glob("operator-*.log"):
+            print(log.read_text())
+
+
+def service(namespace: str, name: str, annotations: dict[str, str] | None = None, ports: Any = None,
+            labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "annotations": annotations or {},
+                     "labels": labels or {}},
+        "spec": {"ports": ports or [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    }
+
+
+def endpoint_slice(namespace: str, name: str, service_name: str, endpoints: list[tuple[str, bool]],
+                   ports: Any = None, address_type: str = "IPv4") -> dict[str, Any]:
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service_name}},
+        "addressType": address_type,
+        "ports": ports or [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip, ready in endpoints],
+    }
+
+
+def records(kv: KVClient, cluster: str, namespace: str) -> dict[str, dict[str, Any]]:
+    prefix = f"{schema.services_cluster_prefix(cluster)}{namespace}/"
+    return {k.rsplit("/", 1)[1]: json.loads(v.value) for k, v in kv.list_prefix(prefix).items.items()}
+
+
+def backends_of(kv: KVClient, cluster: str, namespace: str, name: str) -> dict[str, Any] | None:
+    rec = records(kv, cluster, namespace).get(name)
+    return None if rec is None else rec["backends"]
+
+
+HTTP_8080 = {"http": {"Protocol": "TCP", "Port": 8080}}
+
+
+def test_record_follows_every_step(api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators) -> None:
+    ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+             {"name": "dns", "port": 53, "protocol": "UDP"}]
+    svc = api.create(service(namespace, "echo", GLOBAL, ports, labels={"app": "echo"}))
+    slice_ports = [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+    api.create(endpoint_slice(namespace, "echo-a", "echo",
+                              [("10.244.1.10", True), ("10.244.1.11", False)], slice_ports))
+    api.create(service(namespace, "local-only"))  # not global: never exported
+    op = operators()
+    cluster_ip = svc["spec"]["clusterIP"]
+    both = {"http": {"Protocol": "TCP", "Port": 8080}, "dns": {"Protocol": "UDP", "Port": 53}}
+    expected = {
+        "cluster": cluster, "clusterID": 7, "namespace": namespace, "name": "echo",
+        "frontends": {cluster_ip: {"http": {"Protocol": "TCP", "Port": 80}, "dns": {"Protocol": "UDP", "Port": 53}}},
+        "backends": {"10.244.1.10": both},
+        "labels": {"app": "echo"}, "selector": {}, "includeExternal": True, "shared": True,
+    }
+
+    def exact() -> None:
+        assert records(kv, cluster, namespace) == {"echo": expected}
+    eventually(exact)
+    raw = kv.get(schema.service_key(cluster, namespace, "echo"))
+    assert raw == schema.encode(expected)  # canonical JSON, byte for byte
+
+    # Scale up, then down; a second slice adds to the first.
+    api.patch("EndpointSlice", namespace, "echo-a", {"endpoints": [
+        {"addresses": ["10.244.1.10"], "conditions": {"ready": True}},
+        {"addresses": ["10.244.1.11"], "conditions": {"ready": True}},
+        {"addresses": ["10.244.1.12"], "conditions": {"ready": True}}]})
+    eventually(lambda: _assert_eq(set(backends_of(kv, cluster, namespace, "echo") or {}),
+                                  {"10.244.1.10", "10.244.1.11", "10.244.1.12"}))
+    api.patch("EndpointSlice", namespace, "echo-a", {"endpoints": [
+        {"addresses": ["10.244.1.12"], "conditions": {"ready": True}}]})
+    api.create(endpoint_slice(namespace, "echo-b", "echo", [("10.244.2.20", True)], slice_ports))
+    eventually(lambda: _assert_eq(backends_of(kv, cluster, namespace, "echo"),
+                                  {"10.244.1.12": both, "10.244.2.20": both}))
+    api.delete("EndpointSlice", namespace, "echo-b")
+    eventually(lambda: _assert_eq(set(backends_of(kv, cluster, namespace, "echo") or {}), {"10.244.1.12"}))
+
+    # Flip the annotation off and on, including the legacy name.
+    api.patch("Service", namespace, "echo", {"metadata": {"annotations": {"service.cilium.io/global": "false"}}})
+    eventually(lambda: _assert_eq(records(kv, cluster, namespace), {}))
+    api.patch("Service", namespace, "echo", {"metadata": {"annotations": {
+        "service.cilium.io/global": None, "io.cilium/global-service": "true"}}})
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"echo"}))
+
+    # shared=false: exported with no backends.
+    api.patch("Service", namespace, "echo", {"metadata": {"annotations": {"service.cilium.io/shared": "false"}}})
+    def unshared() -> None:
+        rec = records(kv, cluster, namespace)["echo"]
+        assert rec["shared"] is False and rec["backends"] == {}
+    eventually(unshared)
+
+    api.delete("Service", namespace, "echo")
+    eventually(lambda: _assert_eq(records(kv, cluster, namespace), {}))
+    assert op.healthz()[0] == 200
+
+
+def test_nodes_are_exported_and_removed(api: KubeAPI, kv: KVClient, cluster: str, operators) -> None:
+    name = f"node-{cluster}"
+    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+                "spec": {"podCIDR": "10.250.7.0/24", "podCIDRs": ["10.250.7.0/24"]}})
+    api.request("PATCH", f"/api/v1/nodes/{name}/status",
+                {"status": {"addresses": [{"type": "InternalIP", "address": "192.168.77.2"},
+                                          {"type": "Hostname", "address": name}]}},
+                "application/merge-patch+json")
+    try:
+        operators()
+
+        def exported() -> None:
+            raw = kv.get(schema.node_key(cluster, name))
+            assert raw is not None
+            node = schema.Node.decode(raw, key=schema.node_key(cluster, name))
+            assert node.internal_ipv4() == "192.168.77.2"
+            assert node.ipv4_pod_cidr == "10.250.7.0/24"
+            assert node.cluster_id == 7
+        eventually(exported)
+    finally:
+        api.delete("Node", None, name)
+    eventually(lambda: _assert_eq(kv.get(schema.node_key(cluster, name)), None))
+
+
+def test_bad_input_is_logged_counted_and_skipped(
+    api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators
+) -> None:
+    api.create(service(namespace, "weird", {"service.cilium.io/global": "yes"}))
+    api.create(service(namespace, "good", {**GLOBAL, "service.cilium.io/affinity": "sideways"}))
+    api.create(endpoint_slice(namespace, "good-a", "good", [("10.244.3.3", True)]))
+    api.create(endpoint_slice(namespace, "good-fqdn", "good", [("backend.example", True)],
+                              address_type="FQDN"))
+    op = operators()
+    eventually(lambda: _assert_eq(backends_of(kv, cluster, namespace, "good"), {"10.244.3.3": HTTP_8080}))
+    assert "weird" not in records(kv, cluster, namespace)
+
+    def counted() -> None:
+        lines = [ln for ln in op.metrics().splitlines()
+                 if ln.startswith('clustermesh_errors_total{component="operator",kind="bad-input"}')]
+        assert lines and float(lines[0].split()[-1]) >= 3  # bad annotation, bad affinity, FQDN slice
+    eventually(counted)
+    log = op.log.read_text()
+    assert log.count("is neither 'true' nor 'false'") == 1, "a problem is logged once, not per event"
+
+
+def test_restart_leaves_nothing_stale(api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators) -> None:
+    for name in ("a", "b"):
+        api.create(service(namespace, name, GLOBAL))
+        api.create(endpoint_slice(namespace, f"{name}-1", name, [("10.244.4.1", True)]))
+    op = operators()
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}))
+    op.kill()
+    # While it is down: delete a, change b, add c.
+    api.delete("Service", namespace, "a")
+    api.patch("EndpointSlice", namespace, "b-1", {"endpoints": [
+        {"addresses": ["10.244.4.2"], "conditions": {"ready": True}}]})
+    api.create(service(namespace, "c", GLOBAL))
+    assert set(records(kv, cluster, namespace)) == {"a", "b"}
+    operators()
+    eventually(lambda: _assert_eq(
+        {k: set(v["backends"]) for k, v in records(kv, cluster, namespace).items()},
+        {"b": {"10.244.4.2"}, "c": set()},
+    ))
+    marker = kv.get(schema.synced_key(cluster, schema.SERVICES_PREFIX))
+    assert marker is not None and schema.parse_rfc3339(marker)
+
+
+def test_store_converges_after_etcd_outage(
+    api: KubeAPI, kv: KVClient, etcd_server, namespace: str, cluster: str, operators, kubeconfig: str
+) -> None:
+    api.create(service(namespace, "a", GLOBAL))
+    api.create(endpoint_slice(namespace, "a-1", "a", [("10.244.5.1", True)]))
+    op = operators("--lease-ttl", "30")
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
+    etcd_server.stop()
+    try:
+        api.patch("EndpointSlice", namespace, "a-1", {"endpoints": [
+            {"addresses": ["10.244.5.2"], "conditions": {"ready": True}}]})
+        api.create(service(namespace, "b", GLOBAL))
+        api.delete("Service", namespace, "a")
+        time.sleep(10)
+        assert op.proc is not None and op.proc.poll() is None, "operator must survive the outage"
+        def unreachable() -> None:
+            out = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "clustermesh", f"mesh-{cluster}",
+                                  "-o", "jsonpath={.status.conditions[?(@.type=='StoreReachable')].status}"],
+                                 capture_output=True, text=True, check=True).stdout
+            assert out == "False"
+        eventually(unreachable, timeout=10)
+    finally:
+        etcd_server.start()
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"b"}), timeout=30)
+
+
+def test_records_vanish_when_the_lease_expires(
+    api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators
+) -> None:
+    api.create(service(namespace, "a", GLOBAL))
+    op = operators("--lease-ttl", "3")
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
+    assert kv.get(schema.cluster_config_key(cluster)) is not None
+    op.kill()
+    time.sleep(1)
+    assert set(records(kv, cluster, namespace)) == {"a"}, "records outlive the operator until the lease ends"
+    eventually(lambda: _assert_eq(records(kv, cluster, namespace), {}), timeout=15)
+    assert kv.get(schema.cluster_config_key(cluster)) is None
+    assert kv.get(schema.synced_key(cluster, schema.SERVICES_PREFIX)) is None
+
+
+def test_remote_reader_through_grpc_proxy_namespace(
+    api: KubeAPI, etcd_server, etcd_proxy_factory, namespace: str, cluster: str, operators
+) -> None:
+    api.create(service(namespace, "a", GLOBAL))
+    api.create(endpoint_slice(namespace, "a-1", "a", [("10.244.6.1", True)]))
+    operators("--etcd-prefix", f"stores/{cluster}/")
+    proxy = etcd_proxy_factory(etcd_server.url, namespace=f"stores/{cluster}/")
+    with KVClient(proxy.url) as remote:
+        def seen() -> None:
+            key = schema.service_key(cluster, namespace, "a")
+            raw = remote.get(key)
+            assert raw is not None
+            assert schema.ClusterService.decode(raw, key=key).backends == {
+                "10.244.6.1": {"http": schema.PortConfig("TCP", 8080)}}
+            assert remote.get(schema.cluster_config_key(cluster)) is not None
+        eventually(seen)
+        everything = remote.list_prefix("")
+        assert all(k.startswith("cilium/") for k in everything.items), "the proxy shows only the namespace"
+
+
+def test_status_reports_sync(api: KubeAPI, namespace: str, cluster: str, operators, kubeconfig: str) -> None:
+    api.create(service(namespace, "a", GLOBAL))
+    operators()
+
+    def synced() -> None:
+        res = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "clustermesh", f"mesh-{cluster}",
+                              "-o", "json"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        status = json.loads(res.stdout).get("status") or {}
+        conds = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        assert conds == {"StoreReachable": "True", "Synced": "True"}
+        assert status["exportedServices"] >= 1
+        assert "lastSyncTime" in status
+    eventually(synced, timeout=20)
+
+
+def test_a_burst_of_endpoint_changes_becomes_a_few_writes(
+    api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators
+) -> None:
+    api.create(service(namespace, "burst", GLOBAL))
+    api.create(endpoint_slice(namespace, "burst-1", "burst", [("10.244.7.0", True)]))
+    operators()
+    eventually(lambda: _assert_eq(set(backends_of(kv, cluster, namespace, "burst") or {}), {"10.244.7.0"}))
+    key = schema.service_key(cluster, namespace, "burst")
+    watch = kv.watch_prefix(key, start_revision=kv.revision() + 1)
+    writes: list[str] = []
+    t = threading.Thread(target=lambda: [writes.append(ev.value or "") for ev in watch], daemon=True)
+    t.start()
+    changes = 500
+    start = time.monotonic()
+    for i in range(1, changes + 1):
+        api.patch("EndpointSlice", namespace, "burst-1", {"endpoints": [
+            {"addresses": [f"10.244.7.{i % 250}"], "conditions": {"ready": True}},
+            {"addresses": [f"10.244.8.{i // 250}"], "conditions": {"ready": True}}]})
+    duration = time.monotonic() - start
+    final = {f"10.244.7.{changes % 250}", f"10.244.8.{changes // 250}"}
+    eventually(lambda: _assert_eq(set(backends_of(kv, cluster, namespace, "burst") or {}), final))
+    time.sleep(1)
+    watch.cancel()
+    # One write per min-write-interval (0.25 s) at most, whatever the event rate.
+    budget = int(duration / 0.25) + 3
+    print(f"{changes} endpoint changes in {duration:.2f}s -> {len(writes)} writes (budget {budget})")
+    assert 1 <= len(writes) <= budget
+    assert set(json.loads(writes[-1])["backends"]) == final
+
+
+def _assert_eq(actual: object, expected: object) -> None:
+    assert actual == expected

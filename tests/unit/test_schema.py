@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clustermesh import schema
+from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig, SchemaError
+
+# The example record from DESIGN.md, as Cilium writes it.
+CILIUM_EXAMPLE = (
+    '{"cluster":"cluster3","namespace":"ns-alpha","name":"echo-service","frontends":'
+    '{"10.96.0.10":{"http":{"Protocol":"TCP","Port":80}}},"backends":{"10.244.1.10":{"http":{"Protocol":"TCP",'
+    '"Port":8080}}},"labels":{},"selector":{"app":"echo"},"includeExternal":true,"shared":true,"clusterID":3}'
+)
+
+
+def test_decodes_cilium_record_and_reencodes_same_json() -> None:
+    key = "cilium/state/services/v1/cluster3/ns-alpha/echo-service"
+    svc = ClusterService.decode(CILIUM_EXAMPLE, key=key)
+    assert svc.cluster_id == 3
+    assert svc.frontends == {"10.96.0.10": {"http": PortConfig("TCP", 80)}}
+    assert svc.backends == {"10.244.1.10": {"http": PortConfig("TCP", 8080)}}
+    assert svc.key == key
+    assert json.loads(svc.encode()) == json.loads(CILIUM_EXAMPLE)
+
+
+def test_encoding_is_canonical() -> None:
+    a = ClusterService("c1", "ns", "svc", 1, backends={"10.0.0.2": {"": PortConfig("TCP", 80)},
+                                                       "10.0.0.1": {"": PortConfig("TCP", 80)}})
+    b = ClusterService("c1", "ns", "svc", 1, backends={"10.0.0.1": {"": PortConfig("TCP", 80)},
+                                                       "10.0.0.2": {"": PortConfig("TCP", 80)}})
+    assert a.encode() == b.encode()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(cluster=""), "cluster name"),
+        (lambda d: d.update(name=None), "service name"),
+        (lambda d: d.update(clusterID=0), "outside 1..255"),
+        (lambda d: d.update(clusterID=256), "outside 1..255"),
+        (lambda d: d.update(clusterID="3"), "integer"),
+        (lambda d: d["backends"].update({"not-an-ip": {}}), "not an IP"),
+        (lambda d: d["backends"]["10.244.1.10"]["http"].update(Port=70000), "1..65535"),
+        (lambda d: d["backends"]["10.244.1.10"]["http"].update(Protocol="ICMP"), "protocol"),
+        (lambda d: d.update(labels={"a": 1}), "labels"),
+    ],
+)
+def test_rejects_malformed_records(mutate, message: str) -> None:
+    data = json.loads(CILIUM_EXAMPLE)
+    mutate(data)
+    with pytest.raises(SchemaError, match=message):
+        ClusterService.decode(json.dumps(data))
+
+
+def test_rejects_key_that_names_another_service() -> None:
+    with pytest.raises(SchemaError, match="does not match"):
+        ClusterService.decode(CILIUM_EXAMPLE, key="cilium/state/services/v1/cluster4/ns-alpha/echo-service")
+
+
+@pytest.mark.parametrize("raw", ["", "nope", "[]", "null", b"\xff\xfe"])
+def test_rejects_non_objects(raw: str | bytes) -> None:
+    with pytest.raises(SchemaError):
+        ClusterService.decode(raw)
+
+
+@pytest.mark.parametrize("name", ["a", "cluster-1", "a" * 32, "0abc9"])
+def test_valid_cluster_names(name: str) -> None:
+    assert schema.validate_cluster_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "A", "-a", "a-", "a_b", "a" * 33, "a.b", None, 3])
+def test_invalid_cluster_names(name: object) -> None:
+    with pytest.raises(SchemaError):
+        schema.validate_cluster_name(name)
+
+
+@pytest.mark.parametrize("cluster_id", [0, 256, -1, True, 1.5, "1"])
+def test_invalid_cluster_ids(cluster_id: object) -> None:
+    with pytest.raises(SchemaError):
+        schema.validate_cluster_id(cluster_id)
+
+
+def test_keys() -> None:
+    assert schema.service_key("c", "ns", "n") == "cilium/state/services/v1/c/ns/n"
+    assert schema.node_key("c", "node-1") == "cilium/state/nodes/v1/c/node-1"
+    assert schema.cluster_config_key("c") == "cilium/cluster-config/c"
+    assert schema.synced_key("c", schema.SERVICES_PREFIX) == "cilium/synced/c/cilium/state/services/v1"
+    assert schema.parse_service_key("cilium/state/services/v1/c/ns/n") == schema.ServiceKey("c", "ns", "n")
+    for bad in ("cilium/state/services/v1/c/ns", "other/c/ns/n", "cilium/state/services/v1/c//n"):
+        with pytest.raises(SchemaError):
+            schema.parse_service_key(bad)
+
+
+def test_node_uses_go_field_names_and_round_trips() -> None:
+    node = Node(
+        "node-1", "c1", 1,
+        addresses=(NodeAddress("InternalIP", "192.168.10.2"),),
+        ipv4_pod_cidr="10.244.1.0/24",
+    )
+    data = node.to_json()
+    assert data["IPv4AllocCIDR"] == {"IP": "10.244.1.0", "Mask": "////AA=="}
+    assert data["IPAddresses"] == [{"Type": "InternalIP", "IP": "192.168.10.2"}]
+    assert Node.decode(node.encode(), key="cilium/state/nodes/v1/c1/node-1") == node
+    assert node.internal_ipv4() == "192.168.10.2"
+
+
+def test_node_rejects_bad_cidr() -> None:
+    data = Node("n", "c1", 1).to_json()
+    data["IPv4AllocCIDR"] = {"IP": "10.0.0.0", "Mask": "!!"}
+    with pytest.raises(SchemaError):
+        Node.decode(json.dumps(data))
+
+
+def test_cluster_config() -> None:
+    cfg = ClusterConfig(3)
+    assert json.loads(cfg.encode()) == {"id": 3, "capabilities": {"syncedCanaries": True, "maxConnectedClusters": 255}}
+    assert ClusterConfig.decode(cfg.encode()) == cfg
+    with pytest.raises(SchemaError):
+        ClusterConfig.decode('{"id": 0}')
