@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between two writes of one record; changes in between are coalesced",
     )
     p.add_argument(
-        "--batch-window", type=float, default=0.05,
+        "--batch-window", type=float, default=0.0,
         help="seconds kopf waits for more events of one object before handling it",
     )
     p.add_argument("--metrics-port", type=int, default=9963, help="Prometheus /metrics and /healthz; -1: off")

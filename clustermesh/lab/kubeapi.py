@@ -1,5 +1,6 @@
-"""A minimal REST client for tests: create, patch and delete objects on the
-fixture kube-apiserver quickly (kubectl costs ~0.2 s a call, too slow for bursts)."""
+"""A minimal Kubernetes REST client for tests, benchmarks and the lab: create, patch
+and delete objects on a local kube-apiserver over one kept-alive connection
+(kubectl costs ~0.2 s a call, too slow for bursts of thousands)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import KVClient
+from clustermesh.lab.kubeapi import KubeAPI, eventually
 from clustermesh.lab.servers import free_port
-from tests.kubeapi import KubeAPI, eventually
 
 REPO = Path(__file__).resolve().parents[2]
 GLOBAL = {"service.cilium.io/global": "true"}
