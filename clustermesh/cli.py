@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--peering", default=None,
         help="kopf peering name for leader election (needs crds/kopf-peering.yaml); default: standalone",
     )
+    p.add_argument(
+        "--priority", type=int, default=None,
+        help="peering priority; the highest live one writes, the others stand by (default: random)",
+    )
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("agent", help="per-node agent: merge remote backends into the eBPF maps")

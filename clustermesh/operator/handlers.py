@@ -129,6 +129,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.batching.batch_window = memo.batch_window
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    # A standby replica takes over this long after the active one stops refreshing its peering entry.
+    settings.peering.lifetime = 15
 
 
 @kopf.on.login(registry=registry)

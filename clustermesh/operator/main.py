@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 
 import kopf
@@ -54,6 +55,8 @@ def run_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or (),
         standalone=args.peering is None,
         peering_name=args.peering,
+        # kopf pauses *every* operator of equal priority, so a random one elects a single writer.
+        priority=args.priority if args.priority is not None else random.randint(1, 1_000_000),
         memo=memo,
     )
     return 0

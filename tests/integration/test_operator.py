@@ -384,3 +384,26 @@ def test_a_burst_of_endpoint_changes_becomes_a_few_writes(
 
 def _assert_eq(actual: object, expected: object) -> None:
     assert actual == expected
+
+
+def test_peering_elects_one_writer_and_fails_over(
+    api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators, kubeconfig: str
+) -> None:
+    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "deploy" / "peering.yaml")],
+                   check=True, capture_output=True)
+    api.create(service(namespace, "a", GLOBAL))
+    active = operators("--peering", "clustermesh", "--priority", "200")
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
+    standby = operators("--peering", "clustermesh", "--priority", "100")
+    eventually(lambda: _assert_true("Initial authentication has finished" in standby.log.read_text()))
+    time.sleep(4)  # kopf starts paused and stays so while a higher priority peer is alive
+    assert "Resuming operations" not in standby.log.read_text()
+    assert "exporting cluster" not in standby.log.read_text()
+    active.kill()
+    api.create(service(namespace, "b", GLOBAL))  # only the standby can export this one
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}), timeout=45)
+    assert "Resuming operations" in standby.log.read_text()
+
+
+def _assert_true(value: bool) -> None:
+    assert value
