@@ -407,3 +407,16 @@ def test_peering_elects_one_writer_and_fails_over(
 
 def _assert_true(value: bool) -> None:
     assert value
+
+
+@pytest.mark.parametrize(("name", "cid"), [("Bad_Name", 3), ("ok", 0), ("ok", 256)])
+def test_identity_the_crd_would_reject_is_refused(kubeconfig: str, crds: None, etcd_server, name: str, cid: int):
+    res = subprocess.run(
+        [sys.executable, "-m", "clustermesh.cli", "operator", "--kubeconfig", kubeconfig, "--etcd", etcd_server.url,
+         "--clustermesh", f"mesh-bad-{uuid.uuid4().hex[:6]}", "--cluster-name", name, "--cluster-id", str(cid),
+         "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert res.returncode == 1
+    assert "cluster" in res.stderr and ("name" in res.stderr or "ID" in res.stderr), res.stderr
+    assert KVClient(etcd_server.url).list_prefix("").items == {}, "nothing was written"
