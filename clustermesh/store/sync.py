@@ -137,7 +137,9 @@ class SyncStore:
         while not self._closing:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(KVStoreError),
-                wait=wait_exponential_jitter(initial=self.settings.backoff_initial, max=self.settings.backoff_max),
+                wait=wait_exponential_jitter(
+                    multiplier=self.settings.backoff_initial, max=self.settings.backoff_max, jitter=0.2
+                ),
                 before_sleep=self._on_retry,
             ):
                 with attempt:

@@ -1,0 +1,162 @@
+"""The reader side of a (remote) state store: the shape of Cilium's watchstore.
+
+List the prefix, report every key, then watch from the listed revision + 1.
+When the connection breaks (or the watch hits a compacted revision), keep the
+cache, list again, report what changed, and report as deleted only the keys
+that the new listing no longer has: a reconnect never drains the consumer,
+and nothing stale survives it. Consumers see only ``on_upsert``/``on_delete``
+(plus ``on_synced`` after the first complete listing).
+
+Runs in its own thread: the etcd client's watch is a blocking iterator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from clustermesh import metrics
+from clustermesh.kvstore import KVClient, KVStoreError, RevisionCompacted
+
+log = logging.getLogger(__name__)
+
+
+class StoreObserver(Protocol):
+    def on_upsert(self, key: str, value: str) -> None: ...
+
+    def on_delete(self, key: str) -> None: ...
+
+    def on_synced(self) -> None: ...
+
+
+class WatchStore:
+    def __init__(
+        self,
+        client: KVClient,
+        prefix: str,
+        observer: StoreObserver,
+        name: str = "",
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.observer = observer
+        self.name = name or prefix
+        self.backoff_max = backoff_max
+        self.cache: dict[str, str] = {}
+        self.synced = threading.Event()
+        self.connected = False
+        self.last_error: str | None = None
+        self.revision = 0
+        self._stop = threading.Event()
+        self._watch = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> WatchStore:
+        self._thread = threading.Thread(target=self._run, name=f"watchstore-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop reading. The cache and what the observer was told stay as they are:
+        stopping is not removing (an agent restart must not drain the datapath)."""
+        self._stop.set()
+        watch = self._watch
+        if watch is not None:
+            watch.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def drain(self) -> None:
+        """Report every cached key as deleted: the remote was removed from the mesh."""
+        for key in sorted(self.cache):
+            self.observer.on_delete(key)
+        self.cache.clear()
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        retrying = Retrying(
+            retry=retry_if_exception_type(KVStoreError),
+            wait=wait_exponential_jitter(multiplier=0.2, max=self.backoff_max, jitter=0.2),
+            before_sleep=self._on_retry,
+            sleep=self._stop.wait,
+        )
+        try:
+            while not self._stop.is_set():
+                retrying(self._list_and_watch)
+        except Exception:  # a bug here must be visible, not a silently dead thread
+            log.exception("[%s] watch store stopped by an unexpected error", self.name)
+            raise
+
+    def _on_retry(self, state) -> None:  # type: ignore[no-untyped-def]
+        exc = state.outcome.exception() if state.outcome else None
+        self.connected = False
+        self.last_error = str(exc)
+        if state.attempt_number == 1:
+            log.warning("[%s] lost the store (%s); keeping %d cached keys, retrying", self.name, exc,
+                        len(self.cache))
+        metrics.ERRORS.labels("reader", "etcd").inc()
+
+    def _list_and_watch(self) -> None:
+        if self._stop.is_set():
+            return
+        listing = self.client.list_prefix(self.prefix)
+        self.connected = True
+        self.last_error = None
+        fresh = {k: kv.value for k, kv in listing.items.items()}
+        for key, value in fresh.items():
+            if self.cache.get(key) != value:
+                self.cache[key] = value
+                self.observer.on_upsert(key, value)
+        for key in [k for k in self.cache if k not in fresh]:  # deleted while we were away
+            del self.cache[key]
+            self.observer.on_delete(key)
+        self.revision = listing.revision
+        if not self.synced.is_set():
+            self.synced.set()
+            self.observer.on_synced()
+        watch = self.client.watch_prefix(self.prefix, start_revision=listing.revision + 1)
+        self._watch = watch
+        if self._stop.is_set():
+            watch.cancel()
+            return
+        try:
+            for event in watch:
+                self.revision = event.revision
+                if event.kind == "put" and event.value is not None:
+                    if self.cache.get(event.key) != event.value:
+                        self.cache[event.key] = event.value
+                        self.observer.on_upsert(event.key, event.value)
+                elif event.key in self.cache:
+                    del self.cache[event.key]
+                    self.observer.on_delete(event.key)
+        except RevisionCompacted as exc:
+            log.info("[%s] %s", self.name, exc)
+            raise
+        finally:
+            watch.cancel()
+            self._watch = None
+        if not self._stop.is_set():
+            # The stream ended without an error (server closed it): list again.
+            raise KVStoreError(f"watch of {self.prefix} ended")
+
+
+class CallbackObserver:
+    """An observer from three callables, for small consumers and tests."""
+
+    def __init__(
+        self,
+        on_upsert: Callable[[str, str], None],
+        on_delete: Callable[[str], None],
+        on_synced: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.on_upsert = on_upsert  # type: ignore[method-assign]
+        self.on_delete = on_delete  # type: ignore[method-assign]
+        self.on_synced = on_synced  # type: ignore[method-assign]

@@ -1,0 +1,79 @@
+"""The store reader against a real etcd, reading through a real grpc-proxy that goes away."""
+
+from __future__ import annotations
+
+import threading
+
+from clustermesh.kvstore import KVClient
+from clustermesh.lab.kubeapi import eventually
+from clustermesh.store.watch import CallbackObserver, WatchStore
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.state: dict[str, str] = {}
+        self.events: list[tuple[str, str]] = []
+        self.synced = threading.Event()
+        self.lock = threading.Lock()
+
+    def observer(self) -> CallbackObserver:
+        def upsert(key: str, value: str) -> None:
+            with self.lock:
+                self.state[key] = value
+                self.events.append(("upsert", key))
+
+        def delete(key: str) -> None:
+            with self.lock:
+                self.state.pop(key, None)
+                self.events.append(("delete", key))
+
+        return CallbackObserver(upsert, delete, self.synced.set)
+
+
+def test_list_then_watch(kv: KVClient) -> None:
+    kv.put("cilium/state/a", "1")
+    kv.put("other/x", "ignored")
+    rec = Recorder()
+    store = WatchStore(kv, "cilium/state/", rec.observer(), name="t").start()
+    try:
+        assert rec.synced.wait(10)
+        assert rec.state == {"cilium/state/a": "1"}
+        kv.put("cilium/state/b", "2")
+        kv.put("cilium/state/a", "1")  # same value: no event for the consumer
+        kv.delete("cilium/state/a")
+        eventually(lambda: _eq(rec.state, {"cilium/state/b": "2"}))
+        assert rec.events == [("upsert", "cilium/state/a"), ("upsert", "cilium/state/b"),
+                              ("delete", "cilium/state/a")]
+    finally:
+        store.stop()
+
+
+def test_reconnect_keeps_cache_and_removes_only_what_is_gone(kv: KVClient, etcd_server, etcd_proxy_factory) -> None:
+    for key in ("keep", "change", "gone"):
+        kv.put(f"ns/cilium/state/{key}", "v1")
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="ns/")
+    rec = Recorder()
+    with KVClient(proxy.url, timeout=2) as remote:
+        store = WatchStore(remote, "cilium/state/", rec.observer(), name="remote", backoff_max=0.5).start()
+        try:
+            assert rec.synced.wait(10)
+            assert set(rec.state) == {"cilium/state/keep", "cilium/state/change", "cilium/state/gone"}
+            proxy.stop()  # the remote cluster becomes unreachable
+            kv.put("ns/cilium/state/change", "v2")
+            kv.delete("ns/cilium/state/gone")
+            kv.put("ns/cilium/state/new", "v1")
+            eventually(lambda: _eq(store.connected, False), timeout=20)
+            # Unreachable: the consumer still has everything it had.
+            assert set(rec.state) == {"cilium/state/keep", "cilium/state/change", "cilium/state/gone"}
+            proxy.process.start()
+            eventually(lambda: _eq(rec.state, {"cilium/state/keep": "v1", "cilium/state/change": "v2",
+                                               "cilium/state/new": "v1"}), timeout=30)
+            assert ("delete", "cilium/state/keep") not in rec.events, "a reconnect never drains"
+        finally:
+            store.stop()
+    store.drain()
+    assert rec.state == {}
+
+
+def _eq(a: object, b: object) -> None:
+    assert a == b
