@@ -8,5 +8,7 @@ bash scripts/setup.sh
 echo
 echo "[test] ruff check"
 .venv/bin/ruff check .
+echo "[test] mypy (strict on the core modules listed in pyproject.toml)"
+.venv/bin/mypy
 echo "[test] pytest"
 exec .venv/bin/python -m pytest -ra --durations=15 "${@:-tests}"

@@ -4,10 +4,10 @@ ClusterMesh object and its status. The only module that imports the kubernetes c
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,13 @@ class KubeClient:
         self.configuration = kubernetes.client.Configuration()
         try:
             if kubeconfig or context or not _in_cluster():
-                kubernetes.config.load_kube_config(
+                kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
                     config_file=kubeconfig, context=context, client_configuration=self.configuration
                 )
             else:
-                kubernetes.config.load_incluster_config(client_configuration=self.configuration)
+                kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=self.configuration
+                )
         except (kubernetes.config.ConfigException, OSError) as exc:
             raise KubeError(
                 f"cannot load Kubernetes credentials ({exc}); pass --kubeconfig/--context or run in a pod"
@@ -55,7 +57,7 @@ class KubeClient:
 
     def get_mesh(self, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name))
+            return cast(dict[str, Any], self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name))
         except ApiException as exc:
             if exc.status == 404:
                 if "could not find the requested resource" in (exc.body or "") or "page not found" in (
@@ -75,7 +77,7 @@ class KubeClient:
             "spec": {"localCluster": {"name": cluster_name, "id": cluster_id}},
         }
         try:
-            return dict(self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body))
+            return cast(dict[str, Any], self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body))
         except ApiException as exc:
             raise KubeError(f"creating ClusterMesh {name}: {exc.status} {exc.reason}: {exc.body}") from exc
 

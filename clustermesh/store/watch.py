@@ -17,10 +17,10 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics
-from clustermesh.kvstore import KVClient, KVStoreError, RevisionCompacted
+from clustermesh.kvstore import KVClient, KVStoreError, RevisionCompacted, Watch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class WatchStore:
         self.last_error: str | None = None
         self.revision = 0
         self._stop = threading.Event()
-        self._watch = None
+        self._watch: Watch | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -86,7 +86,7 @@ class WatchStore:
             retry=retry_if_exception_type(KVStoreError),
             wait=wait_exponential_jitter(multiplier=0.2, max=self.backoff_max, jitter=0.2),
             before_sleep=self._on_retry,
-            sleep=self._stop.wait,
+            sleep=self._sleep,
         )
         try:
             while not self._stop.is_set():
@@ -95,7 +95,10 @@ class WatchStore:
             log.exception("[%s] watch store stopped by an unexpected error", self.name)
             raise
 
-    def _on_retry(self, state) -> None:  # type: ignore[no-untyped-def]
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)  # a stop request cuts the backoff short
+
+    def _on_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         self.connected = False
         self.last_error = str(exc)
@@ -157,6 +160,6 @@ class CallbackObserver:
         on_delete: Callable[[str], None],
         on_synced: Callable[[], None] = lambda: None,
     ) -> None:
-        self.on_upsert = on_upsert  # type: ignore[method-assign]
-        self.on_delete = on_delete  # type: ignore[method-assign]
-        self.on_synced = on_synced  # type: ignore[method-assign]
+        self.on_upsert = on_upsert
+        self.on_delete = on_delete
+        self.on_synced = on_synced

@@ -1,0 +1,61 @@
+"""The layering of ARCHITECTURE.md, enforced: each outside library enters through one
+module (or one package), and the pure modules import no I/O library at all."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "clustermesh"
+
+# library -> the only places allowed to import it (files or package folders)
+GATEKEEPERS = {
+    "etcd3": {"kvstore.py"},
+    "grpc": {"kvstore.py"},
+    "kopf": {"operator/handlers.py", "operator/main.py"},
+    "kubernetes": {"operator/kube.py"},
+    "bcc": {"datapath/"},
+    "pyroute2": {"agent/routes.py", "datapath/"},
+}
+
+PURE = ["schema.py", "operator/export.py", "datapath/model.py", "datapath/plan.py"]
+IO_LIBRARIES = {"etcd3", "grpc", "kopf", "kubernetes", "bcc", "pyroute2", "socket", "subprocess", "urllib"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def _allowed(rel: str, places: set[str]) -> bool:
+    return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in places)
+
+
+def test_each_library_enters_through_its_gatekeeper() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        for lib in imported_roots(path) & set(GATEKEEPERS):
+            if not _allowed(rel, GATEKEEPERS[lib]):
+                offenders.append(f"{rel} imports {lib}")
+    assert offenders == []
+
+
+def test_pure_modules_do_no_io() -> None:
+    for rel in PURE:
+        path = PACKAGE / rel
+        if path.exists():
+            assert imported_roots(path) & IO_LIBRARIES == set(), rel
+
+
+def test_bcc_is_only_imported_by_the_loader_side_of_the_datapath() -> None:
+    pure_datapath = {"datapath/model.py", "datapath/plan.py", "datapath/layout.py", "datapath/__init__.py"}
+    for rel in pure_datapath:
+        path = PACKAGE / rel
+        if path.exists():
+            assert "bcc" not in imported_roots(path), f"{rel} must stay importable without bcc"
