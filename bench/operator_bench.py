@@ -38,8 +38,7 @@ NS = "bench"
 
 
 def endpoints(svc: int, m: int) -> list[dict]:
-    return [{"addresses": [f"10.{200 + i}.{svc // 256}.{svc % 256}"], "conditions": {"ready": True}}
-            for i in range(m)]
+    return [{"addresses": [f"10.{200 + i}.{svc // 256}.{svc % 256}"], "conditions": {"ready": True}} for i in range(m)]
 
 
 def main() -> int:
@@ -62,23 +61,42 @@ def main() -> int:
         store.start()
         kubectl = ["kubectl", "--kubeconfig", str(cp.kubeconfig)]
         subprocess.run([*kubectl, "apply", "-f", str(REPO / "crds")], check=True, capture_output=True)
-        subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/clustermeshes.clustermesh.io"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*kubectl, "wait", "--for=condition=Established", "crd/clustermeshes.clustermesh.io"],
+            check=True,
+            capture_output=True,
+        )
         api = KubeAPI.for_control_plane(cp)
         api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
 
         print(f"[bench] creating {n} global services with {m} endpoints each", flush=True)
         t0 = time.perf_counter()
         for i in range(n):
-            api.create({"apiVersion": "v1", "kind": "Service",
-                        "metadata": {"name": f"svc-{i}", "namespace": NS,
-                                     "annotations": {"service.cilium.io/global": "true"}},
-                        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
-            api.create({"kind": "EndpointSlice",
-                        "metadata": {"name": f"svc-{i}-1", "namespace": NS,
-                                     "labels": {"kubernetes.io/service-name": f"svc-{i}"}},
-                        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-                        "endpoints": endpoints(i, m)})
+            api.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {
+                        "name": f"svc-{i}",
+                        "namespace": NS,
+                        "annotations": {"service.cilium.io/global": "true"},
+                    },
+                    "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+                }
+            )
+            api.create(
+                {
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": f"svc-{i}-1",
+                        "namespace": NS,
+                        "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": endpoints(i, m),
+                }
+            )
             if (i + 1) % 250 == 0:
                 print(f"        {i + 1}/{n}", flush=True)
         create_s = time.perf_counter() - t0
@@ -87,10 +105,26 @@ def main() -> int:
         log = (work / "operator.log").open("wb")
         t_start = time.perf_counter()
         operator = subprocess.Popen(
-            [sys.executable, "-m", "clustermesh.cli", "operator", "--kubeconfig", str(cp.kubeconfig),
-             "--etcd", store.url, "--cluster-name", CLUSTER, "--cluster-id", "1",
-             "--metrics-port", str(free_port()), *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "clustermesh.cli",
+                "operator",
+                "--kubeconfig",
+                str(cp.kubeconfig),
+                "--etcd",
+                store.url,
+                "--cluster-name",
+                CLUSTER,
+                "--cluster-id",
+                "1",
+                "--metrics-port",
+                str(free_port()),
+                *extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         marker = schema.synced_key(CLUSTER, schema.SERVICES_PREFIX)
         prefix = schema.services_cluster_prefix(CLUSTER)
