@@ -54,10 +54,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return run_lab(args)
 
 
-def cmd_datapath_dump(args: argparse.Namespace) -> int:
-    from clustermesh.datapath.dump import dump_main
+def cmd_datapath(args: argparse.Namespace) -> int:
+    from clustermesh.datapath.command import run
 
-    return dump_main(args.pin_dir)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,12 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-wait", action="store_true", help="start, print, stop (a smoke test)")
     p.set_defaults(func=cmd_lab)
 
-    p = sub.add_parser("datapath", help="inspect the eBPF datapath")
-    dp = p.add_subparsers(dest="datapath_command", metavar="ACTION")
-    dump = dp.add_parser("dump", help="print the service and backend maps")
-    dump.add_argument("--pin-dir", default="/sys/fs/bpf/clustermesh", help="where the maps are pinned")
-    dump.set_defaults(func=cmd_datapath_dump)
-    p.set_defaults(func=lambda args: _usage(p))
+    p = sub.add_parser("datapath", help="inspect or remove a node's eBPF socket-LB datapath")
+    from clustermesh.datapath.command import build_parser as datapath_parser
+
+    datapath_parser(p)
+    p.set_defaults(func=cmd_datapath)
     return parser
 
 

@@ -14,8 +14,8 @@ GATEKEEPERS = {
     "grpc": {"kvstore.py"},
     "kopf": {"operator/handlers.py", "operator/main.py"},
     "kubernetes": {"operator/kube.py"},
-    "bcc": {"datapath/"},
-    "pyroute2": {"agent/routes.py", "datapath/"},
+    "bcc": {"datapath/loader.py"},
+    "pyroute2": {"agent/routes.py"},
 }
 
 PURE = ["schema.py", "operator/export.py", "datapath/model.py", "datapath/plan.py"]

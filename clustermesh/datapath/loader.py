@@ -1,0 +1,274 @@
+"""The only module that imports bcc: compile bpf/sock_lb.c, load, attach, pin.
+
+Typical agent use::
+
+    lb = SocketLB("/sys/fs/cgroup/unified/node-1", pin_dir_for("node-1"), local_cluster_id=1)
+    lb.load()                      # reuses pinned maps and the live attachment
+    lb.reconcile(services)         # on every change of the desired state
+    lb.close()                     # on shutdown: programs and maps stay in place
+
+bcc is only needed by :meth:`SocketLB.load`; reading and writing the maps,
+detaching and destroying go through :mod:`clustermesh.datapath.bpfsys`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clustermesh.datapath import bpfsys, hooks
+from clustermesh.datapath.errors import DatapathError
+from clustermesh.datapath.layout import (
+    BACKEND4_MAP,
+    BACKEND4_MAX,
+    BACKEND_CODEC,
+    REV4_MAP,
+    REV4_MAX,
+    SERVICE_CODEC,
+    SVC4_MAP,
+    SVC4_MAX,
+    Backend4,
+    Rev4Key,
+    Rev4Val,
+    Svc4Key,
+    SvcVal,
+)
+from clustermesh.datapath.model import BackendEntry, MapState, ServiceEntry, ServiceSpec, SlotKey
+from clustermesh.datapath.plan import Maps, Op, plan, reconcile
+
+_BCC_IMPORT_ERROR: ImportError | None = None
+try:
+    import bcc
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    _BCC_IMPORT_ERROR = exc
+
+log = logging.getLogger(__name__)
+
+SOURCE = "sock_lb.c"
+# bpffs refuses dots in names, and the path becomes a C string literal.
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_/-]+$")
+
+
+def default_bpf_dir() -> Path:
+    """bpf/ of the source tree, or $CLUSTERMESH_BPF_DIR."""
+    env = os.environ.get("CLUSTERMESH_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+@dataclass(frozen=True)
+class MapLimits:
+    """Sizes of the maps a first load creates; pinned maps keep their size."""
+
+    services: int = SVC4_MAX
+    """Entries in cm_svc4: one per service plus one per backend slot."""
+    backends: int = BACKEND4_MAX
+    """Entries in cm_backend4: distinct (ip, port, cluster) backends."""
+    rev_nat: int = REV4_MAX
+    """LRU entries in cm_rev4: sockets talking to a backend right now."""
+
+
+# map name -> (type, key struct, value struct)
+_EXPECTED_MAPS: dict[str, tuple[int, type[Any], type[Any]]] = {
+    SVC4_MAP: (bpfsys.BPF_MAP_TYPE_HASH, Svc4Key, SvcVal),
+    BACKEND4_MAP: (bpfsys.BPF_MAP_TYPE_HASH, ctypes.c_uint32, Backend4),
+    REV4_MAP: (bpfsys.BPF_MAP_TYPE_LRU_HASH, Rev4Key, Rev4Val),
+}
+
+
+def check_pinned_maps(pin_dir: Path, limits: MapLimits) -> None:
+    """Refuse pinned maps whose type or layout differs from what we compile.
+
+    bcc's BPF_TABLE_PINNED reuses whatever is pinned at the path without
+    looking at it, and a program reading a map of another layout would
+    balance to garbage.
+    """
+    sizes = {SVC4_MAP: limits.services, BACKEND4_MAP: limits.backends, REV4_MAP: limits.rev_nat}
+    for name, (map_type, key_t, value_t) in _EXPECTED_MAPS.items():
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        try:
+            with hooks.fd(bpfsys.obj_get(path)) as map_fd:
+                info = bpfsys.map_info(map_fd)
+        except OSError as exc:
+            raise DatapathError(f"{path} exists but is not a BPF map ({exc.strerror}); remove it") from exc
+        want = (map_type, ctypes.sizeof(key_t), ctypes.sizeof(value_t))
+        have = (info.type, info.key_size, info.value_size)
+        if have != want:
+            raise DatapathError(
+                f"pinned map {path} has type/key/value {have}, expected {want}: it was made by another "
+                "clustermesh version. Run `clustermesh datapath destroy` for this node, then load again "
+                "(global services fall back to kube-proxy until then)."
+            )
+        wanted_size = sizes[name]
+        if info.max_entries != wanted_size:
+            # Resizing means a new map, and so a moment without services:
+            # keep the pinned one and say so.
+            log.warning(
+                "pinned map %s keeps its %d entries (asked for %d); destroy the datapath to resize it",
+                path,
+                info.max_entries,
+                wanted_size,
+            )
+
+
+class SocketLB:
+    """Socket-level load balancing on one cgroup, with maps pinned in ``pin_dir``.
+
+    Not thread-safe: one agent task owns it.
+    """
+
+    def __init__(
+        self,
+        cgroup_path: str | os.PathLike[str],
+        pin_dir: str | os.PathLike[str],
+        local_cluster_id: int,
+        *,
+        limits: MapLimits | None = None,
+        bpf_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.cgroup_path = Path(cgroup_path)
+        self.pin_dir = Path(pin_dir)
+        self.local_cluster_id = local_cluster_id
+        self.limits = limits or MapLimits()
+        self.bpf_dir = Path(bpf_dir) if bpf_dir else default_bpf_dir()
+        self._services: bpfsys.BpfMap[SlotKey, ServiceEntry] | None = None
+        self._backends: bpfsys.BpfMap[int, BackendEntry] | None = None
+        self.attachments: list[hooks.Attachment] = []
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def _check_environment(self) -> None:
+        if _BCC_IMPORT_ERROR is not None:
+            raise DatapathError(
+                f"bcc is not importable ({_BCC_IMPORT_ERROR}); install python3-bpfcc and make it visible "
+                "to this Python (scripts/setup.sh does both)"
+            )
+        if not _SAFE_PATH.match(str(self.pin_dir)):
+            raise DatapathError(f"pin dir {self.pin_dir} must be absolute and use only [A-Za-z0-9_/-]")
+        existing = self.pin_dir
+        while not existing.exists():
+            existing = existing.parent
+        if not bpfsys.is_fs(existing, bpfsys.BPF_FS_MAGIC):
+            raise DatapathError(
+                f"{existing} is not on bpffs, so pins would not survive: mount -t bpf bpf /sys/fs/bpf "
+                "(scripts/setup.sh does) and keep the pin dir under it"
+            )
+        if not (self.bpf_dir / SOURCE).is_file():
+            raise DatapathError(
+                f"{self.bpf_dir / SOURCE} not found; set CLUSTERMESH_BPF_DIR to the bpf/ directory"
+            )
+        if os.geteuid() != 0:
+            raise DatapathError("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+
+    def _cflags(self) -> list[str]:
+        return [
+            f"-I{self.bpf_dir}",
+            f'-DCM_PIN_DIR="{self.pin_dir}"',
+            f"-DCM_SVC4_MAX={int(self.limits.services)}",
+            f"-DCM_BACKEND4_MAX={int(self.limits.backends)}",
+            f"-DCM_REV4_MAX={int(self.limits.rev_nat)}",
+        ]
+
+    def load(self) -> list[hooks.Attachment]:
+        """Compile, reuse or create the pinned maps, and make sure every hook is
+        attached to the cgroup, reusing a live attachment of the same program.
+
+        Safe to call on a node whose datapath is already running (agent
+        restart): the maps keep their contents and no hook is ever detached.
+        """
+        self._check_environment()
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        check_pinned_maps(self.pin_dir, self.limits)
+        source = self.bpf_dir / SOURCE
+        try:
+            module = bcc.BPF(src_file=str(source).encode(), cflags=self._cflags())
+        except Exception as exc:
+            raise DatapathError(
+                f"bcc could not compile {source}: {exc} (clang's errors are above). bcc needs kernel "
+                f"headers at /lib/modules/{os.uname().release}/build: run scripts/setup.sh"
+            ) from exc
+        try:
+            with hooks.fd(hooks.open_cgroup(self.cgroup_path)) as cgroup_fd:
+                attachments = []
+                for hook in hooks.HOOKS:
+                    try:
+                        fn = module.load_func(
+                            hook.name.encode(), hook.prog_type, attach_type=hook.attach_type
+                        )
+                    except Exception as exc:
+                        raise DatapathError(
+                            f"the kernel refused program {hook.name}: {exc}. It needs root and a kernel "
+                            ">= 5.18 with CONFIG_CGROUP_BPF (bpf_set_retval in sock_addr programs)"
+                        ) from exc
+                    attachments.append(hooks.ensure_attached(cgroup_fd, hook, fn.fd, self.pin_dir))
+        finally:
+            # Attached programs hold their maps; the module's own fds can go.
+            module.cleanup()
+        self.attachments = attachments
+        self._open_maps()
+        return attachments
+
+    def _open_maps(self) -> None:
+        self.close()
+        self._services = bpfsys.BpfMap.open_pinned(self.pin_dir / SVC4_MAP, SERVICE_CODEC)
+        self._backends = bpfsys.BpfMap.open_pinned(self.pin_dir / BACKEND4_MAP, BACKEND_CODEC)
+
+    def close(self) -> None:
+        """Forget our fds. Programs stay attached and maps stay pinned."""
+        for bpf_map in (self._services, self._backends):
+            if bpf_map is not None:
+                bpf_map.close()
+        self._services = self._backends = None
+
+    def __enter__(self) -> SocketLB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def detach(self) -> list[str]:
+        """Take the programs off the cgroup (maps stay pinned and filled)."""
+        return hooks.detach(self.cgroup_path, self.pin_dir)
+
+    def destroy(self) -> None:
+        """Detach and remove every pin: the node is back to no clustermesh datapath."""
+        self.close()
+        hooks.destroy(self.cgroup_path, self.pin_dir)
+
+    # --- maps ------------------------------------------------------------------------------
+
+    @property
+    def maps(self) -> Maps:
+        if self._services is None or self._backends is None:
+            if not (self.pin_dir / SVC4_MAP).exists():
+                raise DatapathError(f"no maps pinned in {self.pin_dir}: call load() first")
+            self._open_maps()
+        assert self._services is not None and self._backends is not None
+        return Maps(services=self._services, backends=self._backends)
+
+    def read(self) -> MapState:
+        return self.maps.read()
+
+    def plan(self, services: Iterable[ServiceSpec]) -> list[Op]:
+        """What :meth:`reconcile` would write now."""
+        return plan(self.maps, services, self.local_cluster_id)
+
+    def reconcile(self, services: Iterable[ServiceSpec]) -> list[Op]:
+        """Make the maps hold exactly ``services`` (ordered, batched writes)."""
+        ops = reconcile(self.maps, services, self.local_cluster_id)
+        if ops:
+            log.info("datapath: %d map writes", len(ops))
+        return ops
+
+    def attached(self) -> dict[str, list[int]]:
+        """Hook name -> ids of our programs on the cgroup (one each when healthy)."""
+        return hooks.attached_ids(self.cgroup_path)
