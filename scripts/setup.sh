@@ -29,7 +29,7 @@ mkdir -p "$CACHE"
 APT_PACKAGES=(
   etcd-server python3-bpfcc linux-headers-amd64 golang-go rsync jq iproute2 curl
   golang-github-modern-go-reflect2-dev dpkg-dev ca-certificates iptables util-linux
-  procps psmisc kmod make gcc libc6-dev linux-libc-dev
+  procps psmisc kmod make gcc libc6-dev linux-libc-dev python3-venv
 )
 
 # ---------------------------------------------------------------------------
