@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-id", type=int, default=_env_int("CLUSTERMESH_CLUSTER_ID"))
     p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
     p.add_argument("--lease-ttl", type=int, default=15, help="seconds; records vanish this long after a crash")
+    p.add_argument(
+        "--resync-interval", type=float, default=300.0,
+        help="seconds between full listings that catch missed deletions",
+    )
     p.add_argument("--heartbeat-interval", type=float, default=60.0, help="seconds between heartbeats")
     p.add_argument(
         "--min-write-interval", type=float, default=0.25,

@@ -1,10 +1,11 @@
 """The operator's state machine, between kopf's handlers and the store writer.
 
-kopf keeps indices of Services, EndpointSlices and Nodes and calls the thin
-handlers in ``handlers.py``; they call this object, which turns objects into
+kopf's thin handlers (``handlers.py``) report every Service, EndpointSlice and
+Node event; this object keeps them in a :class:`ClusterState`, turns them into
 records with the pure functions of ``export.py`` and hands them to the
 :class:`~clustermesh.store.sync.SyncStore`. It also owns the cluster identity,
-the first full pass (delete stale, write "synced"), and the ClusterMesh status.
+the first full pass (a full listing, then: delete stale, write "synced"), the
+periodic resync that catches missed deletions, and the ClusterMesh status.
 """
 
 from __future__ import annotations
@@ -12,21 +13,23 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics, schema
 from clustermesh.kvstore import KVClient
 from clustermesh.operator.export import ClusterIdentity, export_node, export_service
 from clustermesh.operator.kube import KubeClient, KubeError
+from clustermesh.operator.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.store.sync import SyncStore, WriterSettings
 
 log = logging.getLogger(__name__)
 
 Body = Mapping[str, Any]
-# kopf's indices: key -> collection of values; read-only here.
-Index = Mapping[Any, Iterable[Body]]
+KINDS: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node")
 
 
 @dataclass
@@ -34,9 +37,13 @@ class OperatorConfig:
     mesh_name: str = "default"
     cluster_name: str | None = None
     cluster_id: int | None = None
+    namespaces: Sequence[str] = ()
+    """Watch only these namespaces (empty: all)."""
     writer: WriterSettings = field(default_factory=WriterSettings)
     status_interval: float = 2.0
     """Seconds between ClusterMesh status updates (only sent when something changed)."""
+    resync_interval: float = 300.0
+    """Seconds between full listings that remove objects whose deletion event was missed."""
 
 
 class ProblemLog:
@@ -60,22 +67,18 @@ class ProblemLog:
         self._seen.pop(obj, None)
 
 
-def _first(index: Index, key: Any) -> Body | None:
-    for value in index.get(key, ()):
-        return value
-    return None
-
-
 class Operator:
     def __init__(self, config: OperatorConfig, kv: KVClient, kube: KubeClient) -> None:
         self.config = config
         self.kv = kv
         self.kube = kube
+        self.state = ClusterState()
         self.identity: ClusterIdentity | None = None
         self.writer: SyncStore | None = None
         self.problems = ProblemLog("operator")
         self.remote_names: list[str] = []
         self.failed: str | None = None
+        self._starting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._conditions: dict[str, dict[str, str]] = {}
         self._last_status: dict[str, Any] | None = None
@@ -104,8 +107,11 @@ class Operator:
         log.info("created ClusterMesh %s for cluster %s (id %d)", self.config.mesh_name,
                  self.config.cluster_name, self.config.cluster_id)
 
-    async def mesh_seen(self, body: Body, services: Index, slices: Index, nodes: Index) -> None:
-        """The ClusterMesh object was listed or changed. The first time, start exporting."""
+    async def mesh_seen(self, body: Body) -> None:
+        """The ClusterMesh object was listed or changed. The first time, start exporting.
+
+        kopf only calls handlers while this replica is the active peer, so a standby
+        replica never gets here and never writes."""
         spec = body.get("spec") or {}
         self.remote_names = [c.get("name", "?") for c in spec.get("clusters") or []]
         local = spec.get("localCluster") or {}
@@ -114,10 +120,10 @@ class Operator:
         except schema.SchemaError as exc:
             self.problems.report(f"clustermesh/{self.config.mesh_name}", [f"invalid localCluster: {exc}"])
             return
-        if self.identity is None:
-            self.identity = identity
-            await self._start(services, slices, nodes)
-        elif identity != self.identity:
+        if self.identity is None and not self._starting:
+            self._starting = True
+            await self._start(identity)
+        elif self.identity is not None and identity != self.identity:
             self.problems.report(
                 f"clustermesh/{self.config.mesh_name}",
                 [f"localCluster changed to {identity.name}/{identity.id} while exporting as "
@@ -126,51 +132,85 @@ class Operator:
 
     # ------------------------------------------------------------ changes
 
-    def service_changed(self, namespace: str, name: str, services: Index, slices: Index) -> None:
+    def on_event(self, kind: Kind, event_type: str | None, body: Body) -> None:
+        """One watch event (kopf passes type None for its initial listing)."""
+        refs = self.state.delete(kind, body) if event_type == "DELETED" else self.state.upsert(kind, body)
+        self._export(refs)
+
+    def _export(self, refs: Iterable[Ref]) -> None:
         if self.identity is None or self.writer is None:
-            return  # the first full pass will read the indices
-        key = schema.service_key(self.identity.name, namespace, name)
-        service = _first(services, (namespace, name))
+            return  # the first full pass exports everything
+        for ref in refs:
+            if isinstance(ref, ServiceRef):
+                self._export_service(ref)
+            else:
+                self._export_node(ref)
+
+    def _export_service(self, ref: ServiceRef) -> None:
+        assert self.identity is not None and self.writer is not None
+        key = schema.service_key(self.identity.name, ref.namespace, ref.name)
+        service = self.state.service(ref.namespace, ref.name)
+        what = f"service/{ref.namespace}/{ref.name}"
         if service is None:
-            self.problems.forget(f"service/{namespace}/{name}")
+            self.problems.forget(what)
             self.writer.set(key, None)
             return
-        result = export_service(self.identity, service, slices.get((namespace, name), ()))
-        self.problems.report(f"service/{namespace}/{name}", result.problems)
+        result = export_service(self.identity, service, self.state.slices_of(ref.namespace, ref.name))
+        self.problems.report(what, result.problems)
         self.writer.set(key, result.record.encode() if result.record else None)
 
-    def node_changed(self, name: str, nodes: Index) -> None:
-        if self.identity is None or self.writer is None:
-            return
-        key = schema.node_key(self.identity.name, name)
-        node = _first(nodes, name)
+    def _export_node(self, ref: NodeRef) -> None:
+        assert self.identity is not None and self.writer is not None
+        key = schema.node_key(self.identity.name, ref.name)
+        node = self.state.node(ref.name)
         if node is None:
-            self.problems.forget(f"node/{name}")
+            self.problems.forget(f"node/{ref.name}")
             self.writer.set(key, None)
             return
         result = export_node(self.identity, node)
-        self.problems.report(f"node/{name}", result.problems)
+        self.problems.report(f"node/{ref.name}", result.problems)
         self.writer.set(key, result.record.encode() if result.record else None)
 
-    def _full_pass(self, services: Index, slices: Index, nodes: Index) -> None:
-        assert self.identity is not None and self.writer is not None
-        for ref in list(services):
-            self.service_changed(ref[0], ref[1], services, slices)
-        for name in list(nodes):
-            self.node_changed(name, nodes)
+    async def _list_everything(self) -> list[Ref]:
+        """Full listings of the three kinds, with backoff while the API server is away."""
+        refs: list[Ref] = []
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(KubeError),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10, jitter=0.5),
+            before_sleep=self._on_api_retry,
+        ):
+            with attempt:
+                listings = {
+                    kind: await asyncio.to_thread(self.kube.list_objects, kind, self.config.namespaces)
+                    for kind in KINDS
+                }
+        for kind, (items, rv) in listings.items():
+            refs += self.state.apply_listing(kind, items, rv)
+        return refs
+
+    def _on_api_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("listing the cluster failed, retrying: %s", exc)
+        metrics.ERRORS.labels("operator", "kube-api").inc()
 
     # ------------------------------------------------------------ lifecycle
 
-    async def _start(self, services: Index, slices: Index, nodes: Index) -> None:
-        assert self.identity is not None
-        ident = self.identity
-        log.info("exporting cluster %s (id %d) to %s", ident.name, ident.id, self.kv.endpoint)
-        self.writer = SyncStore(self.kv, ident.name, self.config.writer)
-        self.writer.set(schema.cluster_config_key(ident.name), schema.ClusterConfig(ident.id).encode())
-        self._full_pass(services, slices, nodes)
+    async def _start(self, identity: ClusterIdentity) -> None:
+        started = asyncio.get_running_loop().time()
+        await self._list_everything()
+        self.identity = identity
+        log.info(
+            "exporting cluster %s (id %d) to %s: listed %d services, %d endpoint slices, %d nodes in %.2fs",
+            identity.name, identity.id, self.kv.endpoint, len(self.state.services), len(self.state.slices),
+            len(self.state.nodes), asyncio.get_running_loop().time() - started,
+        )
+        self.writer = SyncStore(self.kv, identity.name, self.config.writer)
+        self.writer.set(schema.cluster_config_key(identity.name), schema.ClusterConfig(identity.id).encode())
+        self._export(self.state.refs())
         self._spawn("store-writer", self.writer.run())
         self._spawn("initial-sync", self._initial_sync())
         self._spawn("status", self._status_loop())
+        self._spawn("resync", self._resync_loop())
 
     async def _initial_sync(self) -> None:
         assert self.identity is not None and self.writer is not None
@@ -185,6 +225,12 @@ class Operator:
             self.exported("services"), self.exported("nodes"), stale,
             asyncio.get_running_loop().time() - started,
         )
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_interval)
+            refs = await self._list_everything()
+            self._export(refs)
 
     def _spawn(self, name: str, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)

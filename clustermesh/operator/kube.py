@@ -3,10 +3,14 @@ ClusterMesh object and its status. The only module that imports the kubernetes c
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from typing import Any, cast
+from urllib.parse import urlencode
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,66 @@ class KubeClient:
             "certificate_path": cfg.cert_file,
             "private_key_path": cfg.key_file,
         }
+
+    def _get_json(self, path: str, query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+        """A raw GET through the client's REST layer (its TLS and auth), returning JSON.
+
+        Raw because EndpointSlices are v1beta1 on 1.20 and v1 today, and current
+        clients no longer ship typed v1beta1 APIs."""
+        url = self.configuration.host + path + (f"?{urlencode(query)}" if query else "")
+        headers = {"Accept": "application/json"}
+        settings = cast(dict[str, dict[str, str]], self.configuration.auth_settings())
+        for auth in settings.values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        try:
+            resp = self.api.rest_client.request(  # type: ignore[no-untyped-call]
+                "GET", url, headers=headers, _request_timeout=60
+            )
+        except ApiException as exc:
+            raise KubeError(f"GET {path}: {exc.status} {exc.reason}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, TLS, timeouts
+            raise KubeError(f"GET {path}: {exc}") from exc
+        data = resp.data if getattr(resp, "data", None) is not None else resp.read()
+        if not 200 <= resp.status < 300:
+            raise KubeError(f"GET {path}: {resp.status} {resp.reason}")
+        return cast(dict[str, Any], json.loads(data))
+
+    def endpointslice_version(self) -> str:
+        """The served version the API server prefers (v1beta1 on 1.20, v1 on current clusters)."""
+        group = self._get_json("/apis/discovery.k8s.io")
+        return str(group["preferredVersion"]["version"])
+
+    def list_objects(self, kind: str, namespaces: Sequence[str] = ()) -> tuple[list[dict[str, Any]], str | None]:
+        """All objects of ``kind`` (Service, EndpointSlice, Node), paginated, and the list's
+        resourceVersion. With ``namespaces``, only those (the version is the smallest seen)."""
+        if kind == "Node":
+            bases = ["/api/v1/nodes"]
+        elif kind == "Service":
+            bases = [f"/api/v1/namespaces/{ns}/services" for ns in namespaces] or ["/api/v1/services"]
+        else:
+            version = self.endpointslice_version()
+            group = f"/apis/discovery.k8s.io/{version}"
+            bases = [f"{group}/namespaces/{ns}/endpointslices" for ns in namespaces] or [f"{group}/endpointslices"]
+        items: list[dict[str, Any]] = []
+        versions: list[int] = []
+        for base in bases:
+            cont: str | None = None
+            first_rv: str | None = None
+            while True:
+                query: list[tuple[str, Any]] = [("limit", 500)]
+                if cont:
+                    query.append(("continue", cont))
+                page = self._get_json(base, query)
+                items += page.get("items") or []
+                meta = page.get("metadata") or {}
+                first_rv = first_rv or meta.get("resourceVersion")
+                cont = meta.get("continue")
+                if not cont:
+                    break
+            if first_rv and first_rv.isdigit():
+                versions.append(int(first_rv))
+        return items, (str(min(versions)) if versions and len(versions) == len(bases) else None)
 
     def get_mesh(self, name: str) -> dict[str, Any] | None:
         try:

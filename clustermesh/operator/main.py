@@ -28,6 +28,8 @@ def run_operator(args: argparse.Namespace) -> int:
             mesh_name=args.clustermesh,
             cluster_name=args.cluster_name,
             cluster_id=args.cluster_id,
+            namespaces=tuple(args.namespace or ()),
+            resync_interval=args.resync_interval,
             writer=WriterSettings(
                 lease_ttl=args.lease_ttl,
                 heartbeat_interval=args.heartbeat_interval,

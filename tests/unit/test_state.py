@@ -1,0 +1,88 @@
+"""ClusterState: events and listings, including the deletions a watch can miss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clustermesh.operator.state import ClusterState, NodeRef, ServiceRef
+
+
+def svc(name: str, rv: int, ns: str = "ns") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns, "resourceVersion": str(rv)},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}}
+
+
+def es(name: str, service: str, rv: int, ip: str = "10.0.0.1", ns: str = "ns") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns, "resourceVersion": str(rv),
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]}
+
+
+def node(name: str, rv: int) -> dict[str, Any]:
+    return {"metadata": {"name": name, "resourceVersion": str(rv)}, "spec": {"podCIDR": "10.244.1.0/24"}}
+
+
+def test_events_return_what_to_export() -> None:
+    st = ClusterState()
+    assert st.upsert("Service", svc("a", 1)) == [ServiceRef("ns", "a")]
+    assert st.upsert("EndpointSlice", es("a-1", "a", 2)) == [ServiceRef("ns", "a")]
+    assert st.upsert("Node", node("n1", 3)) == [NodeRef("n1")]
+    assert [s["metadata"]["name"] for s in st.slices_of("ns", "a")] == ["a-1"]
+    assert st.delete("EndpointSlice", es("a-1", "a", 4)) == [ServiceRef("ns", "a")]
+    assert st.slices_of("ns", "a") == []
+    assert st.delete("Service", svc("a", 5)) == [ServiceRef("ns", "a")]
+    assert st.delete("Service", svc("a", 5)) == []
+
+
+def test_a_slice_that_changes_service_updates_both() -> None:
+    st = ClusterState()
+    st.upsert("EndpointSlice", es("x", "a", 1))
+    assert st.upsert("EndpointSlice", es("x", "b", 2)) == [ServiceRef("ns", "a"), ServiceRef("ns", "b")]
+    assert st.slices_of("ns", "a") == []
+    assert len(st.slices_of("ns", "b")) == 1
+
+
+def test_an_older_copy_never_replaces_a_newer_one() -> None:
+    st = ClusterState()
+    st.upsert("EndpointSlice", es("x", "a", 10, ip="10.0.0.2"))
+    assert st.upsert("EndpointSlice", es("x", "a", 9, ip="10.0.0.1")) == []
+    assert st.slices_of("ns", "a")[0]["endpoints"][0]["addresses"] == ["10.0.0.2"]
+
+
+def test_listing_removes_what_a_missed_delete_left_behind() -> None:
+    st = ClusterState()
+    st.upsert("Service", svc("gone", 5))
+    st.upsert("Service", svc("kept", 6))
+    st.upsert("Service", svc("newer", 30))  # arrived by an event after the list was taken
+    refs = st.apply_listing("Service", [svc("kept", 6), svc("added", 7)], "20")
+    assert set(refs) == {ServiceRef("ns", "gone"), ServiceRef("ns", "added")}
+    assert set(st.services) == {("ns", "kept"), ("ns", "added"), ("ns", "newer")}
+
+
+def test_listing_of_slices_and_nodes() -> None:
+    st = ClusterState()
+    st.upsert("EndpointSlice", es("a-1", "a", 1))
+    st.upsert("EndpointSlice", es("a-2", "a", 2))
+    st.upsert("Node", node("n1", 3))
+    assert st.apply_listing("EndpointSlice", [es("a-2", "a", 2)], "10") == [ServiceRef("ns", "a")]
+    assert [s["metadata"]["name"] for s in st.slices_of("ns", "a")] == ["a-2"]
+    assert st.apply_listing("Node", [], "10") == [NodeRef("n1")]
+    assert st.nodes == {}
+
+
+def test_listing_without_a_usable_version_still_removes_absent_objects() -> None:
+    st = ClusterState()
+    st.upsert("Service", svc("gone", 5))
+    assert st.apply_listing("Service", [], None) == [ServiceRef("ns", "gone")]
+
+
+def test_slim_copies_keep_only_what_export_reads() -> None:
+    st = ClusterState()
+    body = svc("a", 1)
+    body["metadata"]["managedFields"] = [{"big": "x" * 1000}]
+    body["status"] = {"loadBalancer": {}}
+    st.upsert("Service", body)
+    kept = st.service("ns", "a")
+    assert kept is not None
+    assert "managedFields" not in kept["metadata"] and "status" not in kept
