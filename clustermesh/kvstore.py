@@ -133,21 +133,33 @@ class KVClient:
     far as the underlying gRPC channel is.
     """
 
-    def __init__(self, endpoint: Endpoint | str, timeout: float = 5.0, prefix: str = "") -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint | str,
+        timeout: float = 5.0,
+        prefix: str = "",
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
         """``prefix`` is prepended to every key sent and removed from every key read, the
         way ``etcd grpc-proxy --namespace`` does: a store written with prefix P is read
         through a proxy with ``--namespace=P`` in the plain ``cilium/...`` layout."""
         self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
         self.timeout = timeout
         self.prefix = prefix
-        self._client = etcd3.client(
-            host=self.endpoint.host,
-            port=self.endpoint.port,
-            ca_cert=self.endpoint.ca_cert,
-            cert_key=self.endpoint.key_file,
-            cert_cert=self.endpoint.cert_file,
-            timeout=timeout,
-        )
+        try:  # with a user, the client authenticates right here
+            self._client = etcd3.client(
+                host=self.endpoint.host,
+                port=self.endpoint.port,
+                ca_cert=self.endpoint.ca_cert,
+                cert_key=self.endpoint.key_file,
+                cert_cert=self.endpoint.cert_file,
+                timeout=timeout,
+                user=user,
+                password=password,
+            )
+        except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
+            raise _translate(exc, f"connect as {user}", self.endpoint) from exc
         # The client benches an endpoint for 5 minutes after one failed call; with a
         # single etcd that is 5 minutes of refusing to even try. Retry at once instead.
         for ep in getattr(self._client, "endpoints", {}).values():

@@ -29,7 +29,7 @@ mkdir -p "$CACHE"
 APT_PACKAGES=(
   etcd-server python3-bpfcc linux-headers-amd64 golang-go rsync jq iproute2 curl
   golang-github-modern-go-reflect2-dev dpkg-dev ca-certificates iptables util-linux
-  procps psmisc kmod make gcc libc6-dev linux-libc-dev python3-venv
+  procps psmisc kmod make gcc libc6-dev linux-libc-dev python3-venv etcd-client
 )
 
 # ---------------------------------------------------------------------------
@@ -148,6 +148,6 @@ info "bcc imports"
 # ---------------------------------------------------------------------------
 step "check"
 "$VENV/bin/clustermesh" version
-for b in etcd kubectl; do command -v "$b" >/dev/null || die "$b missing after setup"; done
+for b in etcd etcdctl kubectl; do command -v "$b" >/dev/null || die "$b missing after setup"; done
 info "etcd: $(etcd --version | head -n1)"
 printf '\n[setup] done\n'

@@ -82,7 +82,9 @@ class CertificateAuthority:
         if pair.cert.exists() and pair.key.exists():
             return pair
         key = ec.generate_private_key(ec.SECP256R1())
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        # An empty common name is for etcd grpc-proxy, which refuses a backend
+        # certificate with a CN (it would make every proxied request that user).
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
         attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
         usages = []
         if server:

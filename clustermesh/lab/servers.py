@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from clustermesh.lab.pki import CertificateAuthority, service_account_keys
+from clustermesh.lab.pki import CertificateAuthority, CertPair, service_account_keys
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,13 @@ class Process:
         self.stop(timeout=5, sig=signal.SIGKILL)
 
 
-def _http_ok(url: str, token: str | None = None, ca: Path | None = None) -> bool:
+def _http_ok(url: str, token: str | None = None, ca: Path | None = None, client: CertPair | None = None) -> bool:
     req = urllib.request.Request(url)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
+    if ctx is not None and client is not None:
+        ctx.load_cert_chain(str(client.cert), str(client.key))
     try:
         with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
             return bool(resp.status == 200)
@@ -133,36 +135,62 @@ def _http_ok(url: str, token: str | None = None, ca: Path | None = None) -> bool
 
 
 class EtcdServer:
-    """A single-member etcd on 127.0.0.1; ``stop()`` keeps the data for ``start()`` again."""
+    """A single-member etcd on 127.0.0.1; ``stop()`` keeps the data for ``start()`` again.
 
-    def __init__(self, directory: Path, name: str = "etcd", client_port: int | None = None) -> None:
+    With ``pki``, it serves TLS and requires client certificates; the client
+    certificate's CN is the etcd user once :meth:`enable_auth` has run. ``admin``
+    (CN ``root``) is the certificate of the store's writer, the operator.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str = "etcd",
+        client_port: int | None = None,
+        pki: CertificateAuthority | None = None,
+    ) -> None:
         self.directory = directory
         self.name = name
+        self.pki = pki
         self.client_port = client_port or free_port()
         self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if pki else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        self.process = Process(
-            name,
-            [
-                find_etcd(),
-                f"--name={name}",
-                f"--data-dir={directory / 'data'}",
-                f"--listen-client-urls={self.url}",
-                f"--advertise-client-urls={self.url}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster={name}={peer}",
-                "--initial-cluster-state=new",
-                "--enable-v2=false",
-                "--snapshot-count=10000",
-            ],
-            directory / f"{name}.log",
-        )
+        argv = [
+            find_etcd(),
+            f"--name={name}",
+            f"--data-dir={directory / 'data'}",
+            f"--listen-client-urls={self.url}",
+            f"--advertise-client-urls={self.url}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster={name}={peer}",
+            "--initial-cluster-state=new",
+            "--enable-v2=false",
+            "--snapshot-count=10000",
+        ]
+        self.admin: CertPair | None = None
+        if pki is not None:
+            serving = pki.issue(f"etcd-{name}", f"etcd-{name}", client=False)
+            self.admin = pki.issue(f"etcd-{name}-root", "root", server=False)
+            argv += [
+                f"--cert-file={serving.cert}",
+                f"--key-file={serving.key}",
+                f"--trusted-ca-file={pki.cert_path}",
+                "--client-cert-auth",
+            ]
+        self.process = Process(name, argv, directory / f"{name}.log")
 
     def start(self, timeout: float = 30.0) -> EtcdServer:
         self.process.start()
-        _wait(f"etcd {self.name} at {self.url}", lambda: _http_ok(f"{self.url}/health"), timeout, self.process)
+        ca = self.pki.cert_path if self.pki else None
+        _wait(
+            f"etcd {self.name} at {self.url}",
+            lambda: _http_ok(f"{self.url}/health", ca=ca, client=self.admin),
+            timeout,
+            self.process,
+        )
         return self
 
     def stop(self) -> None:
@@ -170,6 +198,43 @@ class EtcdServer:
 
     def kill(self) -> None:
         self.process.kill()
+
+    def client_cert(self, user: str) -> CertPair:
+        """A client certificate for etcd user ``user`` (its CN)."""
+        if self.pki is None:
+            raise ServerError(f"etcd {self.name} runs without TLS: no client certificates")
+        return self.pki.issue(f"etcd-{self.name}-user-{user}", user, server=False)
+
+    def etcdctl(self, *args: str) -> str:
+        if self.pki is None or self.admin is None:
+            raise ServerError("etcdctl here is for the TLS store only")
+        etcdctl = shutil.which("etcdctl")
+        if etcdctl is None:
+            raise ServerError("etcdctl not found; run scripts/setup.sh (Debian package etcd-client)")
+        res = subprocess.run(
+            [etcdctl, f"--endpoints={self.url}", f"--cacert={self.pki.cert_path}",
+             f"--cert={self.admin.cert}", f"--key={self.admin.key}", *args],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "ETCDCTL_API": "3"},
+        )
+        if res.returncode != 0:
+            raise ServerError(f"etcdctl {' '.join(args)}: {res.stderr.strip()}")
+        return res.stdout
+
+    def enable_auth(self, read_only: dict[str, tuple[str, list[str]]]) -> None:
+        """Turn on etcd auth: ``root`` (the admin certificate's CN) may do anything;
+        each user of ``read_only`` (name -> (password, prefixes)) may only read keys
+        under its prefixes. Remote clusters are such users: through the grpc-proxy
+        they authenticate with a password (the proxy forwards their token)."""
+        self.etcdctl("user", "add", "root", "--no-password")
+        self.etcdctl("user", "grant-role", "root", "root")
+        for user, (password, prefixes) in read_only.items():
+            role = f"{user}-read"
+            self.etcdctl("role", "add", role)
+            for prefix in prefixes:
+                self.etcdctl("role", "grant-permission", role, "read", prefix, "--prefix=true")
+            self.etcdctl("user", "add", f"{user}:{password}")
+            self.etcdctl("user", "grant-role", user, role)
+        self.etcdctl("auth", "enable")
 
 
 def find_etcd() -> str:
@@ -183,28 +248,48 @@ class EtcdGrpcProxy:
     """``etcd grpc-proxy start --namespace``: what a remote cluster is allowed to see.
 
     A client of the proxy reads ``<namespace><key>`` of the backing etcd as
-    ``<key>``, and cannot reach anything outside the namespace.
+    ``<key>``, and cannot reach anything outside the namespace. With ``pki``
+    the proxy serves TLS and talks to etcd with ``backend_cert``, which must have
+    no common name (etcd 3.4's proxy refuses one); remote clusters authenticate
+    as their own etcd user through it, so etcd applies that user's permissions.
     """
 
-    def __init__(self, directory: Path, backend: str, namespace: str, name: str = "grpc-proxy") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        backend: str,
+        namespace: str,
+        name: str = "grpc-proxy",
+        pki: CertificateAuthority | None = None,
+        backend_cert: CertPair | None = None,
+    ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.port}"
         self.namespace = namespace
-        self.process = Process(
-            name,
-            [
-                find_etcd(),
-                "grpc-proxy",
-                "start",
-                f"--endpoints={backend.removeprefix('http://')}",
-                f"--listen-addr=127.0.0.1:{self.port}",
-                f"--metrics-addr=http://127.0.0.1:{self.metrics_port}",
-                f"--namespace={namespace}",
-                f"--data-dir={directory / name}",
-            ],
-            directory / f"{name}.log",
-        )
+        argv = [
+            find_etcd(),
+            "grpc-proxy",
+            "start",
+            f"--endpoints={backend.split('://', 1)[-1]}",
+            f"--listen-addr=127.0.0.1:{self.port}",
+            f"--metrics-addr=http://127.0.0.1:{self.metrics_port}",
+            f"--namespace={namespace}",
+            f"--data-dir={directory / name}",
+        ]
+        if pki is not None:
+            if backend_cert is None:
+                raise ServerError("a TLS grpc-proxy needs the certificate it uses towards etcd")
+            serving = pki.issue(f"{name}-serving", name, client=False)
+            argv += [
+                f"--cacert={pki.cert_path}",
+                f"--cert={backend_cert.cert}",
+                f"--key={backend_cert.key}",
+                f"--trusted-ca-file={pki.cert_path}",
+                f"--cert-file={serving.cert}",
+                f"--key-file={serving.key}",
+            ]
+        self.process = Process(name, argv, directory / f"{name}.log")
 
     def start(self, timeout: float = 30.0) -> EtcdGrpcProxy:
         self.process.start()

@@ -1,0 +1,86 @@
+"""The store as remote clusters see it: TLS everywhere, and a grpc-proxy whose etcd
+identity may only read cilium/ keys, so a remote reader cannot write or look elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clustermesh import schema
+from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.lab.pki import CertificateAuthority
+from clustermesh.lab.servers import EtcdGrpcProxy, EtcdServer, ServerError
+from tests.prereq import require_binary
+
+
+@pytest.fixture
+def secure_store(tmp_path: Path) -> Iterator[tuple[EtcdServer, EtcdGrpcProxy, CertificateAuthority]]:
+    require_binary("etcd")
+    require_binary("etcdctl", "run scripts/setup.sh (Debian package etcd-client)")
+    pki = CertificateAuthority(tmp_path / "pki")
+    store = EtcdServer(tmp_path / "store", name="store", pki=pki).start()
+    proxy = None
+    try:
+        store.enable_auth({"cluster-2": (PASSWORD, ["cilium/"])})
+        proxy = EtcdGrpcProxy(tmp_path / "store", store.url, namespace="", pki=pki,
+                              backend_cert=pki.issue("proxy-backend", "", server=False)).start()
+        yield store, proxy, pki
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        store.stop()
+
+
+PASSWORD = "s3cret-for-tests"
+
+
+def client(url: str, pki: CertificateAuthority, user: str, password: str = PASSWORD) -> KVClient:
+    pair = pki.issue(f"client-{user}", "", server=False)
+    endpoint = Endpoint.parse(url, str(pki.cert_path), str(pair.cert), str(pair.key))
+    return KVClient(endpoint, timeout=5, user=user, password=password)
+
+
+def test_remote_reads_through_the_proxy_but_cannot_write(secure_store) -> None:
+    store, proxy, pki = secure_store
+    assert store.admin is not None
+    key = schema.service_key("c1", "ns", "svc")
+    with KVClient(Endpoint.parse(store.url, str(pki.cert_path), str(store.admin.cert), str(store.admin.key))) as w:
+        lease = w.grant_lease(10)  # leases go to etcd itself, never through the proxy
+        w.put(key, '{"x":1}', lease=lease)
+        w.put("private/secret", "no")
+    with client(proxy.url, pki, "cluster-2") as remote:
+        assert remote.get(key) == '{"x":1}'
+        assert set(remote.list_prefix("cilium/").items) == {key}
+        with pytest.raises(KVStoreError, match="(?i)permission"):
+            remote.put(key, "tampered")
+        with pytest.raises(KVStoreError, match="(?i)permission"):
+            remote.get("private/secret")
+
+
+def test_without_a_client_certificate_etcd_serves_nothing(secure_store) -> None:
+    store, _proxy, pki = secure_store
+    with KVClient(Endpoint.parse(store.url, str(pki.cert_path)), timeout=3) as anonymous, pytest.raises(KVStoreError):
+        anonymous.get("cilium/.heartbeat")
+
+
+def test_a_wrong_password_is_refused(secure_store) -> None:
+    _store, proxy, pki = secure_store
+    with pytest.raises(KVStoreError):
+        client(proxy.url, pki, "cluster-2", password="wrong")
+
+
+def test_a_certificate_from_another_ca_is_refused(secure_store, tmp_path: Path) -> None:
+    store, _proxy, pki = secure_store
+    other = CertificateAuthority(tmp_path / "other-pki")
+    pair = other.issue("intruder", "root", server=False)
+    with KVClient(Endpoint.parse(store.url, str(pki.cert_path), str(pair.cert), str(pair.key)), timeout=3) as c:
+        with pytest.raises(KVStoreError):
+            c.get("cilium/.heartbeat")
+
+
+def test_plain_store_has_no_client_certificates(tmp_path: Path) -> None:
+    require_binary("etcd")
+    with pytest.raises(ServerError):
+        EtcdServer(tmp_path / "plain").client_cert("x")
