@@ -53,9 +53,9 @@ def test_remote_reads_through_the_proxy_but_cannot_write(secure_store) -> None:
     with client(proxy.url, pki, "cluster-2") as remote:
         assert remote.get(key) == '{"x":1}'
         assert set(remote.list_prefix("cilium/").items) == {key}
-        with pytest.raises(KVStoreError, match="(?i)permission"):
+        with pytest.raises(KVStoreError, match=r"(?i)permission"):
             remote.put(key, "tampered")
-        with pytest.raises(KVStoreError, match="(?i)permission"):
+        with pytest.raises(KVStoreError, match=r"(?i)permission"):
             remote.get("private/secret")
 
 
@@ -75,9 +75,9 @@ def test_a_certificate_from_another_ca_is_refused(secure_store, tmp_path: Path) 
     store, _proxy, pki = secure_store
     other = CertificateAuthority(tmp_path / "other-pki")
     pair = other.issue("intruder", "root", server=False)
-    with KVClient(Endpoint.parse(store.url, str(pki.cert_path), str(pair.cert), str(pair.key)), timeout=3) as c:
-        with pytest.raises(KVStoreError):
-            c.get("cilium/.heartbeat")
+    endpoint = Endpoint.parse(store.url, str(pki.cert_path), str(pair.cert), str(pair.key))
+    with KVClient(endpoint, timeout=3) as c, pytest.raises(KVStoreError):
+        c.get("cilium/.heartbeat")
 
 
 def test_plain_store_has_no_client_certificates(tmp_path: Path) -> None:
