@@ -1,0 +1,109 @@
+"""The agent's merge: store records of every cluster -> what the datapath balances to.
+
+Pure: ``ClusterService`` records in, :class:`~clustermesh.datapath.ServiceSpec`
+out. The rules are Cilium's: a Service that is global in *this* cluster gets,
+for each of its frontends (ClusterIP and port), the backends of every cluster
+that exports the same namespace/name with ``shared``, matched by port name
+and protocol. Remote records never add frontends: the local Service decides
+what is load-balanced here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from clustermesh.datapath.model import Affinity, Backend, Frontend, Proto, ServiceSpec
+from clustermesh.schema import PROTOCOLS, ClusterService, PortsByIP
+
+DATAPATH_PROTOCOLS = ("TCP", "UDP")  # SCTP is exported but not load-balanced yet
+
+
+@dataclass(frozen=True)
+class LocalService:
+    """A global Service of this cluster as the agent sees it locally.
+
+    ``backends`` are this cluster's ready endpoints, whether or not the Service
+    shares them (``shared: false`` still serves its own cluster)."""
+
+    namespace: str
+    name: str
+    frontends: PortsByIP
+    backends: PortsByIP = field(default_factory=dict)
+    affinity: Affinity = Affinity.NONE
+
+
+@dataclass
+class MergeResult:
+    specs: list[ServiceSpec]
+    problems: list[str] = field(default_factory=list)
+
+
+def _backends_for(
+    port_name: str, protocol: str, ports_by_ip: PortsByIP, cluster_id: int, problems: list[str], source: str
+) -> set[Backend]:
+    out = set()
+    for ip, by_name in ports_by_ip.items():
+        pc = by_name.get(port_name)
+        if pc is None or pc.protocol != protocol:
+            continue
+        addr = ipaddress.ip_address(ip)
+        if not isinstance(addr, ipaddress.IPv4Address):
+            problems.append(f"{source}: backend {ip} is IPv6, which the datapath does not balance yet")
+            continue
+        out.add(Backend(addr, pc.port, cluster_id))
+    return out
+
+
+def merge_service(
+    local_cluster_id: int,
+    local: LocalService,
+    remotes: Iterable[ClusterService],
+) -> MergeResult:
+    """One local global Service + the remote records of the same namespace/name."""
+    problems: list[str] = []
+    shared_remotes = []
+    for rec in remotes:
+        if (rec.namespace, rec.name) != (local.namespace, local.name):
+            continue
+        if rec.cluster_id == local_cluster_id:
+            problems.append(f"cluster {rec.cluster} uses this cluster's ID {local_cluster_id}; ignored")
+            continue
+        if rec.shared:
+            shared_remotes.append(rec)
+    specs = []
+    for ip, by_name in local.frontends.items():
+        addr = ipaddress.ip_address(ip)
+        if not isinstance(addr, ipaddress.IPv4Address):
+            continue  # the IPv4 datapath leaves IPv6 frontends to whatever handles them today
+        for port_name, pc in by_name.items():
+            if pc.protocol not in DATAPATH_PROTOCOLS:
+                if pc.protocol in PROTOCOLS:
+                    problems.append(f"{ip}:{pc.port}/{pc.protocol}: protocol not load-balanced yet")
+                continue
+            where = f"{local.namespace}/{local.name}"
+            backends = _backends_for(port_name, pc.protocol, local.backends, local_cluster_id, problems, where)
+            for rec in shared_remotes:
+                backends |= _backends_for(port_name, pc.protocol, rec.backends, rec.cluster_id, problems,
+                                          f"{where} from {rec.cluster}")
+            frontend = Frontend(addr, pc.port, Proto.parse(pc.protocol))
+            specs.append(ServiceSpec(frontend, frozenset(backends), local.affinity))
+    return MergeResult(specs, problems)
+
+
+def merge(
+    local_cluster_id: int,
+    local_services: Mapping[tuple[str, str], LocalService],
+    remote_records: Iterable[ClusterService],
+) -> MergeResult:
+    """Every local global Service merged with every remote record: the datapath's desired state."""
+    by_service: dict[tuple[str, str], list[ClusterService]] = {}
+    for rec in remote_records:
+        by_service.setdefault((rec.namespace, rec.name), []).append(rec)
+    result = MergeResult([])
+    for ref, local in sorted(local_services.items()):
+        one = merge_service(local_cluster_id, local, by_service.get(ref, ()))
+        result.specs += one.specs
+        result.problems += one.problems
+    return result
