@@ -18,7 +18,14 @@ GATEKEEPERS = {
     "pyroute2": {"agent/routes.py"},
 }
 
-PURE = ["schema.py", "operator/export.py", "operator/state.py", "agent/merge.py", "datapath/model.py", "datapath/plan.py"]
+PURE = [
+    "schema.py",
+    "operator/export.py",
+    "operator/state.py",
+    "agent/merge.py",
+    "datapath/model.py",
+    "datapath/plan.py",
+]
 IO_LIBRARIES = {"etcd3", "grpc", "kopf", "kubernetes", "bcc", "pyroute2", "socket", "subprocess", "urllib"}
 
 

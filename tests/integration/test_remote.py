@@ -1,0 +1,127 @@
+"""RemoteCluster against a real etcd read through a real grpc-proxy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from clustermesh import schema
+from clustermesh.agent.remote import RemoteCluster, RemoteConfig
+from clustermesh.kvstore import KVClient
+from clustermesh.lab.kubeapi import eventually
+from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
+
+NAME, ID = "cluster-2", 2
+
+
+def export(kv: KVClient, prefix: str, *, cluster_id: int = ID, synced: bool = True) -> None:
+    kv.put(prefix + schema.cluster_config_key(NAME), ClusterConfig(cluster_id).encode())
+    svc = ClusterService(NAME, "ns", "echo", ID, frontends={"10.97.0.1": {"http": PortConfig("TCP", 80)}},
+                         backends={"10.245.0.1": {"http": PortConfig("TCP", 8080)}})
+    kv.put(prefix + svc.key, svc.encode())
+    node = Node("n1", NAME, ID, (NodeAddress("InternalIP", "192.168.2.1"),), "10.245.0.0/24")
+    kv.put(prefix + node.key, node.encode())
+    if synced:
+        for p in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
+            kv.put(prefix + schema.synced_key(NAME, p), schema.rfc3339_now())
+
+
+@pytest.fixture
+def proxied(kv: KVClient, etcd_server, etcd_proxy_factory):
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+    return kv, proxy
+
+
+def remote(url: str, grace: float = 60.0) -> RemoteCluster:
+    return RemoteCluster(RemoteConfig(NAME, ID, url), grace_period=grace).start()
+
+
+def test_ready_only_after_config_and_synced_markers(proxied) -> None:
+    kv, proxy = proxied
+    export(kv, "c2/", synced=False)
+    rc = remote(proxy.url)
+    try:
+        eventually(lambda: _eq(set(rc.services), {("ns", "echo")}))
+        assert rc.nodes["n1"].ipv4_pod_cidr == "10.245.0.0/24"
+        time.sleep(0.3)
+        assert not rc.ready, "no synced marker yet: a half-written export is not trusted"
+        export(kv, "c2/")
+        eventually(lambda: _eq(rc.ready, True))
+        assert rc.usable()
+        assert rc.status() == {"name": NAME, "connected": True, "ready": True, "services": 1, "nodes": 1}
+    finally:
+        rc.stop()
+
+
+def test_bad_records_are_skipped_and_the_rest_kept(proxied) -> None:
+    kv, proxy = proxied
+    export(kv, "c2/")
+    bad = json.loads(ClusterService(NAME, "ns", "other", ID).encode())
+    kv.put("c2/" + schema.service_key(NAME, "ns", "not-json"), "{nope")
+    kv.put("c2/" + schema.service_key(NAME, "ns", "wrong-key"), json.dumps(bad))
+    bad["clusterID"] = 9
+    bad["name"] = "wrong-id"
+    kv.put("c2/" + schema.service_key(NAME, "ns", "wrong-id"), json.dumps(bad))
+    rc = remote(proxy.url)
+    try:
+        eventually(lambda: _eq(rc.ready, True))
+        assert set(rc.services) == {("ns", "echo")}
+        # A record that gets fixed is taken.
+        good = ClusterService(NAME, "ns", "not-json", ID)
+        kv.put("c2/" + good.key, good.encode())
+        eventually(lambda: _eq(set(rc.services), {("ns", "echo"), ("ns", "not-json")}))
+    finally:
+        rc.stop()
+
+
+def test_an_id_that_disagrees_with_the_mesh_is_refused(proxied) -> None:
+    kv, proxy = proxied
+    export(kv, "c2/", cluster_id=5)
+    rc = remote(proxy.url)
+    try:
+        eventually(lambda: _eq(rc.config_error is not None, True))
+        assert not rc.ready and not rc.usable()
+        assert "ID is 5" in rc.status()["lastFailure"]
+    finally:
+        rc.stop()
+
+
+def test_unreachable_remote_is_kept_for_the_grace_period_then_withdrawn(proxied) -> None:
+    kv, proxy = proxied
+    export(kv, "c2/")
+    rc = remote(proxy.url, grace=2.0)
+    try:
+        eventually(lambda: _eq(rc.usable(), True))
+        proxy.stop()
+        eventually(lambda: _eq(rc.connected, False), timeout=20)
+        assert rc.usable(), "within the grace period the cached backends still serve"
+        eventually(lambda: _eq(rc.usable(), False), timeout=10)
+        assert set(rc.services) == {("ns", "echo")}, "withdrawn from use, not forgotten"
+        proxy.process.start()
+        eventually(lambda: _eq(rc.usable(), True), timeout=30)
+    finally:
+        rc.stop()
+
+
+def test_expired_records_leave_at_once_and_remove_drains(proxied) -> None:
+    kv, proxy = proxied
+    export(kv, "c2/")
+    lease = kv.grant_lease(1)
+    extra = ClusterService(NAME, "ns", "leased", ID)
+    kv.put("c2/" + extra.key, extra.encode(), lease=lease)
+    changes: list[str] = []
+    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), on_change=changes.append).start()
+    try:
+        eventually(lambda: _eq(set(rc.services), {("ns", "echo"), ("ns", "leased")}))
+        eventually(lambda: _eq(set(rc.services), {("ns", "echo")}), timeout=10)  # the lease expired
+        rc.remove()
+        assert rc.services == {} and rc.nodes == {} and not rc.ready
+        assert changes and set(changes) == {NAME}
+    finally:
+        rc.stop()
+
+
+def _eq(a: object, b: object) -> None:
+    assert a == b
