@@ -37,7 +37,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    return _not_built("agent", "the agent issue: watch remote stores, merge, program the datapath")
+    from clustermesh.agent.main import run_agent
+
+    return run_agent(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -120,7 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_operator)
 
-    p = sub.add_parser("agent", help="per-node agent: merge remote backends into the eBPF maps")
+    p = sub.add_parser(
+        "agent", help="per-node agent: merge remote backends into the eBPF maps",
+        description="Watch this cluster's global Services and every remote cluster of the ClusterMesh, "
+        "and program the node's socket-level load balancer.",
+    )
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--context", default=None)
+    p.add_argument("--node", required=True, help="this node's name (pins go to /sys/fs/bpf/clustermesh/<node>)")
+    p.add_argument("--cgroup", required=True, help="cgroup v2 directory whose sockets are load-balanced")
+    p.add_argument("--pin-dir", default=None, help="bpffs folder for the maps (default from --node)")
+    p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
+    p.add_argument("--grace-period", type=float, default=60.0,
+                   help="seconds an unreachable remote keeps serving before its backends are withdrawn")
+    p.add_argument("--metrics-port", type=int, default=9964, help="Prometheus /metrics and /healthz; -1: off")
+    p.add_argument("--metrics-host", default="127.0.0.1")
     p.set_defaults(func=cmd_agent)
     p = sub.add_parser("status", help="show the mesh as this cluster sees it")
     p.set_defaults(func=cmd_status)

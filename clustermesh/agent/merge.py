@@ -13,9 +13,19 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from clustermesh.datapath.model import Affinity, Backend, Frontend, Proto, ServiceSpec
+from clustermesh.operator.export import (
+    LEGACY_SHARED_ANNOTATION,
+    SHARED_ANNOTATION,
+    ClusterIdentity,
+    affinity,
+    export_service,
+)
 from clustermesh.schema import PROTOCOLS, ClusterService, PortsByIP
+
+SHARED_ANNOTATIONS = (SHARED_ANNOTATION, LEGACY_SHARED_ANNOTATION)
 
 DATAPATH_PROTOCOLS = ("TCP", "UDP")  # SCTP is exported but not load-balanced yet
 
@@ -107,3 +117,19 @@ def merge(
         result.specs += one.specs
         result.problems += one.problems
     return result
+
+
+def local_service(identity: ClusterIdentity, service: Mapping[str, Any], slices: Iterable[Mapping[str, Any]]) -> (
+    LocalService | None
+):
+    """A local Service (Kubernetes dict) as the merge needs it, or None when it is not
+    global. Its own backends count here even when it does not share them."""
+    meta = service.get("metadata") or {}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in SHARED_ANNOTATIONS}
+    unshared_view = {**service, "metadata": {**meta, "annotations": annotations}}
+    result = export_service(identity, unshared_view, slices)
+    if result.record is None:
+        return None
+    aff, _problem = affinity(service)
+    return LocalService(result.record.namespace, result.record.name, result.record.frontends,
+                        result.record.backends, Affinity.parse(aff))

@@ -20,9 +20,9 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics, schema
+from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import KVClient
 from clustermesh.operator.export import ClusterIdentity, export_node, export_service
-from clustermesh.operator.kube import KubeClient, KubeError
 from clustermesh.operator.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.store.sync import SyncStore, WriterSettings
 

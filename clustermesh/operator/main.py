@@ -10,10 +10,10 @@ import sys
 import kopf
 
 from clustermesh import metrics
+from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
 from clustermesh.operator import handlers
 from clustermesh.operator.controller import Operator, OperatorConfig
-from clustermesh.operator.kube import KubeClient, KubeError
 from clustermesh.store.sync import WriterSettings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ GATEKEEPERS = {
     "etcd3": {"kvstore.py"},
     "grpc": {"kvstore.py"},
     "kopf": {"operator/handlers.py", "operator/main.py"},
-    "kubernetes": {"operator/kube.py"},
+    "kubernetes": {"kube.py"},
     "bcc": {"datapath/loader.py"},
     "pyroute2": {"agent/routes.py"},
 }

@@ -1,11 +1,13 @@
-"""The operator's direct Kubernetes API calls (beside kopf's watches): the
-ClusterMesh object and its status. The only module that imports the kubernetes client."""
+"""Direct Kubernetes API calls: listings and watches of Services, EndpointSlices and
+Nodes, the ClusterMesh object and its status, Secrets. The only module that imports
+the kubernetes client; kopf (the operator's watches) logs in with the same credentials."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 from urllib.parse import urlencode
 
@@ -87,6 +89,67 @@ class KubeClient:
         """The served version the API server prefers (v1beta1 on 1.20, v1 on current clusters)."""
         group = self._get_json("/apis/discovery.k8s.io")
         return str(group["preferredVersion"]["version"])
+
+    def watch_objects(
+        self, kind: str, resource_version: str | None, timeout_seconds: int = 300
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Events (ADDED/MODIFIED/DELETED, object) of ``kind`` cluster-wide after
+        ``resource_version``. Ends after ``timeout_seconds``; raises :class:`KubeError`
+        when the version is too old (HTTP 410: list again)."""
+        if kind == "Node":
+            base = "/api/v1/nodes"
+        elif kind == "Service":
+            base = "/api/v1/services"
+        else:
+            base = f"/apis/discovery.k8s.io/{self.endpointslice_version()}/endpointslices"
+        query: list[tuple[str, Any]] = [("watch", "1"), ("timeoutSeconds", timeout_seconds),
+                                        ("allowWatchBookmarks", "true")]
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        cfg = self.configuration
+        headers = {"Accept": "application/json"}
+        settings = cast(dict[str, dict[str, str]], cfg.auth_settings())
+        for auth in settings.values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        # urllib3 directly: the generated clients differ across versions in how (and
+        # whether) they stream a response body.
+        pool = urllib3.PoolManager(
+            cert_reqs="CERT_REQUIRED" if cfg.verify_ssl else "CERT_NONE",
+            ca_certs=cfg.ssl_ca_cert, cert_file=cfg.cert_file, key_file=cfg.key_file,
+        )
+        try:
+            resp = pool.request(
+                "GET", f"{cfg.host}{base}?{urlencode(query)}", headers=headers, preload_content=False,
+                timeout=urllib3.Timeout(connect=10, read=timeout_seconds + 30),
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise KubeError(f"watch {base}: {exc}") from exc
+        try:
+            if resp.status != 200:
+                raise KubeError(f"watch {base}: {resp.status} {resp.reason}")
+            buffer = b""
+            for chunk in resp.stream(65536):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        code = obj.get("code")
+                        raise KubeError(f"watch {base}: {code} {obj.get('message', '')}; list again")
+                    yield str(event.get("type")), obj
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeError(f"watch {base}: {exc}") from exc
+        finally:
+            resp.release_conn()
+            pool.clear()
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, bytes]:
+        data = self._get_json(f"/api/v1/namespaces/{namespace}/secrets/{name}").get("data") or {}
+        return {k: base64.b64decode(v) for k, v in data.items()}
 
     def list_objects(self, kind: str, namespaces: Sequence[str] = ()) -> tuple[list[dict[str, Any]], str | None]:
         """All objects of ``kind`` (Service, EndpointSlice, Node), paginated, and the list's

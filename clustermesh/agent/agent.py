@@ -1,0 +1,206 @@
+"""``clustermesh agent``: one per node. Local global Services + every usable remote
+cluster -> the node's socket-LB maps.
+
+Threads: one watch per local resource kind (Services, EndpointSlices), the
+RemoteClusters' store readers, and the main loop, which wakes on any change
+(debounced) and once a second (a remote's grace period can run out with no
+event), merges, and reconciles the datapath only when the desired state moved.
+Stopping keeps the maps: traffic flows while the agent is down or restarting.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from clustermesh import metrics
+from clustermesh.agent.merge import LocalService, local_service, merge
+from clustermesh.agent.remote import RemoteCluster, RemoteConfig, mesh_problems
+from clustermesh.datapath.model import ServiceSpec
+from clustermesh.kube import KubeClient, KubeError
+from clustermesh.operator.export import ClusterIdentity
+from clustermesh.operator.state import ClusterState, Kind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    cgroup: str
+    pin_dir: str
+    mesh_name: str = "default"
+    grace_period: float = 60.0
+    """Seconds an unreachable remote's backends keep serving before they are withdrawn."""
+    debounce: float = 0.05
+    tick: float = 1.0
+    secrets_namespace: str = "kube-system"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, kube: KubeClient, socket_lb_factory: Callable[[int], Any]) -> None:
+        self.config = config
+        self.kube = kube
+        self.state = ClusterState()
+        self.identity: ClusterIdentity | None = None
+        self.remotes: dict[str, RemoteCluster] = {}
+        self.refused: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lb_factory = socket_lb_factory
+        self.lb: Any = None
+        self._last_specs: frozenset[ServiceSpec] | None = None
+        self._secrets_dir = Path(tempfile.mkdtemp(prefix="clustermesh-agent-"))
+
+    # ------------------------------------------------------------ setup
+
+    def _remote_config(self, spec: dict[str, Any]) -> RemoteConfig:
+        ca = cert = key = user = password = None
+        tls = spec.get("tls") or {}
+        if tls.get("secretName"):
+            ns = tls.get("secretNamespace") or self.config.secrets_namespace
+            data = self.kube.get_secret(ns, tls["secretName"])
+            folder = self._secrets_dir / spec["name"]
+            folder.mkdir(mode=0o700, exist_ok=True)
+            paths = {}
+            for name in ("ca.crt", "tls.crt", "tls.key"):
+                if name in data:
+                    (folder / name).write_bytes(data[name])
+                    (folder / name).chmod(0o600)
+                    paths[name] = str(folder / name)
+            ca, cert, key = paths.get("ca.crt"), paths.get("tls.crt"), paths.get("tls.key")
+            user = data["username"].decode() if "username" in data else None
+            password = data["password"].decode() if "password" in data else None
+        return RemoteConfig(spec["name"], int(spec["id"]), spec["endpoints"][0], ca, cert, key, user, password)
+
+    def start(self) -> None:
+        mesh = self.kube.get_mesh(self.config.mesh_name)
+        if mesh is None:
+            raise KubeError(f"no ClusterMesh {self.config.mesh_name!r}: apply one (see README) before the agent")
+        spec = mesh.get("spec") or {}
+        local = spec.get("localCluster") or {}
+        self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)))
+        remotes = [self._remote_config(c) for c in spec.get("clusters") or []]
+        self.refused = mesh_problems(self.identity.name, self.identity.id, remotes)
+        for name, why in self.refused.items():
+            log.error("remote %s refused: %s", name, why)
+            metrics.ERRORS.labels("agent", "bad-remote").inc()
+        self.lb = self._lb_factory(self.identity.id)
+        self.lb.load()
+        for rc in remotes:
+            if rc.name not in self.refused:
+                self.remotes[rc.name] = RemoteCluster(rc, self._on_remote_change, self.config.grace_period).start()
+        for kind in ("Service", "EndpointSlice"):
+            t = threading.Thread(target=self._watch_local, args=(kind,), name=f"watch-{kind}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("agent on node %s of cluster %s (id %d): %d remotes", self.config.node, self.identity.name,
+                 self.identity.id, len(self.remotes))
+
+    def _on_remote_change(self, name: str) -> None:
+        self._dirty.set()
+
+    # ------------------------------------------------------------ local watches
+
+    def _watch_local(self, kind: Kind) -> None:
+        retrying = Retrying(
+            retry=retry_if_exception_type(KubeError),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10, jitter=0.5),
+            sleep=self._sleep,
+            before_sleep=lambda st: log.warning("watch of %ss failed, retrying: %s", kind,
+                                                st.outcome.exception() if st.outcome else None),
+        )
+        while not self._stop.is_set():
+            retrying(self._list_and_watch, kind)
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _list_and_watch(self, kind: Kind) -> None:
+        items, rv = self.kube.list_objects(kind)
+        with self._lock:
+            self.state.apply_listing(kind, items, rv)
+        self._dirty.set()
+        for event_type, obj in self.kube.watch_objects(kind, rv):
+            if self._stop.is_set():
+                return
+            if event_type == "BOOKMARK":
+                continue
+            with self._lock:
+                if event_type == "DELETED":
+                    self.state.delete(kind, obj)
+                else:
+                    self.state.upsert(kind, obj)
+            self._dirty.set()
+
+    # ------------------------------------------------------------ the loop
+
+    def desired(self) -> list[ServiceSpec]:
+        assert self.identity is not None
+        with self._lock:
+            locals_: dict[tuple[str, str], LocalService] = {}
+            for (ns, name), svc in self.state.services.items():
+                ls = local_service(self.identity, svc, self.state.slices_of(ns, name))
+                if ls is not None:
+                    locals_[(ns, name)] = ls
+        now = time.monotonic()
+        records = [svc for rc in self.remotes.values() if rc.usable(now) for svc in list(rc.services.values())]
+        result = merge(self.identity.id, locals_, records)
+        return result.specs
+
+    def step(self) -> bool:
+        """Merge and reconcile if anything changed; True when the maps were written."""
+        specs = frozenset(self.desired())
+        if specs == self._last_specs:
+            return False
+        ops = self.lb.reconcile(specs)
+        self._last_specs = specs
+        if ops:
+            log.info("datapath: %d services, %d map operations", len(specs), len(ops))
+        return True
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._dirty.wait(self.config.tick)
+            if self._stop.is_set():
+                break
+            if self._dirty.is_set():
+                time.sleep(self.config.debounce)  # let a burst of events land first
+                self._dirty.clear()
+            try:
+                self.step()
+            except Exception as exc:  # one bad reconcile must not stop the node's agent
+                log.exception("reconcile failed; retrying on the next change")
+                metrics.ERRORS.labels("agent", "datapath").inc()
+                self._last_specs = None
+                if self._stop.wait(1):
+                    break
+                del exc
+
+    def stop(self) -> None:
+        """Stop watching and leave the maps as they are (no drain on restart)."""
+        self._stop.set()
+        self._dirty.set()
+        for rc in self.remotes.values():
+            rc.stop()
+        if self.lb is not None:
+            self.lb.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.config.node,
+            "cluster": self.identity.name if self.identity else None,
+            "remotes": [rc.status() for rc in self.remotes.values()],
+            "refused": self.refused,
+        }

@@ -1,0 +1,50 @@
+"""``clustermesh agent``: wire the Kubernetes client, the socket-LB and the remotes together."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from clustermesh import metrics
+from clustermesh.agent.agent import Agent, AgentConfig
+from clustermesh.datapath import DatapathError, pin_dir_for
+from clustermesh.kube import KubeClient, KubeError
+from clustermesh.schema import SchemaError
+
+log = logging.getLogger(__name__)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    pin_dir = args.pin_dir or str(pin_dir_for(args.node))
+
+    def socket_lb(local_cluster_id: int) -> Any:
+        from clustermesh.datapath import SocketLB  # bcc is loaded only here
+
+        return SocketLB(args.cgroup, pin_dir, local_cluster_id)
+
+    config = AgentConfig(node=args.node, cgroup=args.cgroup, pin_dir=pin_dir, mesh_name=args.clustermesh,
+                         grace_period=args.grace_period)
+    try:
+        agent = Agent(config, KubeClient(args.kubeconfig, args.context), socket_lb)
+        agent.start()
+    except (KubeError, DatapathError, SchemaError, ValueError) as exc:
+        print(f"clustermesh agent: {exc}", file=sys.stderr)
+        return 1
+    if args.metrics_port >= 0:
+        metrics.serve(args.metrics_host, args.metrics_port, lambda: (True, json.dumps(agent.status())))
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping; the datapath keeps its maps", signum)
+        stopping.set()
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run()
+    return 0
