@@ -195,6 +195,8 @@ class KubeClient:
                     ) from exc
                 return None
             raise KubeError(f"reading ClusterMesh {name}: {exc.status} {exc.reason}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"reading ClusterMesh {name}: {exc}; is the API server reachable?") from exc
 
     def create_mesh(self, name: str, cluster_name: str, cluster_id: int) -> dict[str, Any]:
         body = {
@@ -207,6 +209,8 @@ class KubeClient:
             return cast(dict[str, Any], self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body))
         except ApiException as exc:
             raise KubeError(f"creating ClusterMesh {name}: {exc.status} {exc.reason}: {exc.body}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"creating ClusterMesh {name}: {exc}") from exc
 
     def patch_mesh_status(self, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status. The API client sends "" as null, which a string field
@@ -216,6 +220,8 @@ class KubeClient:
             self.custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {"status": body})
         except ApiException as exc:
             raise KubeError(f"updating ClusterMesh {name} status: {exc.status} {exc.reason}: {exc.body}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"updating ClusterMesh {name} status: {exc}") from exc
 
 
 def _in_cluster() -> bool:

@@ -10,6 +10,7 @@ itself: etcd 3.4's grpc-proxy does not forward lease keep-alive streams.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ import grpc
 log = logging.getLogger(__name__)
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+MAX_TXN_BYTES = 1024 * 1024  # etcd refuses requests over 1.5 MiB (--max-request-bytes)
 
 
 class KVStoreError(Exception):
@@ -120,6 +122,11 @@ def _translate(exc: BaseException, what: str, endpoint: Endpoint) -> KVStoreErro
     return KVStoreError(f"{where}: {exc.__class__.__name__}: {exc}")
 
 
+def _unauthenticated(exc: BaseException) -> bool:
+    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    return code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in str(exc)
+
+
 def _text(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
@@ -147,35 +154,74 @@ class KVClient:
         self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
         self.timeout = timeout
         self.prefix = prefix
-        try:  # with a user, the client authenticates right here
-            self._client = etcd3.client(
+        self._user = user
+        self._password = password
+        self._lock = threading.Lock()
+        self._etcd: Any = None
+
+    @property
+    def _client(self) -> Any:
+        """The etcd3 client, made on first use: with a user it logs in, and the
+        remote may be down when we start."""
+        with self._lock:
+            if self._etcd is None:
+                self._etcd = self._connect()
+            return self._etcd
+
+    def _connect(self) -> Any:
+        if (self._user is None) != (self._password is None):
+            raise KVStoreError(f"etcd {self.endpoint}: give both a user and a password, or neither")
+        try:
+            client = etcd3.client(
                 host=self.endpoint.host,
                 port=self.endpoint.port,
                 ca_cert=self.endpoint.ca_cert,
                 cert_key=self.endpoint.key_file,
                 cert_cert=self.endpoint.cert_file,
-                timeout=timeout,
-                user=user,
-                password=password,
+                timeout=self.timeout,
+                user=self._user,
+                password=self._password,
+                # Notice a silently dropped connection (a watch would otherwise wait forever).
+                grpc_options=[
+                    ("grpc.keepalive_time_ms", 10_000),
+                    ("grpc.keepalive_timeout_ms", 5_000),
+                    # Only while a call (a watch) is open: etcd refuses idle pings.
+                    ("grpc.keepalive_permit_without_calls", 0),
+                ],
             )
         except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
-            raise _translate(exc, f"connect as {user}", self.endpoint) from exc
+            raise _translate(exc, f"connect as {self._user}", self.endpoint) from exc
         # The client benches an endpoint for 5 minutes after one failed call; with a
         # single etcd that is 5 minutes of refusing to even try. Retry at once instead.
-        for ep in getattr(self._client, "endpoints", {}).values():
+        for ep in getattr(client, "endpoints", {}).values():
             ep.time_retry = 0.0
+        return client
+
+    def _reconnect(self) -> None:
+        with self._lock:
+            old, self._etcd = self._etcd, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
-            raise _translate(exc, what, self.endpoint) from exc
-        except ValueError as exc:  # the client's "failed node" state
-            raise KVUnavailable(f"{what} on etcd {self.endpoint}: {exc}") from exc
+        for attempt in (1, 2):
+            try:
+                return fn(*args, **kwargs)
+            except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
+                if attempt == 1 and self._user and _unauthenticated(exc):
+                    # The login token expired (etcd's --auth-token-ttl): log in again, once.
+                    self._reconnect()
+                    fn = getattr(self._client, fn.__name__, fn)
+                    continue
+                raise _translate(exc, what, self.endpoint) from exc
+            except ValueError as exc:  # the client's "failed node" state
+                raise KVUnavailable(f"{what} on etcd {self.endpoint}: {exc}") from exc
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         try:
-            self._client.close()
+            self._reconnect()
         except Exception:  # closing a broken channel must never mask the real error
             log.debug("closing etcd client for %s failed", self.endpoint, exc_info=True)
 
@@ -207,13 +253,28 @@ class KVClient:
         self._call(f"put {key}", self._client.put, self.prefix + key, value, lease=lease)
 
     def apply(self, puts: dict[str, str], deletes: list[str], lease: int | None = None) -> None:
-        """Many puts and deletes in as few round trips as etcd allows (one txn per 128 ops)."""
+        """Many puts and deletes in as few round trips as etcd allows: one txn per
+        128 operations or about 1 MiB, whichever comes first."""
         tx = self._client.transactions
         p = self.prefix
-        ops = [tx.put(p + k, v, lease=lease) for k, v in puts.items()] + [tx.delete(p + k) for k in deletes]
-        for start in range(0, len(ops), MAX_TXN_OPS):
-            chunk = ops[start : start + MAX_TXN_OPS]
-            self._call(f"txn of {len(chunk)} ops", self._client.transaction, compare=[], success=chunk, failure=[])
+        chunk: list[Any] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal chunk, size
+            if chunk:
+                self._call(f"txn of {len(chunk)} ops", self._client.transaction, compare=[], success=chunk,
+                           failure=[])
+            chunk, size = [], 0
+
+        ops = [(tx.put(p + k, v, lease=lease), len(k) + len(v)) for k, v in puts.items()]
+        ops += [(tx.delete(p + k), len(k)) for k in deletes]
+        for op, op_size in ops:
+            if chunk and (len(chunk) >= MAX_TXN_OPS or size + op_size > MAX_TXN_BYTES):
+                flush()
+            chunk.append(op)
+            size += op_size
+        flush()
 
     def delete(self, key: str) -> bool:
         return bool(self._call(f"delete {key}", self._client.delete, self.prefix + key))
@@ -321,12 +382,20 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         interval = max(self.ttl / 3.0, 0.5)
-        while not self._stop.wait(interval):
+        wait = interval
+        failures = 0
+        while not self._stop.wait(wait):
             try:
                 ttl = self.client.keepalive(self.lease_id)
             except KVStoreError as exc:
-                log.warning("lease %x keep-alive failed: %s", self.lease_id, exc)
+                failures += 1
+                if failures == 1:
+                    log.warning("lease %x keep-alive failed, retrying: %s", self.lease_id, exc)
+                wait = min(0.5, interval)  # a full interval more could outlast the lease
                 continue
+            if failures:
+                log.info("lease %x keep-alive works again after %d failures", self.lease_id, failures)
+            failures, wait = 0, interval
             if ttl <= 0:
                 log.warning("lease %x expired; its keys are gone and must be rewritten", self.lease_id)
                 self.lost.set()

@@ -114,7 +114,10 @@ class Process:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) did not die after SIGKILL", self.name, proc.pid)
 
     def kill(self) -> None:
         self.stop(timeout=5, sig=signal.SIGKILL)

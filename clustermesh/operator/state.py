@@ -106,6 +106,9 @@ class ClusterState:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # (namespace, service) -> names of its slices; the label can move a slice.
     _by_service: dict[ObjKey, set[str]] = field(default_factory=dict)
+    # (kind, key) -> resourceVersion of a deletion seen by event: a listing taken before
+    # it must not bring the object back.
+    _tombstones: dict[tuple[str, ObjKey], int] = field(default_factory=dict)
 
     # ------------------------------------------------------------ reads
 
@@ -127,6 +130,12 @@ class ClusterState:
     def upsert(self, kind: Kind, body: Body) -> list[Ref]:
         """Apply an added/modified object; returns what needs exporting again."""
         key = _key(body)
+        dead = self._tombstones.get((kind, key))
+        if dead is not None:
+            rv = _rv(body)
+            if rv is not None and rv <= dead:
+                return []  # a copy from before its deletion
+            del self._tombstones[(kind, key)]
         if kind == "Service":
             if _older(self.services.get(key), body):
                 return []
@@ -150,6 +159,9 @@ class ClusterState:
 
     def delete(self, kind: Kind, body: Body) -> list[Ref]:
         key = _key(body)
+        rv = _rv(body)
+        if rv is not None:
+            self._tombstones[(kind, key)] = rv
         if kind == "Service":
             return [ServiceRef(*key)] if self.services.pop(key, None) is not None else []
         if kind == "Node":
@@ -198,6 +210,9 @@ class ClusterState:
             if snapshot is not None and rv is not None and rv > snapshot:
                 continue
             refs += self.delete(kind, body)
+        if snapshot is not None:  # the listing is newer than these deletions: forget them
+            for tomb in [t for t, rv in self._tombstones.items() if t[0] == kind and rv <= snapshot]:
+                del self._tombstones[tomb]
         return _unique(refs)
 
 

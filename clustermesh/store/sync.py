@@ -32,6 +32,9 @@ from clustermesh.kvstore import KVClient, KVStoreError, LeaseKeeper
 
 log = logging.getLogger(__name__)
 
+# etcd refuses requests over 1.5 MiB by default; keep a record well under it.
+MAX_RECORD_BYTES = 1024 * 1024
+
 
 @dataclass
 class WriterSettings:
@@ -66,6 +69,7 @@ class SyncStore:
         self.last_error: str | None = None
         self.last_sync: dt.datetime | None = None
         self.synced = False
+        self.oversized: dict[str, int] = {}
         self._lease: LeaseKeeper | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -111,17 +115,26 @@ class SyncStore:
     async def initial_sync(self, prefixes: Iterable[str], synced_prefixes: Iterable[str]) -> int:
         """After the caller has set the complete desired state: write it, delete the
         rest under ``prefixes``, then write the synced markers. Returns the number of
-        stale keys deleted."""
+        stale keys deleted. Retries while etcd is away."""
         await self.flushed()
         stale: list[str] = []
-        for prefix in prefixes:
-            listing = await self._etcd("list", self.client.list_prefix, prefix)
-            stale += [k for k in listing.items if k not in self.desired]
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(KVStoreError),
+            wait=wait_exponential_jitter(multiplier=self.settings.backoff_initial, max=self.settings.backoff_max),
+            before_sleep=self._on_retry,
+        ):
+            with attempt:
+                stale = []
+                for prefix in prefixes:
+                    listing = await self._etcd("list", self.client.list_prefix, prefix)
+                    stale += [k for k in listing.items if k not in self.desired]
         if stale:
             log.info("removing %d stale records left by an earlier run: %s", len(stale), ", ".join(stale[:5]))
-            await self._etcd("delete", self.client.apply, {}, stale)
-            for key in stale:
-                metrics.EXPORTS.labels(_kind(key), "delete").inc()
+        for key in stale:
+            # Through the writer, so a key that becomes desired meanwhile is written, not lost.
+            if key not in self.desired:
+                self.written[key] = ""
+                self._mark(key)
         now = schema.rfc3339_now()
         for prefix in synced_prefixes:
             self.set(schema.synced_key(self.cluster, prefix), now)
@@ -135,6 +148,8 @@ class SyncStore:
         """Write forever; cancel the task to stop (the lease is kept: see close())."""
         self._loop = asyncio.get_running_loop()
         while not self._closing:
+            # Cleared before the cycle: a set() while a write is in flight wakes the next one.
+            self._wake.clear()
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(KVStoreError),
                 wait=wait_exponential_jitter(
@@ -145,7 +160,6 @@ class SyncStore:
                 with attempt:
                     delay = await self._cycle()
             self._set_reachable(True)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
@@ -188,7 +202,14 @@ class SyncStore:
                 metrics.SKIPPED_WRITES.inc()
             elif value is None:
                 deletes.append(key)
+            elif len(key) + len(value) > MAX_RECORD_BYTES:
+                if self.oversized.get(key) != len(value):
+                    self.oversized[key] = len(value)
+                    log.error("record %s is %d bytes, over etcd's request limit; not written", key, len(value))
+                    metrics.ERRORS.labels("operator", "oversized").inc()
+                self.dirty.discard(key)
             else:
+                self.oversized.pop(key, None)
                 puts[key] = value
         if puts or deletes:
             lease = self._lease.lease_id if self._lease else None
@@ -209,10 +230,10 @@ class SyncStore:
         metrics.QUEUE_DEPTH.set(len(self.dirty))
         if not self.dirty:
             self._idle.set()
-        elif not any(
-            self.last_write.get(k, 0.0) + self.settings.min_interval > time.monotonic() for k in self.dirty
-        ):
-            sleep = 0.0
+        now = time.monotonic()
+        sleep = self._next_heartbeat - now
+        for key in self.dirty:  # keys still waiting: their own due times, not the heartbeat's
+            sleep = min(sleep, self.last_write.get(key, 0.0) + self.settings.min_interval - now)
         return max(sleep, 0.0)
 
     async def _ensure_lease(self) -> None:
@@ -224,9 +245,11 @@ class SyncStore:
         self._lease = keeper
         if self.written:
             log.warning("new lease %x: rewriting all %d records", keeper.lease_id, len(self.desired))
-        self.written.clear()
-        for key in self.desired:
-            self.dirty.add(key)
+        # Keys under the old lease are gone; deletes still pending (stale keys of an earlier
+        # run, under another lease) must still happen.
+        pending = {k for k in self.dirty if k not in self.desired and k in self.written}
+        self.written = dict.fromkeys(pending, "")
+        self.dirty = set(self.desired) | pending
         self.last_write.clear()
 
     def _lease_lost(self, lease_id: int) -> None:

@@ -82,15 +82,16 @@ class WatchStore:
     # ------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        retrying = Retrying(
-            retry=retry_if_exception_type(KVStoreError),
-            wait=wait_exponential_jitter(multiplier=0.2, max=self.backoff_max, jitter=0.2),
-            before_sleep=self._on_retry,
-            sleep=self._sleep,
-        )
         try:
             while not self._stop.is_set():
-                retrying(self._list_and_watch)
+                # A fresh backoff per session: one that listed and watched was healthy,
+                # so the next outage starts again from the shortest wait.
+                Retrying(
+                    retry=retry_if_exception_type(KVStoreError),
+                    wait=wait_exponential_jitter(multiplier=0.2, max=self.backoff_max, jitter=0.2),
+                    before_sleep=self._on_retry,
+                    sleep=self._sleep,
+                )(self._list_and_watch)
         except Exception:  # a bug here must be visible, not a silently dead thread
             log.exception("[%s] watch store stopped by an unexpected error", self.name)
             raise
@@ -142,13 +143,15 @@ class WatchStore:
                     self.observer.on_delete(event.key)
         except RevisionCompacted as exc:
             log.info("[%s] %s", self.name, exc)
-            raise
+        except KVStoreError as exc:
+            # The session was healthy until now: list again at once, backoff only if that fails.
+            self.connected = False
+            self.last_error = str(exc)
+            log.warning("[%s] watch broke (%s); listing again", self.name, exc)
+            metrics.ERRORS.labels("reader", "etcd").inc()
         finally:
             watch.cancel()
             self._watch = None
-        if not self._stop.is_set():
-            # The stream ended without an error (server closed it): list again.
-            raise KVStoreError(f"watch of {self.prefix} ended")
 
 
 class CallbackObserver:

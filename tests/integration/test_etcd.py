@@ -54,9 +54,9 @@ def test_watch_from_listed_revision_sees_every_change(kv: KVClient) -> None:
 
 
 def test_lease_binds_keys_and_keeper_keeps_them(kv: KVClient) -> None:
-    keeper = LeaseKeeper(kv, ttl=2)
+    keeper = LeaseKeeper(kv, ttl=3)
     kv.put("leased/k", "v", lease=keeper.lease_id)
-    time.sleep(4)  # twice the TTL: only the keep-alive keeps the key
+    time.sleep(6)  # twice the TTL: only the keep-alive keeps the key
     assert kv.get("leased/k") == "v"
     assert kv.lease_ttl(keeper.lease_id) > 0
     keeper.close()  # revokes

@@ -305,11 +305,11 @@ def test_records_vanish_when_the_lease_expires(
     api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators
 ) -> None:
     api.create(service(namespace, "a", GLOBAL))
-    op = operators("--lease-ttl", "3")
+    op = operators("--lease-ttl", "5")
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
     assert kv.get(schema.cluster_config_key(cluster)) is not None
     op.kill()
-    time.sleep(1)
+    time.sleep(0.5)
     assert set(records(kv, cluster, namespace)) == {"a"}, "records outlive the operator until the lease ends"
     eventually(lambda: _assert_eq(records(kv, cluster, namespace), {}), timeout=15)
     assert kv.get(schema.cluster_config_key(cluster)) is None

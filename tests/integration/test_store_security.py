@@ -67,8 +67,8 @@ def test_without_a_client_certificate_etcd_serves_nothing(secure_store) -> None:
 
 def test_a_wrong_password_is_refused(secure_store) -> None:
     _store, proxy, pki = secure_store
-    with pytest.raises(KVStoreError):
-        client(proxy.url, pki, "cluster-2", password="wrong")
+    with client(proxy.url, pki, "cluster-2", password="wrong") as c, pytest.raises(KVStoreError):
+        c.get("cilium/.heartbeat")  # the login happens on first use
 
 
 def test_a_certificate_from_another_ca_is_refused(secure_store, tmp_path: Path) -> None:

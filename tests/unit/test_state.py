@@ -86,3 +86,12 @@ def test_slim_copies_keep_only_what_export_reads() -> None:
     kept = st.service("ns", "a")
     assert kept is not None
     assert "managedFields" not in kept["metadata"] and "status" not in kept
+
+
+def test_a_listing_taken_before_a_deletion_does_not_bring_it_back() -> None:
+    st = ClusterState()
+    st.upsert("Service", svc("a", 90))
+    assert st.delete("Service", svc("a", 105)) == [ServiceRef("ns", "a")]  # the event, while listing
+    assert st.apply_listing("Service", [svc("a", 90)], "100") == []  # the listing from before
+    assert st.services == {}
+    assert st.upsert("Service", svc("a", 120)) == [ServiceRef("ns", "a")]  # created again later
