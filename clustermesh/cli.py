@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
     p.add_argument("--grace-period", type=float, default=60.0,
                    help="seconds an unreachable remote keeps serving before its backends are withdrawn")
+    p.add_argument("--heartbeat-timeout", type=float, default=180.0,
+                   help="seconds without a remote heartbeat before that remote counts as unreachable")
     p.add_argument("--metrics-port", type=int, default=9964, help="Prometheus /metrics and /healthz; -1: off")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.set_defaults(func=cmd_agent)

@@ -40,6 +40,8 @@ class AgentConfig:
     mesh_name: str = "default"
     grace_period: float = 60.0
     """Seconds an unreachable remote's backends keep serving before they are withdrawn."""
+    heartbeat_timeout: float = 180.0
+    """Seconds without a remote heartbeat change before the remote counts as unreachable."""
     debounce: float = 0.05
     tick: float = 1.0
     secrets_namespace: str = "kube-system"
@@ -100,7 +102,10 @@ class Agent:
         self.lb.load()
         for rc in remotes:
             if rc.name not in self.refused:
-                self.remotes[rc.name] = RemoteCluster(rc, self._on_remote_change, self.config.grace_period).start()
+                self.remotes[rc.name] = RemoteCluster(
+                    rc, self._on_remote_change, self.config.grace_period,
+                    heartbeat_timeout=self.config.heartbeat_timeout,
+                ).start()
         for kind in ("Service", "EndpointSlice"):
             t = threading.Thread(target=self._watch_local, args=(kind,), name=f"watch-{kind}", daemon=True)
             t.start()

@@ -28,7 +28,7 @@ def run_agent(args: argparse.Namespace) -> int:
         return SocketLB(args.cgroup, pin_dir, local_cluster_id)
 
     config = AgentConfig(node=args.node, cgroup=args.cgroup, pin_dir=pin_dir, mesh_name=args.clustermesh,
-                         grace_period=args.grace_period)
+                         grace_period=args.grace_period, heartbeat_timeout=args.heartbeat_timeout)
     try:
         agent = Agent(config, KubeClient(args.kubeconfig, args.context), socket_lb)
         agent.start()

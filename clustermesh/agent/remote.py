@@ -88,10 +88,12 @@ class RemoteCluster:
         on_change: Callable[[str], None] = lambda name: None,
         grace_period: float = 60.0,
         client: KVClient | None = None,
+        heartbeat_timeout: float = 180.0,
     ) -> None:
         self.config = config
         self.name = config.name
         self.grace_period = grace_period
+        self.heartbeat_timeout = heartbeat_timeout
         self.on_change = on_change
         self.client = client or KVClient(
             Endpoint.parse(config.endpoint, config.ca_cert, config.cert_file, config.key_file),
@@ -106,6 +108,8 @@ class RemoteCluster:
         self._config_ok = False
         self._stores: list[WatchStore] = []
         self._disconnected_since: float | None = None
+        self._heartbeat_at = time.monotonic()
+        self._resynced_stale = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -119,6 +123,8 @@ class RemoteCluster:
                        name=f"{self.name}/synced"),
             WatchStore(self.client, schema.cluster_config_key(self.name), _Prefix(self, "config"),
                        name=f"{self.name}/config"),
+            WatchStore(self.client, schema.HEARTBEAT_KEY, _Prefix(self, "heartbeat"),
+                       name=f"{self.name}/heartbeat"),
         ]
         for store in self._stores:
             store.start()
@@ -143,8 +149,23 @@ class RemoteCluster:
     # ------------------------------------------------------------ state
 
     @property
+    def heartbeat_stale(self) -> bool:
+        """No heartbeat change for ``heartbeat_timeout``: the remote's operator is gone, or
+        we read a frozen view (a grpc-proxy still watching an etcd that was wiped)."""
+        return time.monotonic() - self._heartbeat_at > self.heartbeat_timeout
+
+    @property
     def connected(self) -> bool:
-        return bool(self._stores) and all(s.connected for s in self._stores)
+        return bool(self._stores) and all(s.connected for s in self._stores) and not self.heartbeat_stale
+
+    def check_heartbeat(self) -> None:
+        """Called periodically: when the heartbeat is stale, list everything again once."""
+        if self.heartbeat_stale and not self._resynced_stale:
+            log.warning("[remote %s] no heartbeat for %.0fs; listing again", self.name, self.heartbeat_timeout)
+            metrics.ERRORS.labels("agent", "stale-remote").inc()
+            self._resynced_stale = True
+            for store in self._stores:
+                store.resync()
 
     @property
     def ready(self) -> bool:
@@ -157,6 +178,7 @@ class RemoteCluster:
         """Whether the merge may use this remote's backends right now."""
         if not self.ready:
             return False
+        self.check_heartbeat()
         now = time.monotonic() if now is None else now
         if self.connected:
             self._disconnected_since = None
@@ -189,6 +211,11 @@ class RemoteCluster:
     def _upsert(self, kind: str, key: str, value: str) -> None:
         if kind == "config" and key != schema.cluster_config_key(self.name):
             return  # a prefix watch of "c1" also sees "c10"
+        if kind == "heartbeat":
+            if key == schema.HEARTBEAT_KEY:
+                self._heartbeat_at = time.monotonic()
+                self._resynced_stale = False
+            return
         with self._lock:
             if kind == "config":
                 self._check_config(value)
@@ -224,7 +251,7 @@ class RemoteCluster:
         self.services.pop((ref.namespace, ref.name), None)
 
     def _delete(self, kind: str, key: str) -> None:
-        if kind == "config" and key != schema.cluster_config_key(self.name):
+        if kind == "heartbeat" or (kind == "config" and key != schema.cluster_config_key(self.name)):
             return
         with self._lock:
             self._problem(key, None)

@@ -73,6 +73,12 @@ class WatchStore:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def resync(self) -> None:
+        """List again now (e.g. the data looks stale): ends the current watch."""
+        watch = self._watch
+        if watch is not None:
+            watch.cancel()
+
     def drain(self) -> None:
         """Report every cached key as deleted: the remote was removed from the mesh."""
         for key in sorted(self.cache):

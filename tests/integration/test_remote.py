@@ -123,5 +123,21 @@ def test_expired_records_leave_at_once_and_remove_drains(proxied) -> None:
         rc.stop()
 
 
+def test_a_stale_heartbeat_counts_as_unreachable(proxied) -> None:
+    kv, proxy = proxied
+    export(kv, "c2/")
+    kv.put("c2/" + schema.HEARTBEAT_KEY, schema.rfc3339_now())
+    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=1.0, heartbeat_timeout=2.0).start()
+    try:
+        eventually(lambda: _eq(rc.usable(), True))
+        # The operator stops refreshing: connected stores, but a frozen view.
+        eventually(lambda: _eq(rc.usable(), False), timeout=10)
+        assert rc.heartbeat_stale
+        kv.put("c2/" + schema.HEARTBEAT_KEY, schema.rfc3339_now())
+        eventually(lambda: _eq(rc.usable(), True), timeout=10)
+    finally:
+        rc.stop()
+
+
 def _eq(a: object, b: object) -> None:
     assert a == b
