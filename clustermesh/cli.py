@@ -43,7 +43,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return _not_built("status", "comes with the agent")
+    from clustermesh.agent.status import run_status
+
+    return run_status(args)
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -140,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9964, help="Prometheus /metrics and /healthz; -1: off")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.set_defaults(func=cmd_agent)
-    p = sub.add_parser("status", help="show the mesh as this cluster sees it")
+    p = sub.add_parser("status", help="show the mesh as this cluster sees it (checks every remote live)")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--context", default=None)
+    p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for remotes to be ready")
+    p.add_argument("--secrets-namespace", default="kube-system", help="where remote TLS Secrets live by default")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("connect", help="connect this cluster with another one")
     p.set_defaults(func=cmd_connect)

@@ -23,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics
 from clustermesh.agent.merge import LocalService, local_service, merge
-from clustermesh.agent.remote import RemoteCluster, RemoteConfig, mesh_problems
+from clustermesh.agent.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
 from clustermesh.datapath.model import ServiceSpec
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.operator.export import ClusterIdentity
@@ -68,23 +68,7 @@ class Agent:
     # ------------------------------------------------------------ setup
 
     def _remote_config(self, spec: dict[str, Any]) -> RemoteConfig:
-        ca = cert = key = user = password = None
-        tls = spec.get("tls") or {}
-        if tls.get("secretName"):
-            ns = tls.get("secretNamespace") or self.config.secrets_namespace
-            data = self.kube.get_secret(ns, tls["secretName"])
-            folder = self._secrets_dir / spec["name"]
-            folder.mkdir(mode=0o700, exist_ok=True)
-            paths = {}
-            for name in ("ca.crt", "tls.crt", "tls.key"):
-                if name in data:
-                    (folder / name).write_bytes(data[name])
-                    (folder / name).chmod(0o600)
-                    paths[name] = str(folder / name)
-            ca, cert, key = paths.get("ca.crt"), paths.get("tls.crt"), paths.get("tls.key")
-            user = data["username"].decode() if "username" in data else None
-            password = data["password"].decode() if "password" in data else None
-        return RemoteConfig(spec["name"], int(spec["id"]), spec["endpoints"][0], ca, cert, key, user, password)
+        return remote_config_from_spec(self.kube, spec, self._secrets_dir, self.config.secrets_namespace)
 
     def start(self) -> None:
         mesh = self.kube.get_mesh(self.config.mesh_name)

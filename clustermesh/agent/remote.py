@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clustermesh import metrics, schema
@@ -40,6 +41,28 @@ class RemoteConfig:
     key_file: str | None = None
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+
+
+def remote_config_from_spec(kube: Any, spec: dict[str, Any], secrets_dir: Path, default_namespace: str) -> RemoteConfig:
+    """A ``spec.clusters[]`` entry of the ClusterMesh -> RemoteConfig. The TLS Secret
+    (``ca.crt``, ``tls.crt``, ``tls.key``, optional ``username``/``password``) is read
+    with ``kube.get_secret`` and its files written under ``secrets_dir``."""
+    ca = cert = key = user = password = None
+    tls = spec.get("tls") or {}
+    if tls.get("secretName"):
+        data = kube.get_secret(tls.get("secretNamespace") or default_namespace, tls["secretName"])
+        folder = secrets_dir / spec["name"]
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths = {}
+        for name in ("ca.crt", "tls.crt", "tls.key"):
+            if name in data:
+                (folder / name).write_bytes(data[name])
+                (folder / name).chmod(0o600)
+                paths[name] = str(folder / name)
+        ca, cert, key = paths.get("ca.crt"), paths.get("tls.crt"), paths.get("tls.key")
+        user = data["username"].decode() if "username" in data else None
+        password = data["password"].decode() if "password" in data else None
+    return RemoteConfig(spec["name"], int(spec["id"]), spec["endpoints"][0], ca, cert, key, user, password)
 
 
 def mesh_problems(local_name: str, local_id: int, remotes: Iterable[RemoteConfig]) -> dict[str, str]:

@@ -22,7 +22,7 @@ def test_help_lists_every_component() -> None:
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["status", "connect"])
+@pytest.mark.parametrize("command", ["connect"])
 def test_unbuilt_commands_say_so_and_fail(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command]) == NOT_BUILT
     assert "not built yet" in capsys.readouterr().err
