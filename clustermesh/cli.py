@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
     p.add_argument("--grace-period", type=float, default=60.0,
                    help="seconds an unreachable remote keeps serving before its backends are withdrawn")
+    p.add_argument("--routes", default="off",
+                   help="routes to remote pod CIDRs via remote node IPs: off (default), host, or netns:NAME")
     p.add_argument("--heartbeat-timeout", type=float, default=180.0,
                    help="seconds without a remote heartbeat before that remote counts as unreachable")
     p.add_argument("--metrics-port", type=int, default=9964, help="Prometheus /metrics and /healthz; -1: off")

@@ -24,6 +24,8 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 from clustermesh import metrics
 from clustermesh.agent.merge import LocalService, local_service, merge
 from clustermesh.agent.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
+from clustermesh.agent.routes import RouteTable, RoutingError
+from clustermesh.agent.routing import plan_routes
 from clustermesh.datapath.model import ServiceSpec
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.operator.export import ClusterIdentity
@@ -45,6 +47,8 @@ class AgentConfig:
     debounce: float = 0.05
     tick: float = 1.0
     secrets_namespace: str = "kube-system"
+    routes: str = "off"
+    """Routes to remote pod CIDRs: "off", "host" (the agent's own netns) or "netns:NAME"."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +68,15 @@ class Agent:
         self.lb: Any = None
         self._last_specs: frozenset[ServiceSpec] | None = None
         self._secrets_dir = Path(tempfile.mkdtemp(prefix="clustermesh-agent-"))
+        self.routes: RouteTable | None = None
+        if config.routes == "host":
+            self.routes = RouteTable(None)
+        elif config.routes.startswith("netns:"):
+            self.routes = RouteTable(config.routes.removeprefix("netns:"))
+        elif config.routes != "off":
+            raise ValueError(f"--routes {config.routes!r}: use off, host or netns:NAME")
+        self._last_routes: dict[str, str] | None = None
+        self._route_problems: set[str] = set()
 
     # ------------------------------------------------------------ setup
 
@@ -90,7 +103,8 @@ class Agent:
                     rc, self._on_remote_change, self.config.grace_period,
                     heartbeat_timeout=self.config.heartbeat_timeout,
                 ).start()
-        for kind in ("Service", "EndpointSlice"):
+        kinds: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node") if self.routes else ("Service", "EndpointSlice")
+        for kind in kinds:
             t = threading.Thread(target=self._watch_local, args=(kind,), name=f"watch-{kind}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -150,6 +164,8 @@ class Agent:
 
     def step(self) -> bool:
         """Merge and reconcile if anything changed; True when the maps were written."""
+        if self.routes is not None:
+            self._sync_routes()
         specs = frozenset(self.desired())
         if specs == self._last_specs:
             return False
@@ -158,6 +174,30 @@ class Agent:
         if ops:
             log.info("datapath: %d services, %d map operations", len(specs), len(ops))
         return True
+
+    def _sync_routes(self) -> None:
+        assert self.routes is not None
+        with self._lock:
+            local_cidrs = [c for n in self.state.nodes.values() for c in (n.get("spec") or {}).get("podCIDRs") or []]
+        now = time.monotonic()
+        nodes = [node for rc in self.remotes.values() if rc.usable(now) for node in list(rc.nodes.values())]
+        plan = plan_routes(local_cidrs, nodes)
+        for problem in set(plan.problems) - self._route_problems:
+            log.warning("routes: %s", problem)
+            metrics.ERRORS.labels("agent", "route").inc()
+        self._route_problems = set(plan.problems)
+        if plan.routes == self._last_routes:
+            return
+        try:
+            changes = self.routes.apply(plan.routes)
+        except RoutingError as exc:
+            log.error("routes: %s", exc)
+            metrics.ERRORS.labels("agent", "route").inc()
+            self._last_routes = None
+            return
+        self._last_routes = dict(plan.routes)
+        if changes.added or changes.replaced or changes.removed:
+            log.info("routes: +%d ~%d -%d", len(changes.added), len(changes.replaced), len(changes.removed))
 
     def run(self) -> None:
         while not self._stop.is_set():

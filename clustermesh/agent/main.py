@@ -12,6 +12,7 @@ from typing import Any
 
 from clustermesh import metrics
 from clustermesh.agent.agent import Agent, AgentConfig
+from clustermesh.agent.routes import RoutingError
 from clustermesh.datapath import DatapathError, pin_dir_for
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.schema import SchemaError
@@ -28,11 +29,12 @@ def run_agent(args: argparse.Namespace) -> int:
         return SocketLB(args.cgroup, pin_dir, local_cluster_id)
 
     config = AgentConfig(node=args.node, cgroup=args.cgroup, pin_dir=pin_dir, mesh_name=args.clustermesh,
-                         grace_period=args.grace_period, heartbeat_timeout=args.heartbeat_timeout)
+                         grace_period=args.grace_period, heartbeat_timeout=args.heartbeat_timeout,
+                         routes=args.routes)
     try:
         agent = Agent(config, KubeClient(args.kubeconfig, args.context), socket_lb)
         agent.start()
-    except (KubeError, DatapathError, SchemaError, ValueError) as exc:
+    except (KubeError, DatapathError, SchemaError, ValueError, RoutingError) as exc:
         print(f"clustermesh agent: {exc}", file=sys.stderr)
         return 1
     if args.metrics_port >= 0:

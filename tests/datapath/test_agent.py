@@ -17,7 +17,7 @@ from clustermesh import schema
 from clustermesh.datapath import hooks
 from clustermesh.kvstore import KVClient
 from clustermesh.lab.kubeapi import KubeAPI, eventually
-from clustermesh.schema import ClusterConfig, ClusterService, PortConfig
+from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
 from tests.datapath.conftest import Topology
 from tests.integration.test_operator import REPO, endpoint_slice, service
 
@@ -31,6 +31,9 @@ def export_remote(kv: KVClient, ns: str, backends: dict[str, dict[str, PortConfi
     rec = ClusterService(REMOTE, ns, "echo", REMOTE_ID, frontends={"10.97.0.1": {"http": PortConfig("TCP", 80)}},
                          backends=backends)
     kv.put("c2/" + rec.key, rec.encode())
+    # A remote node whose pod CIDR the agent routes via its InternalIP (on the test veth).
+    node = Node("n1", REMOTE, REMOTE_ID, (NodeAddress("InternalIP", "10.250.0.2"),), "10.246.0.0/24")
+    kv.put("c2/" + node.key, node.encode())
     for prefix in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
         kv.put("c2/" + schema.synced_key(REMOTE, prefix), schema.rfc3339_now())
 
@@ -73,17 +76,19 @@ def test_agent_merges_remote_backends_and_fails_over(
 
     argv = [sys.executable, "-m", "clustermesh.cli", "agent", "--kubeconfig", kubeconfig, "--node", "test",
             "--cgroup", str(cgroup), "--pin-dir", str(pin_dir), "--clustermesh", mesh,
-            "--grace-period", "2", "--metrics-port", "-1"]
+            "--grace-period", "2", "--metrics-port", "-1", "--routes", f"netns:{topology.client_ns}"]
     log = (tmp_path / "agent.log").open("ab")
     agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         eventually(lambda: _eq(names(topology, cluster_ip), {"local-a"}), timeout=30)
+        eventually(lambda: _eq(remote_routes(topology), ["10.246.0.0/24 via 10.250.0.2"]), timeout=10)
 
         api.delete("EndpointSlice", ns, "echo-local")  # the local backends die
         eventually(lambda: _eq(names(topology, cluster_ip), {"remote-b"}), timeout=15)
 
         proxy.stop()  # the remote becomes unreachable: after the 2 s grace period it is withdrawn
         eventually(lambda: refused(topology, cluster_ip), timeout=30)
+        eventually(lambda: _eq(remote_routes(topology), []), timeout=10)  # withdrawn with the remote
 
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(15) == 0
@@ -98,6 +103,12 @@ def test_agent_merges_remote_backends_and_fails_over(
         hooks.destroy(cgroup, pin_dir)
         api.delete("Namespace", None, ns)
         subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "delete", "clustermesh", mesh], capture_output=True)
+
+
+def remote_routes(topology: Topology) -> list[str]:
+    out = subprocess.run(["ip", "-n", topology.client_ns, "route", "show", "proto", "177"],
+                         capture_output=True, text=True, check=True).stdout
+    return [" ".join(line.split()[:3]) for line in out.splitlines() if line.strip()]
 
 
 def _eq(a: object, b: object) -> None:
