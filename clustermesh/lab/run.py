@@ -1,134 +1,98 @@
-"""``clustermesh lab up``: a local cluster on this machine, no Docker.
+"""``clustermesh lab``: the whole mesh on this machine, no Docker (see mesh.py).
 
-Today: one control plane (etcd, kube-apiserver, controller-manager, scheduler),
-its state store (etcd with TLS and auth) behind a TLS grpc-proxy that remote
-clusters may only read through, the CRDs, a ClusterMesh object, and the
-operator exporting into the store. The lab issue grows this into the
-two-cluster Star Wars demo with node namespaces, agents and pods.
-
-Everything listens on 127.0.0.1; nothing here connects anywhere else.
+    clustermesh lab up [--clusters 2] [--demo] [--no-wait]   bring it up (Ctrl-C tears it down)
+    clustermesh lab xwing --cluster lab-1 [--count 10]       x-wing asks rebel-base, from lab-1
+    clustermesh lab kill-base --cluster lab-1                 lab-1's rebel-base stops being ready
+    clustermesh lab revive-base --cluster lab-1
 """
 
 from __future__ import annotations
 
 import argparse
-import secrets
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from clustermesh.lab.pki import CertificateAuthority
-from clustermesh.lab.servers import (
-    CACHE,
-    ControlPlane,
-    EtcdGrpcProxy,
-    EtcdServer,
-    Process,
-    ServerError,
-    free_port,
-)
+from clustermesh.lab.kubeapi import KubeAPI
+from clustermesh.lab.mesh import SLICE, LabMesh
+from clustermesh.lab.netns import NetnsError
+from clustermesh.lab.servers import CACHE, ServerError
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 6
+TOTAL = 6
 
 
-def _say(step: int, text: str) -> None:
-    print(f"[lab {step}/{STEPS}] {text}", flush=True)
+def _say(step: int, total: int, text: str) -> None:
+    print(f"[lab {step}/{total}] {text}", flush=True)
 
 
-def _wait_synced(kubectl: list[str], operator: Process, timeout: float = 90.0) -> None:
+def _base(args: argparse.Namespace) -> Path:
+    return Path(args.dir) if getattr(args, "dir", None) else CACHE / "lab"
+
+
+def _summary(result: dict[str, Any]) -> str:
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.get("summary", {}).items())) or "none"
+    return f"answers by cluster: {counts}; failed: {result.get('failed', 0)}"
+
+
+def _wait_for(mesh: LabMesh, cluster: str, want: set[str], timeout: float = 90.0) -> dict[str, Any]:
+    """Ask until x-wing of ``cluster`` gets answers from exactly the clusters ``want``."""
     deadline = time.monotonic() + timeout
+    result: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        if not operator.running:
-            raise ServerError(f"the operator exited; see {operator.log_path}:\n{operator.tail()}")
-        out = subprocess.run(
-            [*kubectl, "get", "clustermesh", "default", "-o",
-             "jsonpath={.status.conditions[?(@.type=='Synced')].status}"],
-            capture_output=True, text=True, check=False,
-        ).stdout
-        if out == "True":
-            return
-        time.sleep(0.5)
-    raise ServerError(f"the operator did not report Synced within {timeout:.0f}s; see {operator.log_path}")
+        result = mesh.xwing(cluster, count=12)
+        if set(result.get("summary", {})) == want and result.get("failed") == 0:
+            return result
+        time.sleep(1)
+    raise ServerError(f"x-wing in {cluster} never got answers from exactly {sorted(want)}: {_summary(result)}")
 
 
-def run_lab(args: argparse.Namespace) -> int:
-    if args.lab_command != "up":
-        print("usage: clustermesh lab up [--no-wait]", file=sys.stderr)
-        return 2
-    base = Path(args.dir) if args.dir else CACHE / "lab"
-    cdir = base / args.name
-    if cdir.exists():
-        subprocess.run(["rm", "-rf", str(cdir)], check=True)
-    started: list[ControlPlane | EtcdServer | EtcdGrpcProxy | Process] = []
+def demo(mesh: LabMesh) -> None:
+    names = {c.name for c in mesh.clusters}
+    first = mesh.clusters[0].name
+    print("\n=== Star Wars demo ===", flush=True)
+    for c in mesh.clusters:
+        result = _wait_for(mesh, c.name, names)
+        print(f"x-wing in {c.name} -> rebel-base: {_summary(result)}", flush=True)
+    if len(mesh.clusters) < 2:
+        return
+    print(f"\nkilling the rebel-base of {first} (its endpoints stop being ready)", flush=True)
+    mesh.set_base(first, ready=False)
+    result = _wait_for(mesh, first, names - {first})
+    print(f"x-wing in {first} -> rebel-base: {_summary(result)}   <- failover, same ClusterIP", flush=True)
+    print(f"\nreviving the rebel-base of {first}", flush=True)
+    mesh.set_base(first, ready=True)
+    result = _wait_for(mesh, first, names)
+    print(f"x-wing in {first} -> rebel-base: {_summary(result)}\n", flush=True)
+
+
+def lab_up(args: argparse.Namespace) -> int:
+    base = _base(args)
+    if base.exists():
+        subprocess.run(["rm", "-rf", str(base)], check=True)
+    base.mkdir(parents=True)
+    mesh = LabMesh(base, clusters=args.clusters, affinity=args.affinity, say=_say)
     try:
-        _say(1, f"control plane of {args.name} (etcd, kube-apiserver, controller-manager, scheduler)")
-        t0 = time.monotonic()
-        cp = ControlPlane(cdir / "control-plane", name=args.name, scheduler=True)
-        started.append(cp)
-        cp.start()
-        print(f"        kube-apiserver ready at {cp.url} in {time.monotonic() - t0:.1f}s", flush=True)
-
-        _say(2, "state store: etcd with TLS and auth, and the read-only grpc-proxy for remote clusters")
-        pki = CertificateAuthority(cdir / "store-pki")
-        store = EtcdServer(cdir / "store", name=f"{args.name}-store", pki=pki)
-        started.append(store)
-        store.start()
-        password = secrets.token_urlsafe(18)
-        store.enable_auth({"remote": (password, ["cilium/"])})
-        creds = cdir / "remote-credentials"
-        creds.write_text(f"user=remote\npassword={password}\nca={pki.cert_path}\n")
-        creds.chmod(0o600)
-        proxy = EtcdGrpcProxy(cdir / "store", store.url, namespace="", pki=pki,
-                              backend_cert=pki.issue("proxy-backend", "", server=False))
-        started.append(proxy)
-        proxy.start()
-
-        _say(3, "CRDs")
-        kubectl = ["kubectl", "--kubeconfig", str(cp.kubeconfig)]
-        subprocess.run([*kubectl, "apply", "-f", str(REPO / "crds")], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            [*kubectl, "wait", "--for=condition=Established", "crd/clustermeshes.clustermesh.io", "--timeout=30s"],
-            check=True, stdout=subprocess.DEVNULL,
-        )
-
-        _say(4, f"ClusterMesh 'default' for cluster {args.name} (id {args.id})")
-        manifest = (
-            "apiVersion: clustermesh.io/v1alpha1\nkind: ClusterMesh\nmetadata: {name: default}\n"
-            f"spec:\n  localCluster: {{name: {args.name}, id: {args.id}}}\n"
-            f"  store: {{endpoints: ['{store.url}']}}\n"
-        )
-        subprocess.run([*kubectl, "apply", "-f", "-"], input=manifest.encode(), check=True,
-                       stdout=subprocess.DEVNULL)
-
-        _say(5, "operator: exporting global services and nodes into the store")
-        assert store.admin is not None
-        metrics_port = free_port()
-        operator = Process(
-            "operator",
-            [sys.executable, "-m", "clustermesh.cli", "operator", "--kubeconfig", str(cp.kubeconfig),
-             "--etcd", store.url, "--etcd-ca", str(pki.cert_path), "--etcd-cert", str(store.admin.cert),
-             "--etcd-key", str(store.admin.key), "--metrics-port", str(metrics_port)],
-            cdir / "operator.log",
-        )
-        started.append(operator)
-        operator.start()
-        _wait_synced(kubectl, operator)
-
-        _say(6, "ready")
+        mesh.up()
+        (base / "state.json").write_text(json.dumps(mesh.state(), indent=2))
+        kubeconfig = base / "kubeconfig"
         print(
-            f"\n  kubectl --kubeconfig {cp.kubeconfig} get ns\n"
-            f"  kubectl --kubeconfig {cp.kubeconfig} get clustermesh\n"
-            f"  kubectl --kubeconfig {cp.kubeconfig} annotate service NAME service.cilium.io/global=true\n"
-            f"  state store:   {store.url} (written by the operator as etcd user root)\n"
-            f"  remote access: grpc-proxy {proxy.url}, read-only user in {creds}\n"
-            f"  metrics:       http://127.0.0.1:{metrics_port}/metrics\n"
-            f"  logs:          {cdir}\n",
+            "\nThe lab is up.\n"
+            f"  kubectl --kubeconfig {kubeconfig} --context lab-1 get clustermesh\n"
+            f"  kubectl --kubeconfig {kubeconfig} --context lab-2 get svc rebel-base\n"
+            f"  clustermesh lab xwing --cluster lab-1          # x-wing asks rebel-base\n"
+            f"  clustermesh lab kill-base --cluster lab-1      # then ask again: failover\n"
+            f"  clustermesh status --kubeconfig {kubeconfig} --context lab-1\n"
+            f"  logs and state: {base}\n",
             flush=True,
         )
+        if args.demo:
+            demo(mesh)
         if args.no_wait:
             return 0
         print("Press Ctrl-C to stop the lab.", flush=True)
@@ -136,16 +100,75 @@ def run_lab(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(2):
-                cp.check_running()
-                if not operator.running:
-                    raise ServerError(f"the operator exited; see {operator.log_path}")
+                for c in mesh.clusters:
+                    for proc in c.processes:
+                        if not proc.running:
+                            raise ServerError(f"{proc.name} exited; see {proc.log_path}:\n{proc.tail()}")
         except KeyboardInterrupt:
             pass
         return 0
-    except (ServerError, subprocess.CalledProcessError) as exc:
+    except (ServerError, NetnsError, subprocess.CalledProcessError) as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 1
     finally:
-        print("[lab] stopping", flush=True)
-        for server in reversed(started):
-            server.stop()
+        print("[lab] tearing down", flush=True)
+        mesh.down()
+        (base / "state.json").unlink(missing_ok=True)
+
+
+def _state(args: argparse.Namespace) -> dict[str, Any]:
+    path = _base(args) / "state.json"
+    if not path.exists():
+        raise ServerError(f"no lab running ({path} is missing): start one with clustermesh lab up")
+    data: dict[str, Any] = json.loads(path.read_text())
+    if args.cluster not in data["clusters"]:
+        raise ServerError(f"no cluster {args.cluster!r}; the lab has {', '.join(data['clusters'])}")
+    return data
+
+
+def _api(kubeconfig: str) -> KubeAPI:
+    config = json.loads(Path(kubeconfig).read_text())
+    cluster = config["clusters"][0]["cluster"]
+    return KubeAPI(cluster["server"], config["users"][0]["user"]["token"], cluster["certificate-authority"])
+
+
+def lab_xwing(args: argparse.Namespace) -> int:
+    info = _state(args)["clusters"][args.cluster]
+    api = _api(info["kubeconfig"])
+    cluster_ip = api.get("Service", "default", "rebel-base")["spec"]["clusterIP"]
+    procs = Path(info["cgroup"]) / "cgroup.procs"
+
+    def join_cgroup() -> None:
+        procs.write_text(str(__import__("os").getpid()))
+
+    return subprocess.run(
+        ["ip", "netns", "exec", info["xwing_netns"], sys.executable, "-m", "clustermesh.lab.demo", "xwing",
+         "--url", f"http://{cluster_ip}/", "--count", str(args.count)],
+        preexec_fn=join_cgroup, check=False, cwd=REPO,
+    ).returncode
+
+
+def lab_base(args: argparse.Namespace, ready: bool) -> int:
+    data = _state(args)
+    info = data["clusters"][args.cluster]
+    api = _api(info["kubeconfig"])
+    address = f"10.{243 + int(info['index'])}.1.10"
+    api.patch("EndpointSlice", "default", SLICE,
+              {"endpoints": [{"addresses": [address], "conditions": {"ready": ready}}]})
+    print(f"rebel-base of {args.cluster} is {'ready' if ready else 'down'}")
+    return 0
+
+
+def run_lab(args: argparse.Namespace) -> int:
+    try:
+        if args.lab_command == "up":
+            return lab_up(args)
+        if args.lab_command == "xwing":
+            return lab_xwing(args)
+        if args.lab_command in ("kill-base", "revive-base"):
+            return lab_base(args, ready=args.lab_command == "revive-base")
+    except ServerError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
+    print(__doc__, file=sys.stderr)
+    return 2

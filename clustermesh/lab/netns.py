@@ -1,0 +1,150 @@
+"""Lab networking: an underlay, nodes and pods as network namespaces, made with `ip`.
+
+Topology (everything in namespaces the lab makes; the host's namespace is never
+touched and nothing has a route out of the machine):
+
+    underlay netns: bridge br0 ---- veth ---- node netns (eth0, 192.168.100.N/24, forwarding on)
+                                                  |-- veth (proxy ARP) -- pod netns (eth0, POD_IP/32,
+                                                                            default via 169.254.1.1)
+
+A pod reaches its node through a link-local gateway address that every pod link
+of the node carries; the node routes each pod /32 to its veth. Routes between nodes of
+different clusters are the agent's job (``--routes netns:NODE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+UNDERLAY_CIDR = "192.168.100.0/24"
+POD_GATEWAY = "169.254.1.1"
+
+
+class NetnsError(RuntimeError):
+    pass
+
+
+def ip(*args: str, netns: str | None = None) -> str:
+    argv = ["ip", *(["-n", netns] if netns else []), *args]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    if res.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def sysctl(netns: str, key: str, value: str) -> None:
+    res = subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"],
+                         capture_output=True, text=True, timeout=20)
+    if res.returncode != 0:
+        raise NetnsError(f"sysctl {key}={value} in {netns}: {res.stderr.strip()}")
+
+
+def delete_netns(name: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            import os
+            import signal
+
+            os.kill(int(pid), signal.SIGKILL)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+@dataclass
+class Underlay:
+    netns: str
+
+    def create(self) -> Underlay:
+        ip("netns", "add", self.netns)
+        ip("link", "set", "lo", "up", netns=self.netns)
+        ip("link", "add", "br0", "type", "bridge", netns=self.netns)
+        ip("link", "set", "br0", "up", netns=self.netns)
+        return self
+
+    def delete(self) -> None:
+        delete_netns(self.netns)
+
+
+@dataclass
+class LabNode:
+    netns: str
+    underlay: Underlay
+    address: str  # on the underlay
+    pod_cidr: str
+    port: str  # its veth name inside the underlay
+
+    def create(self) -> LabNode:
+        ip("netns", "add", self.netns)
+        ip("link", "set", "lo", "up", netns=self.netns)
+        ip("link", "add", "eth0", "type", "veth", "peer", "name", self.port, "netns", self.underlay.netns,
+           netns=self.netns)
+        ip("addr", "add", f"{self.address}/24", "dev", "eth0", netns=self.netns)
+        ip("link", "set", "eth0", "up", netns=self.netns)
+        ip("link", "set", self.port, "master", "br0", netns=self.underlay.netns)
+        ip("link", "set", self.port, "up", netns=self.underlay.netns)
+        sysctl(self.netns, "net.ipv4.ip_forward", "1")
+        sysctl(self.netns, "net.ipv4.conf.all.rp_filter", "0")
+        return self
+
+    def delete(self) -> None:
+        delete_netns(self.netns)
+
+
+@dataclass
+class LabPod:
+    netns: str
+    node: LabNode
+    address: str
+    port: str  # its veth name inside the node
+
+    def create(self) -> LabPod:
+        ip("netns", "add", self.netns)
+        ip("link", "set", "lo", "up", netns=self.netns)
+        ip("link", "add", "eth0", "type", "veth", "peer", "name", self.port, "netns", self.node.netns,
+           netns=self.netns)
+        ip("addr", "add", f"{self.address}/32", "dev", "eth0", netns=self.netns)
+        ip("link", "set", "eth0", "up", netns=self.netns)
+        ip("route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link", netns=self.netns)
+        ip("route", "add", "default", "via", POD_GATEWAY, "dev", "eth0", netns=self.netns)
+        ip("link", "set", self.port, "up", netns=self.node.netns)
+        # The pod's gateway is answered on every pod link of the node (Calico's trick without
+        # needing a default route in the node to make proxy ARP work).
+        ip("addr", "add", f"{POD_GATEWAY}/32", "dev", self.port, "scope", "link", netns=self.node.netns)
+        sysctl(self.node.netns, f"net.ipv4.conf.{self.port}.proxy_arp", "1")
+        sysctl(self.node.netns, f"net.ipv4.conf.{self.port}.rp_filter", "0")
+        ip("route", "add", f"{self.address}/32", "dev", self.port, netns=self.node.netns)
+        return self
+
+    def delete(self) -> None:
+        delete_netns(self.netns)
+
+
+def make_cgroup(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_cgroup(path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    if not path.exists():
+        return
+    for child in sorted(path.glob("*/"), reverse=True):
+        if (child / "cgroup.procs").exists():
+            remove_cgroup(child)
+    for _ in range(50):
+        pids = (path / "cgroup.procs").read_text().split()
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        path.rmdir()
