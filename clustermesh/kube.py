@@ -147,6 +147,15 @@ class KubeClient:
             resp.release_conn()
             pool.clear()
 
+    def get_peering(self, name: str) -> dict[str, Any] | None:
+        """kopf's ClusterKopfPeering object (None when absent)."""
+        try:
+            return self._get_json(f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")
+        except KubeError as exc:
+            if " 404 " in f" {exc} ":
+                return None
+            raise
+
     def get_secret(self, namespace: str, name: str) -> dict[str, bytes]:
         data = self._get_json(f"/api/v1/namespaces/{namespace}/secrets/{name}").get("data") or {}
         return {k: base64.b64decode(v) for k, v in data.items()}

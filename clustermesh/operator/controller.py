@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import signal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,9 @@ class OperatorConfig:
     """Seconds between ClusterMesh status updates (only sent when something changed)."""
     resync_interval: float = 300.0
     """Seconds between full listings that remove objects whose deletion event was missed."""
+    peering: str | None = None
+    """kopf peering name; with it, a replica that sees a higher-priority live peer stops."""
+    priority: int = 0
 
 
 class ProblemLog:
@@ -314,8 +319,43 @@ class Operator:
             status["lastSyncTime"] = writer.last_sync.strftime("%Y-%m-%dT%H:%M:%SZ")
         return status
 
+    def outranked_by(self, peering: Mapping[str, Any] | None, now: dt.datetime | None = None) -> list[str]:
+        """Live peers with a higher priority than ours in kopf's peering object."""
+        now = now or dt.datetime.now(dt.UTC)
+        out = []
+        for peer_id, info in ((peering or {}).get("status") or {}).items():
+            if not isinstance(info, dict) or int(info.get("priority", 0)) <= self.config.priority:
+                continue
+            try:
+                seen = dt.datetime.fromisoformat(str(info.get("lastseen")))
+            except ValueError:
+                continue
+            if seen.tzinfo is None:
+                seen = seen.replace(tzinfo=dt.UTC)
+            if seen + dt.timedelta(seconds=int(info.get("lifetime", 60))) > now:
+                out.append(str(peer_id))
+        return out
+
+    async def _check_peering(self) -> None:
+        """kopf pauses only its handlers when a higher-priority replica appears; our writer
+        and lease would go on. Stop the whole process instead: it restarts as a standby."""
+        if not self.config.peering or self.writer is None:
+            return
+        try:
+            peering = await asyncio.to_thread(self.kube.get_peering, self.config.peering)
+        except KubeError as exc:
+            log.debug("peering check failed: %s", exc)
+            return
+        higher = self.outranked_by(peering)
+        if higher:
+            log.error("a higher-priority replica is active (%s): this one stops writing and exits",
+                      ", ".join(higher))
+            self.writer.pause()
+            os.kill(os.getpid(), signal.SIGTERM)
+
     async def _status_loop(self) -> None:
         while True:
+            await self._check_peering()
             status = self.status_payload()
             if status != self._last_status:
                 try:

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def run_operator(args: argparse.Namespace) -> int:
+    # kopf pauses *every* operator of equal priority, so a random one elects a single writer.
+    priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
     try:
         kube = KubeClient(args.kubeconfig, args.context)
         endpoint = Endpoint.parse(args.etcd, args.etcd_ca, args.etcd_cert, args.etcd_key)
@@ -30,6 +32,8 @@ def run_operator(args: argparse.Namespace) -> int:
             cluster_id=args.cluster_id,
             namespaces=tuple(args.namespace or ()),
             resync_interval=args.resync_interval,
+            peering=args.peering,
+            priority=priority,
             writer=WriterSettings(
                 lease_ttl=args.lease_ttl,
                 heartbeat_interval=args.heartbeat_interval,
@@ -57,8 +61,7 @@ def run_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or (),
         standalone=args.peering is None,
         peering_name=args.peering,
-        # kopf pauses *every* operator of equal priority, so a random one elects a single writer.
-        priority=args.priority if args.priority is not None else random.randint(1, 1_000_000),
+        priority=priority,
         memo=memo,
     )
     return 0

@@ -70,6 +70,7 @@ class SyncStore:
         self.last_sync: dt.datetime | None = None
         self.synced = False
         self.oversized: dict[str, int] = {}
+        self.desired_frozen = False
         self._lease: LeaseKeeper | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -81,6 +82,8 @@ class SyncStore:
 
     def set(self, key: str, value: str | None) -> None:
         """Desired value of ``key``; None means the key must not exist."""
+        if self.desired_frozen:
+            return
         if value is None:
             if self.desired.pop(key, None) is None and key not in self.written:
                 return
@@ -263,6 +266,14 @@ class SyncStore:
             return await asyncio.to_thread(fn, *args)
         finally:
             metrics.ETCD_LATENCY.labels(op).observe(time.perf_counter() - start)
+
+    def pause(self) -> None:
+        """Write nothing more (another writer took over); the lease is left to expire or be
+        closed by close()."""
+        self._closing = True
+        self.desired_frozen = True
+        self.dirty.clear()
+        self._wake.set()
 
     async def close(self, revoke: bool = False) -> None:
         """Stop keeping the lease alive. Without ``revoke`` the records stay until

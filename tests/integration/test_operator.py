@@ -420,3 +420,19 @@ def test_identity_the_crd_would_reject_is_refused(kubeconfig: str, crds: None, e
     assert res.returncode == 1
     assert "cluster" in res.stderr and ("name" in res.stderr or "ID" in res.stderr), res.stderr
     assert KVClient(etcd_server.url).list_prefix("").items == {}, "nothing was written"
+
+
+def test_a_replica_outranked_later_stops_writing_and_exits(
+    api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators, kubeconfig: str
+) -> None:
+    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "deploy" / "peering.yaml")],
+                   check=True, capture_output=True)
+    api.create(service(namespace, "a", GLOBAL))
+    low = operators("--peering", "clustermesh", "--priority", "250")
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
+    operators("--peering", "clustermesh", "--priority", "300")
+    assert low.proc is not None
+    eventually(lambda: _assert_true(low.proc.poll() is not None), timeout=30)
+    assert "higher-priority replica is active" in low.log.read_text()
+    api.create(service(namespace, "b", GLOBAL))
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}), timeout=30)

@@ -95,3 +95,21 @@ def test_a_listing_taken_before_a_deletion_does_not_bring_it_back() -> None:
     assert st.apply_listing("Service", [svc("a", 90)], "100") == []  # the listing from before
     assert st.services == {}
     assert st.upsert("Service", svc("a", 120)) == [ServiceRef("ns", "a")]  # created again later
+
+
+def test_outranked_by_counts_only_live_higher_peers() -> None:
+    import datetime as dt
+
+    from clustermesh.operator.controller import Operator, OperatorConfig
+
+    op = Operator(OperatorConfig(peering="p", priority=100), None, None)  # type: ignore[arg-type]
+    now = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+    fresh, stale = "2026-01-01T11:59:55+00:00", "2026-01-01T11:00:00+00:00"
+    peering = {"status": {
+        "higher-live": {"priority": 200, "lastseen": fresh, "lifetime": 15},
+        "higher-dead": {"priority": 300, "lastseen": stale, "lifetime": 15},
+        "lower-live": {"priority": 50, "lastseen": fresh, "lifetime": 15},
+        "self": {"priority": 100, "lastseen": fresh, "lifetime": 15},
+    }}
+    assert op.outranked_by(peering, now) == ["higher-live"]
+    assert op.outranked_by(None, now) == []
