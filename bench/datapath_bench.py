@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 from clustermesh.datapath import Backend, Frontend, ServiceSpec, SocketLB  # noqa: E402
 from clustermesh.datapath.loader import MapLimits  # noqa: E402
 from clustermesh.datapath.plan import apply, desired_state, diff  # noqa: E402
+from clustermesh.lab.netns import remove_cgroup  # noqa: E402
 
 BACKEND_PORT = 8080
 SERVICE_PORT = 80
@@ -133,15 +134,7 @@ class Lab(contextlib.ExitStack):
 
     @staticmethod
     def _drop_cgroup(path: Path) -> None:
-        for _ in range(50):
-            pids = (path / "cgroup.procs").read_text().split()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            time.sleep(0.05)
-        path.rmdir()
+        remove_cgroup(path)
 
     def socket_lb(self, name: str, cgroup: Path, limits: MapLimits | None = None) -> SocketLB:
         pin_dir = Path(f"/sys/fs/bpf/clustermesh-bench-{name}-{TAG}")

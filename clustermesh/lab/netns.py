@@ -53,6 +53,13 @@ def delete_netns(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
+def _namespace_with_eth0(netns: str, peer: str, peer_netns: str) -> None:
+    """A new namespace whose eth0 is one end of a veth; the other end, ``peer``, goes to ``peer_netns``."""
+    ip("netns", "add", netns)
+    ip("link", "set", "lo", "up", netns=netns)
+    ip("link", "add", "eth0", "type", "veth", "peer", "name", peer, "netns", peer_netns, netns=netns)
+
+
 @dataclass
 class Underlay:
     netns: str
@@ -77,10 +84,7 @@ class LabNode:
     port: str  # its veth name inside the underlay
 
     def create(self) -> LabNode:
-        ip("netns", "add", self.netns)
-        ip("link", "set", "lo", "up", netns=self.netns)
-        ip("link", "add", "eth0", "type", "veth", "peer", "name", self.port, "netns", self.underlay.netns,
-           netns=self.netns)
+        _namespace_with_eth0(self.netns, self.port, self.underlay.netns)
         ip("addr", "add", f"{self.address}/24", "dev", "eth0", netns=self.netns)
         ip("link", "set", "eth0", "up", netns=self.netns)
         ip("link", "set", self.port, "master", "br0", netns=self.underlay.netns)
@@ -101,10 +105,7 @@ class LabPod:
     port: str  # its veth name inside the node
 
     def create(self) -> LabPod:
-        ip("netns", "add", self.netns)
-        ip("link", "set", "lo", "up", netns=self.netns)
-        ip("link", "add", "eth0", "type", "veth", "peer", "name", self.port, "netns", self.node.netns,
-           netns=self.netns)
+        _namespace_with_eth0(self.netns, self.port, self.node.netns)
         ip("addr", "add", f"{self.address}/32", "dev", "eth0", netns=self.netns)
         ip("link", "set", "eth0", "up", netns=self.netns)
         ip("route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link", netns=self.netns)

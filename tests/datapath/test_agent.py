@@ -20,6 +20,7 @@ from clustermesh.lab.kubeapi import KubeAPI, eventually
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
 from tests.datapath.conftest import Topology
 from tests.integration.test_operator import REPO, endpoint_slice, service
+from tests.kubectl import apply_crds
 
 pytestmark = pytest.mark.datapath
 
@@ -53,10 +54,7 @@ def test_agent_merges_remote_backends_and_fails_over(
     topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
     kv: KVClient, etcd_server, etcd_proxy_factory, tmp_path: Path,
 ) -> None:
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "crds")],
-                   check=True, capture_output=True)
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "wait", "--for=condition=Established",
-                    "crd/clustermeshes.clustermesh.io", "--timeout=60s"], check=True, capture_output=True)
+    apply_crds(kubeconfig)
     api = KubeAPI.for_control_plane(control_plane)
     tag = uuid.uuid4().hex[:8]
     ns, mesh = f"a-{tag}", f"mesh-{tag}"

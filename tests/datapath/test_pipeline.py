@@ -7,7 +7,6 @@ and are refused once the exporting cluster has no backend left either."""
 from __future__ import annotations
 
 import errno
-import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -22,7 +21,8 @@ from clustermesh.lab.kubeapi import KubeAPI, eventually
 from clustermesh.schema import ClusterService, PortConfig
 from clustermesh.store.watch import CallbackObserver, WatchStore
 from tests.datapath.conftest import Topology
-from tests.integration.test_operator import REPO, OperatorProcess, endpoint_slice, service
+from tests.integration.test_operator import OperatorProcess, endpoint_slice, service
+from tests.kubectl import apply_crds
 
 pytestmark = pytest.mark.datapath
 
@@ -36,10 +36,7 @@ def test_exported_backends_take_over_when_local_ones_are_gone(
     topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
     etcd_server, etcd_proxy_factory, tmp_path: Path,
 ) -> None:
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "crds")],
-                   check=True, capture_output=True)
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "wait", "--for=condition=Established",
-                    "crd/clustermeshes.clustermesh.io", "--timeout=60s"], check=True, capture_output=True)
+    apply_crds(kubeconfig)
     api = KubeAPI.for_control_plane(control_plane)
     ns = f"p-{uuid.uuid4().hex[:8]}"
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})

@@ -24,6 +24,7 @@ from clustermesh import schema
 from clustermesh.kvstore import KVClient
 from clustermesh.lab.kubeapi import KubeAPI, eventually
 from clustermesh.lab.servers import free_port
+from tests.kubectl import apply_crds, apply_peering
 
 REPO = Path(__file__).resolve().parents[2]
 GLOBAL = {"service.cilium.io/global": "true"}
@@ -73,10 +74,7 @@ class OperatorProcess:
 
 @pytest.fixture(scope="module")
 def crds(kubeconfig: str) -> None:
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "crds")],
-                   check=True, capture_output=True)
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "wait", "--for=condition=Established",
-                    "crd/clustermeshes.clustermesh.io", "--timeout=60s"], check=True, capture_output=True)
+    apply_crds(kubeconfig)
 
 
 @pytest.fixture
@@ -389,8 +387,7 @@ def _assert_eq(actual: object, expected: object) -> None:
 def test_peering_elects_one_writer_and_fails_over(
     api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators, kubeconfig: str
 ) -> None:
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "deploy" / "peering.yaml")],
-                   check=True, capture_output=True)
+    apply_peering(kubeconfig)
     api.create(service(namespace, "a", GLOBAL))
     active = operators("--peering", "clustermesh", "--priority", "200")
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
@@ -425,8 +422,7 @@ def test_identity_the_crd_would_reject_is_refused(kubeconfig: str, crds: None, e
 def test_a_replica_outranked_later_stops_writing_and_exits(
     api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators, kubeconfig: str
 ) -> None:
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "deploy" / "peering.yaml")],
-                   check=True, capture_output=True)
+    apply_peering(kubeconfig)
     api.create(service(namespace, "a", GLOBAL))
     low = operators("--peering", "clustermesh", "--priority", "250")
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))

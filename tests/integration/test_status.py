@@ -12,13 +12,11 @@ from clustermesh.kvstore import KVClient
 from clustermesh.lab.servers import free_port
 from clustermesh.schema import ClusterConfig, ClusterService
 from tests.integration.test_operator import REPO
+from tests.kubectl import apply_crds
 
 
 def test_status_reports_each_remote(kubeconfig: str, kv: KVClient, etcd_server, etcd_proxy_factory) -> None:
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", str(REPO / "crds")],
-                   check=True, capture_output=True)
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "wait", "--for=condition=Established",
-                    "crd/clustermeshes.clustermesh.io", "--timeout=60s"], check=True, capture_output=True)
+    apply_crds(kubeconfig)
     kv.put("c2/" + schema.cluster_config_key("cluster-2"), ClusterConfig(2).encode())
     kv.put("c2/" + schema.service_key("cluster-2", "ns", "echo"), ClusterService("cluster-2", "ns", "echo", 2).encode())
     for prefix in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):

@@ -4,7 +4,9 @@ changes during a write, oversized records, stale keys of an earlier run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 from clustermesh.kvstore import KeyValue, Listing
@@ -48,6 +50,19 @@ class MemoryKV:
 SETTINGS = WriterSettings(lease_ttl=30, min_interval=0.05, heartbeat_interval=3600)
 
 
+@contextlib.asynccontextmanager
+async def running(kv: MemoryKV, preset: dict[str, str] | None = None) -> AsyncIterator[SyncStore]:
+    writer = SyncStore(kv, "c1", SETTINGS)  # type: ignore[arg-type]
+    for key, value in (preset or {}).items():
+        writer.set(key, value)
+    task = asyncio.create_task(writer.run())
+    try:
+        yield writer
+    finally:
+        task.cancel()
+        await writer.close()
+
+
 async def _until(check: Any, timeout: float = 2.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -59,9 +74,7 @@ async def _until(check: Any, timeout: float = 2.0) -> None:
 def test_a_change_during_a_write_is_written_promptly() -> None:
     async def scenario() -> None:
         kv = MemoryKV()
-        writer = SyncStore(kv, "c1", SETTINGS)  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
-        try:
+        async with running(kv) as writer:
             await writer.flushed(2)
             kv.gate.clear()
             writer.set("cilium/state/services/v1/c1/ns/a", "v1")
@@ -72,9 +85,6 @@ def test_a_change_during_a_write_is_written_promptly() -> None:
             await _until(lambda: kv.data.get("cilium/state/services/v1/c1/ns/a") == "v2"
                          and "cilium/state/services/v1/c1/ns/b" in kv.data)
             await writer.flushed(1)
-        finally:
-            task.cancel()
-            await writer.close()
 
     asyncio.run(scenario())
 
@@ -82,9 +92,7 @@ def test_a_change_during_a_write_is_written_promptly() -> None:
 def test_bursts_are_coalesced_and_unchanged_values_skipped() -> None:
     async def scenario() -> None:
         kv = MemoryKV()
-        writer = SyncStore(kv, "c1", SETTINGS)  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
-        try:
+        async with running(kv) as writer:
             await writer.flushed(2)
             before = len(kv.writes)
             for i in range(200):
@@ -95,9 +103,6 @@ def test_bursts_are_coalesced_and_unchanged_values_skipped() -> None:
             writer.set("k", "v199")  # the same value again: nothing to write
             await asyncio.sleep(0.2)
             assert kv.data["k"] == "v199" and not writer.dirty
-        finally:
-            task.cancel()
-            await writer.close()
 
     asyncio.run(scenario())
 
@@ -105,17 +110,12 @@ def test_bursts_are_coalesced_and_unchanged_values_skipped() -> None:
 def test_oversized_record_is_skipped_and_the_rest_written() -> None:
     async def scenario() -> None:
         kv = MemoryKV()
-        writer = SyncStore(kv, "c1", SETTINGS)  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
-        try:
+        async with running(kv) as writer:
             writer.set("big", "x" * (MAX_RECORD_BYTES + 1))
             writer.set("small", "y")
             await writer.flushed(2)
             assert kv.data.get("small") == "y" and "big" not in kv.data
             assert "big" in writer.oversized
-        finally:
-            task.cancel()
-            await writer.close()
 
     asyncio.run(scenario())
 
@@ -125,17 +125,11 @@ def test_initial_sync_removes_what_an_earlier_run_left() -> None:
         kv = MemoryKV()
         kv.data = {"cilium/state/services/v1/c1/ns/old": "{}", "cilium/state/services/v1/c1/ns/kept": "{}",
                    "cilium/state/services/v1/c2/ns/other": "{}"}
-        writer = SyncStore(kv, "c1", SETTINGS)  # type: ignore[arg-type]
-        writer.set("cilium/state/services/v1/c1/ns/kept", '{"new":1}')
-        task = asyncio.create_task(writer.run())
-        try:
+        async with running(kv, {"cilium/state/services/v1/c1/ns/kept": '{"new":1}'}) as writer:
             stale = await writer.initial_sync(["cilium/state/services/v1/c1/"], ["cilium/state/services/v1"])
             assert stale == 1
             assert set(kv.data) == {"cilium/state/services/v1/c1/ns/kept", "cilium/state/services/v1/c2/ns/other",
                                     "cilium/synced/c1/cilium/state/services/v1", "cilium/.heartbeat"}
             assert writer.synced
-        finally:
-            task.cancel()
-            await writer.close()
 
     asyncio.run(scenario())
