@@ -14,16 +14,6 @@ from collections.abc import Sequence
 
 from clustermesh import __version__
 
-NOT_BUILT = 3  # exit code of a subcommand that does not exist yet
-
-
-def _not_built(what: str, issue: str) -> int:
-    print(
-        f"clustermesh {what}: not built yet ({issue}). Nothing was done.",
-        file=sys.stderr,
-    )
-    return NOT_BUILT
-
 
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"clustermesh {__version__}")
@@ -49,7 +39,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    return _not_built("connect", "comes with the agent and the real-cluster deploy")
+    from clustermesh.connect import run_connect
+
+    return run_connect(args)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -151,7 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for remotes to be ready")
     p.add_argument("--secrets-namespace", default="kube-system", help="where remote TLS Secrets live by default")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("connect", help="connect this cluster with another one")
+    p = sub.add_parser(
+        "connect", help="make two clusters remotes of each other",
+        description="Copy each cluster's access Secret (spec.access) into the other and add each to the "
+        "other's ClusterMesh spec.clusters.",
+    )
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--context", default=None, help="the source cluster's context")
+    p.add_argument("--destination-kubeconfig", default=None, help="default: --kubeconfig")
+    p.add_argument("--destination-context", default=None, help="the destination cluster's context")
+    p.add_argument("--clustermesh", default="default")
+    p.add_argument("--destination-clustermesh", default="default")
+    p.add_argument("--one-way", action="store_true", help="only the source learns about the destination")
     p.set_defaults(func=cmd_connect)
 
     p = sub.add_parser("lab", help="the whole mesh on this machine (no Docker) and the Star Wars demo")

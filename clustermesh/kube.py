@@ -156,6 +156,35 @@ class KubeClient:
                 return None
             raise
 
+    def put_secret(
+        self, namespace: str, name: str, data: dict[str, bytes], labels: dict[str, str] | None = None
+    ) -> None:
+        """Create or replace an Opaque Secret."""
+        core = kubernetes.client.CoreV1Api(self.api)
+        body = kubernetes.client.V1Secret(
+            metadata=kubernetes.client.V1ObjectMeta(name=name, namespace=namespace, labels=labels or {}),
+            type="Opaque", data={k: base64.b64encode(v).decode() for k, v in data.items()},
+        )
+        try:
+            try:
+                core.create_namespaced_secret(namespace, body)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                core.replace_namespaced_secret(name, namespace, body)
+        except ApiException as exc:
+            raise KubeError(f"writing Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"writing Secret {namespace}/{name}: {exc}") from exc
+
+    def patch_mesh_spec(self, name: str, spec: dict[str, Any]) -> None:
+        try:
+            self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": spec})
+        except ApiException as exc:
+            raise KubeError(f"updating ClusterMesh {name}: {exc.status} {exc.reason}: {exc.body}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"updating ClusterMesh {name}: {exc}") from exc
+
     def get_secret(self, namespace: str, name: str) -> dict[str, bytes]:
         data = self._get_json(f"/api/v1/namespaces/{namespace}/secrets/{name}").get("data") or {}
         return {k: base64.b64decode(v) for k, v in data.items()}

@@ -13,7 +13,6 @@ no route out of the machine. The host namespace never connects to a lab address.
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import subprocess
@@ -23,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clustermesh.connect import connect, load_side
 from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
+from clustermesh.kube import KubeClient
 from clustermesh.lab.kubeapi import KubeAPI
 from clustermesh.lab.netns import LabNode, LabPod, Underlay, make_cgroup, remove_cgroup
 from clustermesh.lab.pki import CertificateAuthority
@@ -128,9 +129,10 @@ class LabMesh:
                                     backend_cert=c.pki.issue("proxy-backend", "", server=False))
             c.proxy.start()
 
-        self.say(3, total, "ClusterMesh objects and remote credentials")
+        self.say(3, total, "ClusterMesh objects, access Secrets, clustermesh connect between every pair")
         for c in self.clusters:
             self._mesh_objects(c)
+        self._connect_all()
 
         self.say(4, total, "nodes: network namespaces on one underlay, cgroups, Node objects")
         self.underlay.create()
@@ -165,33 +167,31 @@ class LabMesh:
         return path
 
     def _mesh_objects(self, c: LabCluster) -> None:
-        remotes = []
-        for other in self.clusters:
-            if other is c:
-                continue
-            assert other.pki is not None and other.proxy is not None
-            # The proxy asks for a client certificate signed by its CA; the identity that counts
-            # for etcd is the read-only user below, so the certificate carries no name.
-            client = other.pki.issue(f"remote-client-{c.name}", "", server=False)
-            secret = {
-                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {"name": f"clustermesh-remote-{other.name}", "namespace": "kube-system"},
-                "data": {
-                    "ca.crt": base64.b64encode(other.pki.cert_path.read_bytes()).decode(),
-                    "tls.crt": base64.b64encode(client.cert.read_bytes()).decode(),
-                    "tls.key": base64.b64encode(client.key.read_bytes()).decode(),
-                    "username": base64.b64encode(b"remote").decode(),
-                    "password": base64.b64encode(other.password.encode()).decode(),
-                },
-            }
-            c.kubectl("apply", "-f", "-", stdin=json.dumps(secret))
-            tls = {"secretName": f"clustermesh-remote-{other.name}", "secretNamespace": "kube-system"}
-            remotes.append({"name": other.name, "id": other.index, "endpoints": [other.proxy.url], "tls": tls})
-        assert c.store is not None
+        """Publish how others reach this cluster (spec.access + its Secret), as a real
+        deployment would; ``clustermesh connect`` then wires the clusters together."""
+        assert c.pki is not None and c.proxy is not None and c.store is not None and c.cp is not None
+        # The proxy asks for a client certificate signed by its CA; the identity that counts
+        # for etcd is the read-only user, so the certificate carries no name.
+        client = c.pki.issue("remote-client", "", server=False)
+        KubeClient(str(c.cp.kubeconfig)).put_secret("kube-system", "clustermesh-access", {
+            "ca.crt": c.pki.cert_path.read_bytes(), "tls.crt": client.cert.read_bytes(),
+            "tls.key": client.key.read_bytes(), "username": b"remote", "password": c.password.encode(),
+        })
         mesh = {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": "default"},
                 "spec": {"localCluster": {"name": c.name, "id": c.index}, "store": {"endpoints": [c.store.url]},
-                         "clusters": remotes}}
+                         "access": {"endpoints": [c.proxy.url],
+                                    "tls": {"secretName": "clustermesh-access", "secretNamespace": "kube-system"}}}}
         c.kubectl("apply", "-f", "-", stdin=json.dumps(mesh))
+
+    def _connect_all(self) -> None:
+        sides = {}
+        for c in self.clusters:
+            assert c.cp is not None
+            sides[c.name] = load_side(KubeClient(str(c.cp.kubeconfig)), "default")
+        for i, a in enumerate(self.clusters):
+            for b in self.clusters[i + 1:]:
+                # Reload: the previous connect changed spec.clusters.
+                connect(load_side(sides[a.name].kube, "default"), load_side(sides[b.name].kube, "default"))
 
     def _register_node(self, c: LabCluster) -> None:
         assert c.node is not None

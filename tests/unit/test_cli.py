@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from clustermesh import __version__
-from clustermesh.cli import NOT_BUILT, main
+from clustermesh.cli import main
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,12 +20,6 @@ def test_help_lists_every_component() -> None:
     ).stdout
     for command in ("operator", "agent", "status", "connect", "lab", "datapath", "version"):
         assert command in out
-
-
-@pytest.mark.parametrize("command", ["connect"])
-def test_unbuilt_commands_say_so_and_fail(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([command]) == NOT_BUILT
-    assert "not built yet" in capsys.readouterr().err
 
 
 def test_no_command_prints_help_and_fails() -> None:
