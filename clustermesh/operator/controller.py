@@ -15,13 +15,16 @@ import datetime as dt
 import logging
 import os
 import signal
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics, schema
+from clustermesh.agent.remote import RemoteCluster, remote_config_from_spec
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import KVClient
 from clustermesh.operator.export import ClusterIdentity, export_node, export_service
@@ -46,6 +49,8 @@ class OperatorConfig:
     """Seconds between ClusterMesh status updates (only sent when something changed)."""
     resync_interval: float = 300.0
     """Seconds between full listings that remove objects whose deletion event was missed."""
+    watch_remotes: bool = True
+    """Connect to every remote of spec.clusters and report its readiness in status.remotes."""
     peering: str | None = None
     """kopf peering name; with it, a replica that sees a higher-priority live peer stops."""
     priority: int = 0
@@ -82,6 +87,9 @@ class Operator:
         self.writer: SyncStore | None = None
         self.problems = ProblemLog("operator")
         self.remote_names: list[str] = []
+        self.remotes: dict[str, RemoteCluster] = {}
+        self._remote_specs: dict[str, dict[str, Any]] = {}
+        self._secrets_dir = Path(tempfile.mkdtemp(prefix="clustermesh-operator-"))
         self.failed: str | None = None
         self._starting = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,6 +127,8 @@ class Operator:
         replica never gets here and never writes."""
         spec = body.get("spec") or {}
         self.remote_names = [c.get("name", "?") for c in spec.get("clusters") or []]
+        if self.config.watch_remotes:
+            await asyncio.to_thread(self._sync_remotes, spec)
         local = spec.get("localCluster") or {}
         try:
             identity = ClusterIdentity(local.get("name"), local.get("id"))  # type: ignore[arg-type]
@@ -134,6 +144,23 @@ class Operator:
                 [f"localCluster changed to {identity.name}/{identity.id} while exporting as "
                  f"{self.identity.name}/{self.identity.id}: restart the operator to apply it"],
             )
+
+    def _sync_remotes(self, spec: Mapping[str, Any]) -> None:
+        """One RemoteCluster per spec.clusters entry, restarted when its entry changes."""
+        wanted = {str(c.get("name")): dict(c) for c in spec.get("clusters") or []}
+        for name in [n for n in self.remotes if wanted.get(n) != self._remote_specs.get(n)]:
+            self.remotes.pop(name).stop()
+            self._remote_specs.pop(name, None)
+        for name, entry in wanted.items():
+            if name in self.remotes:
+                continue
+            try:
+                config = remote_config_from_spec(self.kube, entry, self._secrets_dir, "kube-system")
+            except (KubeError, KeyError, ValueError, IndexError) as exc:
+                self.problems.report(f"remote/{name}", [f"cannot connect: {exc}"])
+                continue
+            self.remotes[name] = RemoteCluster(config).start()
+            self._remote_specs[name] = entry
 
     # ------------------------------------------------------------ changes
 
@@ -254,6 +281,8 @@ class Operator:
             log.error("%s", self.failed)
 
     async def stop(self) -> None:
+        for rc in self.remotes.values():
+            rc.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -315,6 +344,10 @@ class Operator:
             "exportedNodes": nodes,
             "remoteClusters": ",".join(self.remote_names),
         }
+        if self.remotes:
+            status["remotes"] = [
+                {k: v for k, v in rc.status().items() if v != ""} for _, rc in sorted(self.remotes.items())
+            ]
         if writer and writer.last_sync:
             status["lastSyncTime"] = writer.last_sync.strftime("%Y-%m-%dT%H:%M:%SZ")
         return status

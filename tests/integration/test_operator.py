@@ -432,3 +432,30 @@ def test_a_replica_outranked_later_stops_writing_and_exits(
     assert "higher-priority replica is active" in low.log.read_text()
     api.create(service(namespace, "b", GLOBAL))
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}), timeout=30)
+
+
+def test_status_reports_each_remote(
+    api: KubeAPI, kv: KVClient, etcd_server, etcd_proxy_factory, cluster: str, operators, kubeconfig: str
+) -> None:
+    # A remote cluster "far" whose store is behind a proxy (its records written by hand here).
+    kv.put("far/" + schema.cluster_config_key("far"), schema.ClusterConfig(42).encode())
+    kv.put("far/" + schema.service_key("far", "ns", "x"), schema.ClusterService("far", "ns", "x", 42).encode())
+    for prefix in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
+        kv.put("far/" + schema.synced_key("far", prefix), schema.rfc3339_now())
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="far/")
+    operators()
+    mesh = f"mesh-{cluster}"
+    eventually(lambda: _assert_true(subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "clustermesh", mesh],
+                                                   capture_output=True).returncode == 0))
+    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "patch", "clustermesh", mesh, "--type=merge", "-p",
+                    json.dumps({"spec": {"clusters": [{"name": "far", "id": 42, "endpoints": [proxy.url]}]}})],
+                   check=True, capture_output=True)
+
+    def remote_ready() -> None:
+        out = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "clustermesh", mesh, "-o", "json"],
+                             capture_output=True, text=True, check=True).stdout
+        status = json.loads(out).get("status") or {}
+        assert status.get("remotes") == [
+            {"name": "far", "connected": True, "ready": True, "services": 1, "nodes": 0}]
+        assert status.get("remoteClusters") == "far"
+    eventually(remote_ready, timeout=30)

@@ -43,14 +43,16 @@ def test_ready_only_after_config_and_synced_markers(proxied) -> None:
     export(kv, "c2/", synced=False)
     rc = remote(proxy.url)
     try:
-        eventually(lambda: _eq(set(rc.services), {("ns", "echo")}))
+        # Services and nodes come from two watches: wait for both.
+        eventually(lambda: _eq((set(rc.services), set(rc.nodes)), ({("ns", "echo")}, {"n1"})))
         assert rc.nodes["n1"].ipv4_pod_cidr == "10.245.0.0/24"
         time.sleep(0.3)
         assert not rc.ready, "no synced marker yet: a half-written export is not trusted"
         export(kv, "c2/")
         eventually(lambda: _eq(rc.ready, True))
         assert rc.usable()
-        assert rc.status() == {"name": NAME, "connected": True, "ready": True, "services": 1, "nodes": 1}
+        eventually(lambda: _eq(rc.status(), {"name": NAME, "connected": True, "ready": True, "services": 1,
+                                             "nodes": 1}))
     finally:
         rc.stop()
 
@@ -67,7 +69,8 @@ def test_bad_records_are_skipped_and_the_rest_kept(proxied) -> None:
     rc = remote(proxy.url)
     try:
         eventually(lambda: _eq(rc.ready, True))
-        assert set(rc.services) == {("ns", "echo")}
+        eventually(lambda: _eq(set(rc.services), {("ns", "echo")}))
+        eventually(lambda: _eq(len(rc._problems), 3))  # the three bad records were noticed
         # A record that gets fixed is taken.
         good = ClusterService(NAME, "ns", "not-json", ID)
         kv.put("c2/" + good.key, good.encode())

@@ -33,7 +33,7 @@ def test_status_reports_each_remote(kubeconfig: str, kv: KVClient, etcd_server, 
     try:
         res = subprocess.run(
             [sys.executable, "-m", "clustermesh.cli", "status", "--kubeconfig", kubeconfig, "--clustermesh", mesh,
-             "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=REPO,
+             "--timeout", "6"], capture_output=True, text=True, timeout=60, cwd=REPO,
         )
         assert res.returncode == 1, res.stdout + res.stderr  # not every remote is ready
         lines = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith("cluster-")}
