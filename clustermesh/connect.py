@@ -83,13 +83,16 @@ def check_remote(into: Side, remote: Side) -> tuple[dict[str, Any], dict[str, by
     return remote_entry(remote)
 
 
-def add_remote(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> None:
-    clusters = _others(into, remote)
+def copy_secret(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> None:
     entry, secret = checked
     if secret is not None:
         into.kube.put_secret(SECRETS_NAMESPACE, entry["tls"]["secretName"], secret,
                              labels={"clustermesh.io/remote": remote.name})
-    into.kube.patch_mesh_spec(into.mesh_name, {"clusters": [*clusters, entry]})
+
+
+def add_remote(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> None:
+    entry, _secret = checked
+    into.kube.patch_mesh_spec(into.mesh_name, {"clusters": [*_others(into, remote), entry]})
 
 
 def connect(source: Side, destination: Side, both_ways: bool = True) -> None:
@@ -100,6 +103,10 @@ def connect(source: Side, destination: Side, both_ways: bool = True) -> None:
     # Check both directions first: a refused connect changes nothing on either side.
     forward = check_remote(source, destination)
     backward = check_remote(destination, source) if both_ways else None
+    # Secrets first (harmless alone), then the two spec changes back to back.
+    copy_secret(source, destination, forward)
+    if backward is not None:
+        copy_secret(destination, source, backward)
     add_remote(source, destination, forward)
     if backward is not None:
         add_remote(destination, source, backward)

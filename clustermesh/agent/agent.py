@@ -11,6 +11,7 @@ Stopping keeps the maps: traffic flows while the agent is down or restarting.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -28,6 +29,7 @@ from clustermesh.agent.routes import RouteTable, RoutingError
 from clustermesh.agent.routing import plan_routes
 from clustermesh.datapath.model import ServiceSpec
 from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kvstore import KVStoreError
 from clustermesh.operator.export import ClusterIdentity
 from clustermesh.operator.state import ClusterState, Kind
 
@@ -77,6 +79,10 @@ class Agent:
             raise ValueError(f"--routes {config.routes!r}: use off, host or netns:NAME")
         self._last_routes: dict[str, str] | None = None
         self._route_problems: set[str] = set()
+        # A restarted agent must not program a half-listed cluster (Services without their
+        # EndpointSlices would be written with no backends): wait for every first listing.
+        self._listed: dict[str, threading.Event] = {}
+        self._merge_problems: set[str] = set()
 
     # ------------------------------------------------------------ setup
 
@@ -90,20 +96,32 @@ class Agent:
         spec = mesh.get("spec") or {}
         local = spec.get("localCluster") or {}
         self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)))
-        remotes = [self._remote_config(c) for c in spec.get("clusters") or []]
-        self.refused = mesh_problems(self.identity.name, self.identity.id, remotes)
+        remotes = []
+        for entry in spec.get("clusters") or []:
+            try:
+                remotes.append(self._remote_config(entry))
+            except (KubeError, KeyError, ValueError, IndexError) as exc:
+                self.refused[str(entry.get("name"))] = f"cannot read its settings: {exc}"
+        self.refused.update(mesh_problems(self.identity.name, self.identity.id, remotes))
         for name, why in self.refused.items():
             log.error("remote %s refused: %s", name, why)
             metrics.ERRORS.labels("agent", "bad-remote").inc()
         self.lb = self._lb_factory(self.identity.id)
         self.lb.load()
         for rc in remotes:
-            if rc.name not in self.refused:
+            if rc.name in self.refused:
+                continue
+            try:
                 self.remotes[rc.name] = RemoteCluster(
                     rc, self._on_remote_change, self.config.grace_period,
                     heartbeat_timeout=self.config.heartbeat_timeout,
                 ).start()
+            except KVStoreError as exc:  # e.g. https without a CA: refuse this remote only
+                self.refused[rc.name] = str(exc)
+                log.error("remote %s refused: %s", rc.name, exc)
+                metrics.ERRORS.labels("agent", "bad-remote").inc()
         kinds: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node") if self.routes else ("Service", "EndpointSlice")
+        self._listed = {kind: threading.Event() for kind in kinds}
         for kind in kinds:
             t = threading.Thread(target=self._watch_local, args=(kind,), name=f"watch-{kind}", daemon=True)
             t.start()
@@ -118,14 +136,20 @@ class Agent:
 
     def _watch_local(self, kind: Kind) -> None:
         retrying = Retrying(
-            retry=retry_if_exception_type(KubeError),
+            retry=retry_if_exception_type(Exception),  # a bad event must not freeze the view for good
             wait=wait_exponential_jitter(multiplier=0.5, max=10, jitter=0.5),
+            stop=lambda _state: self._stop.is_set(),
             sleep=self._sleep,
+            reraise=True,
             before_sleep=lambda st: log.warning("watch of %ss failed, retrying: %s", kind,
                                                 st.outcome.exception() if st.outcome else None),
         )
         while not self._stop.is_set():
-            retrying(self._list_and_watch, kind)
+            try:
+                retrying(self._list_and_watch, kind)
+            except Exception:
+                if not self._stop.is_set():
+                    log.exception("watch of %ss stopped unexpectedly; restarting it", kind)
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)
@@ -134,6 +158,7 @@ class Agent:
         items, rv = self.kube.list_objects(kind)
         with self._lock:
             self.state.apply_listing(kind, items, rv)
+        self._listed[kind].set()
         self._dirty.set()
         for event_type, obj in self.kube.watch_objects(kind, rv):
             if self._stop.is_set():
@@ -157,15 +182,36 @@ class Agent:
                 ls = local_service(self.identity, svc, self.state.slices_of(ns, name))
                 if ls is not None:
                     locals_[(ns, name)] = ls
+            local_cidrs = self._local_pod_cidrs()
         now = time.monotonic()
-        records = [svc for rc in self.remotes.values() if rc.usable(now) for svc in list(rc.services.values())]
-        result = merge(self.identity.id, locals_, records)
+        records = [svc for rc in self.remotes.values() if rc.usable(now) for svc in rc.service_records()]
+        result = merge(self.identity.id, locals_, records, exclude_remote_cidrs=local_cidrs)
+        for problem in set(result.problems) - self._merge_problems:
+            log.warning("merge: %s", problem)
+            metrics.ERRORS.labels("agent", "merge").inc()
+        self._merge_problems = set(result.problems)
         return result.specs
+
+    def _local_pod_cidrs(self) -> list[str]:
+        cidrs: list[str] = []
+        for node in self.state.nodes.values():
+            spec = node.get("spec") or {}
+            cidrs += spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+        return cidrs
+
+    def ready_to_program(self) -> bool:
+        return bool(self._listed) and all(e.is_set() for e in self._listed.values())
 
     def step(self) -> bool:
         """Merge and reconcile if anything changed; True when the maps were written."""
+        if not self.ready_to_program():
+            return False  # the maps keep what the previous agent wrote until we know better
         if self.routes is not None:
-            self._sync_routes()
+            try:
+                self._sync_routes()
+            except Exception:  # routes must not hold the datapath back
+                log.exception("route sync failed")
+                metrics.ERRORS.labels("agent", "route").inc()
         specs = frozenset(self.desired())
         if specs == self._last_specs:
             return False
@@ -178,9 +224,9 @@ class Agent:
     def _sync_routes(self) -> None:
         assert self.routes is not None
         with self._lock:
-            local_cidrs = [c for n in self.state.nodes.values() for c in (n.get("spec") or {}).get("podCIDRs") or []]
+            local_cidrs = self._local_pod_cidrs()
         now = time.monotonic()
-        nodes = [node for rc in self.remotes.values() if rc.usable(now) for node in list(rc.nodes.values())]
+        nodes = [node for rc in self.remotes.values() if rc.usable(now) for node in rc.node_records()]
         plan = plan_routes(local_cidrs, nodes)
         for problem in set(plan.problems) - self._route_problems:
             log.warning("routes: %s", problem)
@@ -217,14 +263,19 @@ class Agent:
                     break
                 del exc
 
-    def stop(self) -> None:
-        """Stop watching and leave the maps as they are (no drain on restart)."""
+    def request_stop(self) -> None:
+        """Safe from a signal handler: the loop finishes its step, then stop() runs."""
         self._stop.set()
         self._dirty.set()
+
+    def stop(self) -> None:
+        """Stop watching and leave the maps as they are (no drain on restart)."""
+        self.request_stop()
         for rc in self.remotes.values():
             rc.stop()
         if self.lb is not None:
             self.lb.close()
+        shutil.rmtree(self._secrets_dir, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
         return {

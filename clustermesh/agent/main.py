@@ -15,6 +15,7 @@ from clustermesh.agent.agent import Agent, AgentConfig
 from clustermesh.agent.routes import RoutingError
 from clustermesh.datapath import DatapathError, pin_dir_for
 from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kvstore import KVStoreError
 from clustermesh.schema import SchemaError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def run_agent(args: argparse.Namespace) -> int:
     try:
         agent = Agent(config, KubeClient(args.kubeconfig, args.context), socket_lb)
         agent.start()
-    except (KubeError, DatapathError, SchemaError, ValueError, RoutingError) as exc:
+    except (KubeError, DatapathError, SchemaError, ValueError, RoutingError, KVStoreError) as exc:
         print(f"clustermesh agent: {exc}", file=sys.stderr)
         return 1
     if args.metrics_port >= 0:
@@ -44,9 +45,12 @@ def run_agent(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping; the datapath keeps its maps", signum)
         stopping.set()
-        agent.stop()
+        agent.request_stop()  # not stop(): the handler may run in the middle of a reconcile
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        agent.stop()
     return 0

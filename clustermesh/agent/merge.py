@@ -51,7 +51,8 @@ class MergeResult:
 
 
 def _backends_for(
-    port_name: str, protocol: str, ports_by_ip: PortsByIP, cluster_id: int, problems: list[str], source: str
+    port_name: str, protocol: str, ports_by_ip: PortsByIP, cluster_id: int, problems: list[str], source: str,
+    exclude: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
 ) -> set[Backend]:
     out = set()
     for ip, by_name in ports_by_ip.items():
@@ -62,6 +63,10 @@ def _backends_for(
         if not isinstance(addr, ipaddress.IPv4Address):
             problems.append(f"{source}: backend {ip} is IPv6, which the datapath does not balance yet")
             continue
+        if any(addr in net for net in exclude):
+            # Same address as a local pod: traffic would land on the wrong pod.
+            problems.append(f"{source}: backend {ip} is inside this cluster's pod CIDRs; not used")
+            continue
         out.add(Backend(addr, pc.port, cluster_id))
     return out
 
@@ -70,9 +75,11 @@ def merge_service(
     local_cluster_id: int,
     local: LocalService,
     remotes: Iterable[ClusterService],
+    exclude_remote_cidrs: Iterable[str] = (),
 ) -> MergeResult:
     """One local global Service + the remote records of the same namespace/name."""
     problems: list[str] = []
+    exclude = [ipaddress.ip_network(c, strict=False) for c in exclude_remote_cidrs]
     shared_remotes = []
     for rec in remotes:
         if (rec.namespace, rec.name) != (local.namespace, local.name):
@@ -96,7 +103,7 @@ def merge_service(
             backends = _backends_for(port_name, pc.protocol, local.backends, local_cluster_id, problems, where)
             for rec in shared_remotes:
                 backends |= _backends_for(port_name, pc.protocol, rec.backends, rec.cluster_id, problems,
-                                          f"{where} from {rec.cluster}")
+                                          f"{where} from {rec.cluster}", exclude)
             frontend = Frontend(addr, pc.port, Proto.parse(pc.protocol))
             specs.append(ServiceSpec(frontend, frozenset(backends), local.affinity))
     return MergeResult(specs, problems)
@@ -106,6 +113,7 @@ def merge(
     local_cluster_id: int,
     local_services: Mapping[tuple[str, str], LocalService],
     remote_records: Iterable[ClusterService],
+    exclude_remote_cidrs: Iterable[str] = (),
 ) -> MergeResult:
     """Every local global Service merged with every remote record: the datapath's desired state."""
     by_service: dict[tuple[str, str], list[ClusterService]] = {}
@@ -113,7 +121,7 @@ def merge(
         by_service.setdefault((rec.namespace, rec.name), []).append(rec)
     result = MergeResult([])
     for ref, local in sorted(local_services.items()):
-        one = merge_service(local_cluster_id, local, by_service.get(ref, ()))
+        one = merge_service(local_cluster_id, local, by_service.get(ref, ()), exclude_remote_cidrs)
         result.specs += one.specs
         result.problems += one.problems
     return result

@@ -157,6 +157,15 @@ class RemoteCluster:
         """Stop watching; keep the cache (an agent restart must not drain the datapath)."""
         for store in self._stores:
             store.stop()
+        self.client.close()
+
+    def service_records(self) -> list[ClusterService]:
+        with self._lock:
+            return list(self.services.values())
+
+    def node_records(self) -> list[Node]:
+        with self._lock:
+            return list(self.nodes.values())
 
     def remove(self) -> None:
         """The remote left the mesh: stop, forget everything, tell the owner."""
@@ -166,7 +175,6 @@ class RemoteCluster:
             self.nodes.clear()
             self._synced.clear()
             self._config_ok = False
-        self.client.close()
         self._changed()
 
     # ------------------------------------------------------------ state

@@ -34,7 +34,8 @@ class RouteTable:
 
     def _ipr(self) -> IPRoute:
         try:
-            return IPRoute(netns=self.netns) if self.netns else IPRoute()
+            # flags=0: never create a namespace that a typo named (pyroute2 would, by default).
+            return IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
         except (OSError, NetlinkError) as exc:
             raise RoutingError(f"cannot open netlink in netns {self.netns or '(own)'}: {exc}") from exc
 
@@ -51,9 +52,13 @@ class RouteTable:
             for cidr, gateway in sorted(desired.items()):
                 if current.get(cidr) == gateway:
                     continue
+                # "add" for a new destination: a replace would take over a route someone else made.
+                verb = "replace" if cidr in current else "add"
                 try:
-                    ipr.route("replace", dst=cidr, gateway=gateway, proto=self.proto)
+                    ipr.route(verb, dst=cidr, gateway=gateway, proto=self.proto)
                 except NetlinkError as exc:
+                    if exc.code == 17:  # EEXIST
+                        raise RoutingError(f"route {cidr} exists and is not ours; not replaced") from exc
                     raise RoutingError(f"route {cidr} via {gateway}: {exc}; is {gateway} on a local link?") from exc
                 (changes.replaced if cidr in current else changes.added).append(cidr)
             for cidr in sorted(set(current) - set(desired)):

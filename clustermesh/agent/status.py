@@ -16,6 +16,7 @@ from typing import Any
 
 from clustermesh.agent.remote import RemoteCluster, mesh_problems, remote_config_from_spec
 from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kvstore import KVStoreError
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -54,7 +55,14 @@ def run_status(args: argparse.Namespace) -> int:
             except KubeError as exc:
                 rows.append([str(c.get("name")), str(c.get("id")), "-", "no", "no", "-", "-", str(exc)])
         refused = mesh_problems(str(local.get("name")), int(local.get("id") or 0), configs)
-        remotes = [RemoteCluster(rc).start() for rc in configs if rc.name not in refused]
+        remotes = []
+        for rc in configs:
+            if rc.name in refused:
+                continue
+            try:
+                remotes.append(RemoteCluster(rc).start())
+            except KVStoreError as exc:
+                refused[rc.name] = str(exc)
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline and not all(r.ready for r in remotes):
             time.sleep(0.1)

@@ -135,13 +135,14 @@ class LabMesh:
         self._connect_all()
 
         self.say(4, total, "nodes: network namespaces on one underlay, cgroups, Node objects")
+        self._created_underlay = True  # before create(): a half-made underlay is removed too
         self.underlay.create()
-        self._created_underlay = True
         for c in self.clusters:
             c.node = LabNode(f"cml-{self.tag}-{c.name}-n1", self.underlay, f"192.168.100.{10 + c.index}",
                              c.node_pod_cidr, port=f"n{c.index}-{self.tag}")
+            c.cgroup = self.cgroup_root / c.name  # recorded first, so teardown removes it on failure
             c.node.create()
-            c.cgroup = make_cgroup(self.cgroup_root, c.name)
+            make_cgroup(self.cgroup_root, c.name)
             self._register_node(c)
 
         self.say(5, total, "operators and agents")
@@ -232,9 +233,9 @@ class LabMesh:
                       f"service.cilium.io/affinity={self.affinity}")
         base = LabPod(f"cml-{self.tag}-{c.name}-base", c.node, c.pod_ip(10), port=f"b{c.index}-{self.tag}")
         xwing = LabPod(f"cml-{self.tag}-{c.name}-xwing", c.node, c.pod_ip(20), port=f"x{c.index}-{self.tag}")
-        for pod in (base, xwing):
+        for role, pod in (("rebel-base", base), ("x-wing", xwing)):
+            c.pods[role] = pod  # recorded first, so teardown removes a half-made pod too
             pod.create()
-        c.pods = {"rebel-base": base, "x-wing": xwing}
         server = Process(f"{c.name}-rebel-base", [
             "ip", "netns", "exec", base.netns, sys.executable, "-m", "clustermesh.lab.demo", "serve",
             "--cluster", c.name, "--pod", "rebel-base-1",
@@ -296,23 +297,28 @@ class LabMesh:
     # ------------------------------------------------------------ down
 
     def down(self) -> None:
+        """Remove everything the lab made; each step on its own, so one failure leaves no more behind."""
+
+        def attempt(what: str, fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:
+                print(f"[lab] teardown: {what}: {exc}", file=sys.stderr)
+
         for c in self.clusters:
             for proc in reversed(c.processes):
-                proc.stop()
+                attempt(f"stop {proc.name}", proc.stop)
         for c in self.clusters:
-            if c.cgroup is not None:
-                try:
-                    hooks.destroy(c.cgroup, c.pin_dir)
-                except Exception as exc:  # teardown goes on; say what is left
-                    print(f"[lab] could not remove the datapath of {c.name}: {exc}", file=sys.stderr)
+            if c.cgroup is not None and c.cgroup.exists():
+                attempt(f"datapath of {c.name}", hooks.destroy, c.cgroup, c.pin_dir)
             for pod in c.pods.values():
-                pod.delete()
+                attempt(f"pod {pod.netns}", pod.delete)
             if c.node is not None:
-                c.node.delete()
+                attempt(f"node {c.node.netns}", c.node.delete)
         if self._created_underlay:
-            self.underlay.delete()
-        remove_cgroup(self.cgroup_root)
+            attempt("underlay", self.underlay.delete)
+        attempt("cgroups", remove_cgroup, self.cgroup_root)
         for c in self.clusters:
             for server in (c.proxy, c.store, c.cp):
                 if server is not None:
-                    server.stop()
+                    attempt(f"stop {c.name} servers", server.stop)

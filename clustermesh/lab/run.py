@@ -77,6 +77,11 @@ def lab_up(args: argparse.Namespace) -> int:
         subprocess.run(["rm", "-rf", str(base)], check=True)
     base.mkdir(parents=True)
     mesh = LabMesh(base, clusters=args.clusters, affinity=args.affinity, say=_say)
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally below, wherever we are
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         mesh.up()
         (base / "state.json").write_text(json.dumps(mesh.state(), indent=2))
@@ -97,7 +102,6 @@ def lab_up(args: argparse.Namespace) -> int:
             return 0
         print("Press Ctrl-C to stop the lab.", flush=True)
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(2):
                 for c in mesh.clusters:
@@ -110,6 +114,9 @@ def lab_up(args: argparse.Namespace) -> int:
     except (ServerError, NetnsError, subprocess.CalledProcessError) as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("[lab] interrupted", flush=True)
+        return 130
     finally:
         print("[lab] tearing down", flush=True)
         mesh.down()

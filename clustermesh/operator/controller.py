@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,7 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from clustermesh import metrics, schema
 from clustermesh.agent.remote import RemoteCluster, remote_config_from_spec
 from clustermesh.kube import KubeClient, KubeError
-from clustermesh.kvstore import KVClient
+from clustermesh.kvstore import KVClient, KVStoreError
 from clustermesh.operator.export import ClusterIdentity, export_node, export_service
 from clustermesh.operator.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.store.sync import SyncStore, WriterSettings
@@ -156,10 +157,10 @@ class Operator:
                 continue
             try:
                 config = remote_config_from_spec(self.kube, entry, self._secrets_dir, "kube-system")
-            except (KubeError, KeyError, ValueError, IndexError) as exc:
+                self.remotes[name] = RemoteCluster(config).start()
+            except (KubeError, KVStoreError, KeyError, ValueError, IndexError) as exc:
                 self.problems.report(f"remote/{name}", [f"cannot connect: {exc}"])
                 continue
-            self.remotes[name] = RemoteCluster(config).start()
             self._remote_specs[name] = entry
 
     # ------------------------------------------------------------ changes
@@ -283,6 +284,7 @@ class Operator:
     async def stop(self) -> None:
         for rc in self.remotes.values():
             rc.stop()
+        shutil.rmtree(self._secrets_dir, ignore_errors=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -357,15 +359,16 @@ class Operator:
         now = now or dt.datetime.now(dt.UTC)
         out = []
         for peer_id, info in ((peering or {}).get("status") or {}).items():
-            if not isinstance(info, dict) or int(info.get("priority", 0)) <= self.config.priority:
-                continue
             try:
+                if not isinstance(info, dict) or int(info.get("priority", 0)) <= self.config.priority:
+                    continue
                 seen = dt.datetime.fromisoformat(str(info.get("lastseen")))
-            except ValueError:
+                lifetime = int(info.get("lifetime", 60))
+            except (TypeError, ValueError):
                 continue
             if seen.tzinfo is None:
                 seen = seen.replace(tzinfo=dt.UTC)
-            if seen + dt.timedelta(seconds=int(info.get("lifetime", 60))) > now:
+            if seen + dt.timedelta(seconds=lifetime) > now:
                 out.append(str(peer_id))
         return out
 

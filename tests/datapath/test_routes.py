@@ -55,3 +55,18 @@ def test_apply_adds_replaces_and_removes_only_its_own(netns: str) -> None:
 def test_an_unreachable_gateway_is_a_clear_error(netns: str) -> None:
     with pytest.raises(RoutingError, match="on a local link"):
         RouteTable(netns).apply({"10.245.1.0/24": "172.31.255.1"})
+
+
+def test_a_route_someone_else_made_is_not_taken_over(netns: str) -> None:
+    subprocess.run(["ip", "-n", netns, "route", "add", "10.245.1.0/24", "via", "192.168.77.9"], check=True)
+    with pytest.raises(RoutingError, match="not ours"):
+        RouteTable(netns).apply({"10.245.1.0/24": "192.168.77.2"})
+    assert "10.245.1.0/24 via 192.168.77.9" in routes(netns)
+
+
+def test_a_missing_namespace_is_an_error_not_created() -> None:
+    require_root()
+    name = f"cmr-missing-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(RoutingError):
+        RouteTable(name).current()
+    assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

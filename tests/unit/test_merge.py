@@ -73,3 +73,12 @@ def test_merge_only_serves_local_global_services() -> None:
     result = merge(1, {("ns", "echo"): local()}, records)
     assert [str(s.frontend) for s in result.specs] == ["10.96.0.10:80/TCP"]
     assert {str(b) for b in result.specs[0].backends} == {"10.245.1.1:80@2"}
+
+
+def test_remote_backends_inside_local_pod_cidrs_are_refused() -> None:
+    result = merge(1, {("ns", "echo"): local()},
+                   [remote("c2", 2, {"10.244.3.3": {"http": PortConfig("TCP", 80)},
+                                     "10.245.1.1": {"http": PortConfig("TCP", 80)}})],
+                   exclude_remote_cidrs=["10.244.0.0/16"])
+    assert {str(b) for b in result.specs[0].backends} == {"10.245.1.1:80@2"}
+    assert any("inside this cluster's pod CIDRs" in p for p in result.problems)
