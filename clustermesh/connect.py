@@ -92,7 +92,8 @@ def copy_secret(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[st
 
 def add_remote(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> None:
     entry, _secret = checked
-    into.kube.patch_mesh_spec(into.mesh_name, {"clusters": [*_others(into, remote), entry]})
+    rv = (into.mesh.get("metadata") or {}).get("resourceVersion")
+    into.kube.patch_mesh_spec(into.mesh_name, {"clusters": [*_others(into, remote), entry]}, rv)
 
 
 def connect(source: Side, destination: Side, both_ways: bool = True) -> None:

@@ -177,10 +177,16 @@ class KubeClient:
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise KubeError(f"writing Secret {namespace}/{name}: {exc}") from exc
 
-    def patch_mesh_spec(self, name: str, spec: dict[str, Any]) -> None:
+    def patch_mesh_spec(self, name: str, spec: dict[str, Any], resource_version: str | None = None) -> None:
+        """Merge-patch the spec; with ``resource_version``, only if nobody changed the object since."""
+        body: dict[str, Any] = {"spec": spec}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": spec})
+            self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, body)
         except ApiException as exc:
+            if exc.status == 409:
+                raise KubeError(f"ClusterMesh {name} changed while connecting; run the command again") from exc
             raise KubeError(f"updating ClusterMesh {name}: {exc.status} {exc.reason}: {exc.body}") from exc
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise KubeError(f"updating ClusterMesh {name}: {exc}") from exc

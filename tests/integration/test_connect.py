@@ -8,7 +8,10 @@ import subprocess
 import sys
 import uuid
 
-from clustermesh.kube import KubeClient
+import pytest
+
+from clustermesh.connect import connect, load_side
+from clustermesh.kube import KubeClient, KubeError
 from tests.integration.test_operator import REPO
 from tests.kubectl import apply_crds, apply_object, kubectl
 
@@ -59,5 +62,10 @@ def test_connect_wires_both_sides_and_copies_credentials(kubeconfig: str) -> Non
     apply_object(kubeconfig, mesh(c, c, 13, access=False))
     res = run(kubeconfig, a, c)
     assert res.returncode == 1 and "spec.access.endpoints" in res.stderr
+    # A side read before someone else changed it: the write is refused, not lost in a merge.
+    stale = load_side(kube, a)
+    kubectl(kubeconfig, "annotate", "clustermesh", a, "touched=yes")
+    with pytest.raises(KubeError, match="changed while connecting"):
+        connect(stale, load_side(kube, b), both_ways=False)
     for name in (a, b, c):
         kubectl(kubeconfig, "delete", "clustermesh", name)
