@@ -43,6 +43,7 @@ class KubeClient:
                 f"cannot load Kubernetes credentials ({exc}); pass --kubeconfig/--context or run in a pod"
             ) from exc
         self.api = kubernetes.client.ApiClient(self.configuration)
+        self._slice_version: str | None = None
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
 
     def connection(self) -> dict[str, Any]:
@@ -61,17 +62,22 @@ class KubeClient:
             "private_key_path": cfg.key_file,
         }
 
+    def _headers(self) -> dict[str, str]:
+        """JSON, plus the credentials the kubeconfig gave (a bearer token, when there is one)."""
+        headers = {"Accept": "application/json"}
+        settings = cast(dict[str, dict[str, str]], self.configuration.auth_settings())
+        for auth in settings.values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        return headers
+
     def _get_json(self, path: str, query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
         """A raw GET through the client's REST layer (its TLS and auth), returning JSON.
 
         Raw because EndpointSlices are v1beta1 on 1.20 and v1 today, and current
         clients no longer ship typed v1beta1 APIs."""
         url = self.configuration.host + path + (f"?{urlencode(query)}" if query else "")
-        headers = {"Accept": "application/json"}
-        settings = cast(dict[str, dict[str, str]], self.configuration.auth_settings())
-        for auth in settings.values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"]] = auth["value"]
+        headers = self._headers()
         try:
             resp = self.api.rest_client.request(  # type: ignore[no-untyped-call]
                 "GET", url, headers=headers, _request_timeout=60
@@ -86,9 +92,12 @@ class KubeClient:
         return cast(dict[str, Any], json.loads(data))
 
     def endpointslice_version(self) -> str:
-        """The served version the API server prefers (v1beta1 on 1.20, v1 on current clusters)."""
-        group = self._get_json("/apis/discovery.k8s.io")
-        return str(group["preferredVersion"]["version"])
+        """The served version the API server prefers (v1beta1 on 1.20, v1 on current clusters);
+        asked once per client, since every listing and watch needs it."""
+        if self._slice_version is None:
+            group = self._get_json("/apis/discovery.k8s.io")
+            self._slice_version = str(group["preferredVersion"]["version"])
+        return self._slice_version
 
     def watch_objects(
         self, kind: str, resource_version: str | None, timeout_seconds: int = 300
@@ -107,11 +116,7 @@ class KubeClient:
         if resource_version:
             query.append(("resourceVersion", resource_version))
         cfg = self.configuration
-        headers = {"Accept": "application/json"}
-        settings = cast(dict[str, dict[str, str]], cfg.auth_settings())
-        for auth in settings.values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"]] = auth["value"]
+        headers = self._headers()
         # urllib3 directly: the generated clients differ across versions in how (and
         # whether) they stream a response body.
         pool = urllib3.PoolManager(

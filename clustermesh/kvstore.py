@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -411,15 +410,3 @@ class LeaseKeeper:
                 self.client.revoke_lease(self.lease_id)
             except KVStoreError as exc:
                 log.warning("could not revoke lease %x (it will expire by itself): %s", self.lease_id, exc)
-
-
-def wait_until_reachable(client: KVClient, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.status()
-            return
-        except KVUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class AgentConfig:
     secrets_namespace: str = "kube-system"
     routes: str = "off"
     """Routes to remote pod CIDRs: "off", "host" (the agent's own netns) or "netns:NAME"."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Agent:
@@ -246,22 +245,29 @@ class Agent:
             log.info("routes: +%d ~%d -%d", len(changes.added), len(changes.replaced), len(changes.removed))
 
     def run(self) -> None:
+        last_usable: frozenset[str] | None = None
         while not self._stop.is_set():
             self._dirty.wait(self.config.tick)
             if self._stop.is_set():
                 break
-            if self._dirty.is_set():
+            changed = self._dirty.is_set()
+            if changed:
                 time.sleep(self.config.debounce)  # let a burst of events land first
                 self._dirty.clear()
+            # The tick exists for grace periods running out: merge again only when an event
+            # came in or the set of usable remotes moved, not every second.
+            usable = frozenset(name for name, rc in self.remotes.items() if rc.usable())
+            if not changed and usable == last_usable and self._last_specs is not None:
+                continue
+            last_usable = usable
             try:
                 self.step()
-            except Exception as exc:  # one bad reconcile must not stop the node's agent
+            except Exception:  # one bad reconcile must not stop the node's agent
                 log.exception("reconcile failed; retrying on the next change")
                 metrics.ERRORS.labels("agent", "datapath").inc()
                 self._last_specs = None
                 if self._stop.wait(1):
                     break
-                del exc
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the loop finishes its step, then stop() runs."""

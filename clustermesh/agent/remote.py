@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clustermesh import metrics, schema
-from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.kvstore import Endpoint, KVClient
 from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError
 from clustermesh.store.watch import WatchStore
 
@@ -318,14 +318,3 @@ class RemoteCluster:
             self.on_change(self.name)
         except Exception:  # a consumer's bug must not kill the watch thread
             log.exception("[remote %s] change callback failed", self.name)
-
-
-def connect_error(config: RemoteConfig) -> str | None:
-    """A quick reachability check for CLI messages: None when the remote answers."""
-    try:
-        with KVClient(Endpoint.parse(config.endpoint, config.ca_cert, config.cert_file, config.key_file),
-                      timeout=3, user=config.user, password=config.password) as client:
-            client.get(schema.cluster_config_key(config.name))
-    except KVStoreError as exc:
-        return str(exc)
-    return None

@@ -14,6 +14,7 @@ no route out of the machine. The host namespace never connects to a lab address.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -33,6 +34,27 @@ from clustermesh.lab.servers import ControlPlane, EtcdGrpcProxy, EtcdServer, Pro
 
 REPO = Path(__file__).resolve().parents[2]
 SLICE = "rebel-base-lab"
+
+
+def run_xwing(netns: str, cgroup: Path, cluster_ip: str, count: int, capture: bool) -> subprocess.CompletedProcess[str]:
+    """x-wing's requests to rebel-base's ClusterIP, from its pod netns and inside the node's
+    cgroup (so that its connect() goes through the node's socket-LB)."""
+    procs = cgroup / "cgroup.procs"
+
+    def join_cgroup() -> None:  # runs in the child, before exec
+        procs.write_text(str(os.getpid()))
+
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "clustermesh.lab.demo", "xwing",
+         "--url", f"http://{cluster_ip}/", "--count", str(count)],
+        preexec_fn=join_cgroup, capture_output=capture, text=True, timeout=120, cwd=REPO, check=False,
+    )
+
+
+def set_base_ready(api: KubeAPI, address: str, ready: bool) -> None:
+    """Kill (not ready) or revive a cluster's rebel-base through its EndpointSlice."""
+    api.patch("EndpointSlice", "default", SLICE,
+              {"endpoints": [{"addresses": [address], "conditions": {"ready": ready}}]})
 
 
 def cgroup2_root() -> Path:
@@ -265,17 +287,7 @@ class LabMesh:
         """``count`` requests from the x-wing pod of cluster ``name`` to rebel-base's ClusterIP."""
         c = self.cluster(name)
         assert c.cgroup is not None
-        pod = c.pods["x-wing"]
-        cgroup_procs = c.cgroup / "cgroup.procs"
-
-        def join_cgroup() -> None:  # the client is in the node's cgroup, so its connect() is balanced
-            cgroup_procs.write_text(str(__import__("os").getpid()))
-
-        res = subprocess.run(
-            ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "clustermesh.lab.demo", "xwing",
-             "--url", f"http://{self.cluster_ip(c)}/", "--count", str(count)],
-            preexec_fn=join_cgroup, capture_output=True, text=True, timeout=120, cwd=REPO,
-        )
+        res = run_xwing(c.pods["x-wing"].netns, c.cgroup, self.cluster_ip(c), count, capture=True)
         lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
         summary = lines[-1] if lines and "summary" in lines[-1] else {"summary": {}, "failed": count}
         return {"answers": lines[:-1], **summary}
@@ -283,15 +295,14 @@ class LabMesh:
     def set_base(self, name: str, ready: bool) -> None:
         """Kill (not ready) or revive the rebel-base of cluster ``name``."""
         c = self.cluster(name)
-        c.api().patch("EndpointSlice", "default", SLICE, {
-            "endpoints": [{"addresses": [c.pod_ip(10)], "conditions": {"ready": ready}}]})
+        set_base_ready(c.api(), c.pod_ip(10), ready)
 
     def state(self) -> dict[str, Any]:
         return {
             "tag": self.tag, "kubeconfig": str(self.directory / "kubeconfig"),
             "clusters": {c.name: {"kubeconfig": str(c.cp.kubeconfig) if c.cp else None,
                                   "xwing_netns": c.pods["x-wing"].netns if c.pods else None,
-                                  "cgroup": str(c.cgroup), "index": c.index} for c in self.clusters},
+                                  "cgroup": str(c.cgroup), "base_ip": c.pod_ip(10)} for c in self.clusters},
         }
 
     # ------------------------------------------------------------ down

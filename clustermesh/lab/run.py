@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from clustermesh.lab.kubeapi import KubeAPI
-from clustermesh.lab.mesh import SLICE, LabMesh
+from clustermesh.lab.mesh import LabMesh, run_xwing, set_base_ready
 from clustermesh.lab.netns import NetnsError
 from clustermesh.lab.servers import CACHE, ServerError
 
@@ -141,27 +141,13 @@ def _api(kubeconfig: str) -> KubeAPI:
 
 def lab_xwing(args: argparse.Namespace) -> int:
     info = _state(args)["clusters"][args.cluster]
-    api = _api(info["kubeconfig"])
-    cluster_ip = api.get("Service", "default", "rebel-base")["spec"]["clusterIP"]
-    procs = Path(info["cgroup"]) / "cgroup.procs"
-
-    def join_cgroup() -> None:
-        procs.write_text(str(__import__("os").getpid()))
-
-    return subprocess.run(
-        ["ip", "netns", "exec", info["xwing_netns"], sys.executable, "-m", "clustermesh.lab.demo", "xwing",
-         "--url", f"http://{cluster_ip}/", "--count", str(args.count)],
-        preexec_fn=join_cgroup, check=False, cwd=REPO,
-    ).returncode
+    cluster_ip = _api(info["kubeconfig"]).get("Service", "default", "rebel-base")["spec"]["clusterIP"]
+    return run_xwing(info["xwing_netns"], Path(info["cgroup"]), cluster_ip, args.count, capture=False).returncode
 
 
 def lab_base(args: argparse.Namespace, ready: bool) -> int:
-    data = _state(args)
-    info = data["clusters"][args.cluster]
-    api = _api(info["kubeconfig"])
-    address = f"10.{243 + int(info['index'])}.1.10"
-    api.patch("EndpointSlice", "default", SLICE,
-              {"endpoints": [{"addresses": [address], "conditions": {"ready": ready}}]})
+    info = _state(args)["clusters"][args.cluster]
+    set_base_ready(_api(info["kubeconfig"]), info["base_ip"], ready)
     print(f"rebel-base of {args.cluster} is {'ready' if ready else 'down'}")
     return 0
 

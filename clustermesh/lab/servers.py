@@ -436,11 +436,6 @@ class ControlPlane:
             self.scheduler.start()
         return self
 
-    def check_running(self) -> None:
-        for proc in self.processes():
-            if proc.pid is not None and not proc.running:
-                raise ServerError(f"{proc.name} exited with {proc.returncode}; see {proc.log_path}")
-
     def processes(self) -> Iterator[Process]:
         yield from (self.scheduler, self.controller_manager, self.apiserver)
 
