@@ -157,22 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-way", action="store_true", help="only the source learns about the destination")
     p.set_defaults(func=cmd_connect)
 
-    p = sub.add_parser("lab", help="the whole mesh on this machine (no Docker) and the Star Wars demo")
+    p = sub.add_parser("lab", help="small real Kubernetes clusters on this machine (no Docker), meshed, and the "
+                       "Star Wars demo")
     lab = p.add_subparsers(dest="lab_command", metavar="ACTION")
     up = lab.add_parser("up", help="start the clusters and stay in the foreground until Ctrl-C")
     up.add_argument("--dir", default=None, help="state folder (default ~/.cache/clustermesh/lab)")
     up.add_argument("--clusters", type=int, default=2, choices=range(1, 10), metavar="N")
-    up.add_argument("--affinity", default="none", choices=["none", "local", "remote"],
-                    help="service.cilium.io/affinity of rebel-base")
-    up.add_argument("--demo", action="store_true", help="run the failover demo once the lab is up")
+    up.add_argument("--nodes", type=int, default=2, choices=range(1, 10), metavar="M", help="nodes per cluster")
+    up.add_argument("--demo", action="store_true", help="run the Star Wars failover demo once the lab is up")
     up.add_argument("--no-wait", action="store_true", help="tear down right after (with --demo: a smoke test)")
-    for action, text in (("xwing", "x-wing asks rebel-base through its ClusterIP"),
-                         ("kill-base", "the cluster's rebel-base stops being ready"),
-                         ("revive-base", "the cluster's rebel-base is ready again")):
+    for action, text in (("down", "remove the lab (also after its supervisor died)"),
+                         ("status", "clusters, nodes, pods and processes of the lab"),
+                         ("xwing", "x-wing asks rebel-base through kubectl exec")):
         a = lab.add_parser(action, help=text)
-        a.add_argument("--cluster", default="lab-1")
         a.add_argument("--dir", default=None)
         if action == "xwing":
+            a.add_argument("--cluster", default="lab-1")
             a.add_argument("--count", type=int, default=10)
     p.set_defaults(func=cmd_lab)
 

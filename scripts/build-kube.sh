@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager and kube-scheduler from Debian's
+# Build kube-apiserver, kube-controller-manager, kube-scheduler and kube-proxy from Debian's
 # `kubernetes` source package with Debian's Go, into a cache folder.
 #
 # usage: build-kube.sh VERSION OUT_BIN_DIR
@@ -56,12 +56,15 @@ mkdir -p "$GOPATH/src/k8s.io"
 [ -L "$GOPATH/src/k8s.io/kubernetes" ] || ln -s ../../.. "$GOPATH/src/k8s.io/kubernetes"
 cd "$SRC"
 start=$(date +%s)
-say "building: code generation, then three servers (5-10 minutes on 2 cores; log: $WORK/build.log)"
-if ! make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler" >"$WORK/build.log" 2>&1; then
+CMDS=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy)
+WHAT=""
+for cmd in "${CMDS[@]}"; do [ -x "$OUT/$cmd" ] || WHAT="$WHAT cmd/$cmd"; done
+say "building:$WHAT (code generation first; 5-10 minutes on 2 cores; log: $WORK/build.log)"
+if ! make WHAT="${WHAT# }" >"$WORK/build.log" 2>&1; then
   tail -n 40 "$WORK/build.log"
   die "build failed; full log in $WORK/build.log"
 fi
-for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+for cmd in "${CMDS[@]}"; do
   install -m 0755 "_output/bin/$cmd" "$OUT/$cmd"
 done
 say "built in $(( $(date +%s) - start ))s"

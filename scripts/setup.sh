@@ -30,6 +30,7 @@ APT_PACKAGES=(
   etcd-server python3-bpfcc linux-headers-amd64 golang-go rsync jq iproute2 curl
   golang-github-modern-go-reflect2-dev dpkg-dev ca-certificates iptables util-linux
   procps psmisc kmod make gcc libc6-dev linux-libc-dev python3-venv etcd-client
+  nginx-light conntrack busybox
 )
 
 # ---------------------------------------------------------------------------
@@ -66,15 +67,16 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-step "Kubernetes $KUBE_VERSION servers (kube-apiserver, kube-controller-manager, kube-scheduler)"
+step "Kubernetes $KUBE_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy)"
 have_kube_on_path() {
   local d="$1"
-  [ -x "$d/kube-apiserver" ] && [ -x "$d/kube-controller-manager" ] && [ -x "$d/kube-scheduler" ]
+  [ -x "$d/kube-apiserver" ] && [ -x "$d/kube-controller-manager" ] && [ -x "$d/kube-scheduler" ] \
+    && [ -x "$d/kube-proxy" ]
 }
 if [ -n "${KUBEBUILDER_ASSETS:-}" ] && have_kube_on_path "$KUBEBUILDER_ASSETS"; then
   info "using \$KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
 elif command -v kube-apiserver >/dev/null && command -v kube-controller-manager >/dev/null \
-  && command -v kube-scheduler >/dev/null; then
+  && command -v kube-scheduler >/dev/null && command -v kube-proxy >/dev/null; then
   info "using binaries on PATH: $(command -v kube-apiserver)"
 elif have_kube_on_path "$KUBE_BIN"; then
   info "cached in $KUBE_BIN"

@@ -1,24 +1,32 @@
-"""The lab: N clusters on this machine, meshed, with the Star Wars demo.
+"""The lab: N small but real Kubernetes clusters on this machine, meshed.
 
-Per cluster ``lab-i``: a control plane, its state store (etcd with TLS and auth)
-behind a read-only TLS grpc-proxy, the operator, one node (a network namespace
-on a shared underlay, a cgroup, the agent with routes), a rebel-base pod and an
-x-wing pod. Each cluster's ClusterMesh names every other cluster, with a Secret
-holding that cluster's CA and read-only credentials.
+Per cluster ``lab-i``: etcd + kube-apiserver + kube-controller-manager + kube-scheduler,
+its state store (etcd with TLS and auth) behind a read-only TLS grpc-proxy, the operator,
+and M nodes. A node is a network namespace on a shared underlay with its own cgroup,
+running kube-proxy (iptables mode, in the node namespace), the clustermesh agent
+(socket-LB on the node's cgroup, routes in the node namespace) and the node agent (the
+lab's kubelet, ``node/agent.py``) that runs the Pods the scheduler binds to the node.
 
-Control-plane servers, stores, proxies, operators and agents run on 127.0.0.1 in
-the host namespace; pods, nodes and the underlay live in lab namespaces that have
-no route out of the machine. The host namespace never connects to a lab address.
+Every process the lab starts lives in the cgroup ``<root>/system`` and is supervised:
+one that dies is restarted with backoff and reported. Pods live under the node cgroups.
+Everything the lab makes is named after one tag and recorded in ``state.json`` before it
+is made, so ``clustermesh lab down`` removes it all, also after the supervisor died.
+
+Servers listen on 127.0.0.1 in the host namespace; nodes, pods and the underlay live in
+lab namespaces with no route out of the machine. The host never connects to a lab address.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,33 +36,20 @@ from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
 from clustermesh.kube import KubeClient
 from clustermesh.lab.kubeapi import KubeAPI
-from clustermesh.lab.netns import LabNode, LabPod, Underlay, make_cgroup, remove_cgroup
+from clustermesh.lab.netns import LabNode, NetnsError, Underlay, delete_netns, ip
 from clustermesh.lab.pki import CertificateAuthority
-from clustermesh.lab.servers import ControlPlane, EtcdGrpcProxy, EtcdServer, Process, ServerError, free_port
+from clustermesh.lab.servers import (
+    ControlPlane,
+    EtcdGrpcProxy,
+    EtcdServer,
+    Process,
+    ServerError,
+    find_binary,
+    free_port,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-SLICE = "rebel-base-lab"
-
-
-def run_xwing(netns: str, cgroup: Path, cluster_ip: str, count: int, capture: bool) -> subprocess.CompletedProcess[str]:
-    """x-wing's requests to rebel-base's ClusterIP, from its pod netns and inside the node's
-    cgroup (so that its connect() goes through the node's socket-LB)."""
-    procs = cgroup / "cgroup.procs"
-
-    def join_cgroup() -> None:  # runs in the child, before exec
-        procs.write_text(str(os.getpid()))
-
-    return subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "clustermesh.lab.demo", "xwing",
-         "--url", f"http://{cluster_ip}/", "--count", str(count)],
-        preexec_fn=join_cgroup, capture_output=capture, text=True, timeout=120, cwd=REPO, check=False,
-    )
-
-
-def set_base_ready(api: KubeAPI, address: str, ready: bool) -> None:
-    """Kill (not ready) or revive a cluster's rebel-base through its EndpointSlice."""
-    api.patch("EndpointSlice", "default", SLICE,
-              {"endpoints": [{"addresses": [address], "conditions": {"ready": ready}}]})
+Say = Callable[[int, int, str], None]
 
 
 def cgroup2_root() -> Path:
@@ -65,116 +60,204 @@ def cgroup2_root() -> Path:
     raise ServerError("no cgroup v2 mount; mount one: mount -t cgroup2 none /sys/fs/cgroup/unified")
 
 
+class Supervised:
+    """A lab process that is restarted with backoff when it dies (1, 2, 4 .. 30 s)."""
+
+    def __init__(self, process: Process, report: Callable[[str], None]) -> None:
+        self.process = process
+        self.report = report
+        self.restarts = 0
+        self._restart_at: float | None = None
+        self._started_at = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    def start(self) -> None:
+        self.process.start()
+        self._started_at = time.monotonic()
+
+    def check(self) -> None:
+        """Called about once a second by the lab's main loop."""
+        if self.process.running:
+            if time.monotonic() - self._started_at > 60:
+                self.restarts = 0  # ran a minute: the next failure starts the backoff afresh
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
+            delay = min(30.0, 2.0 ** self.restarts) if self.restarts else 0.5
+            self._restart_at = now + delay
+            self.report(f"{self.name} exited with {self.process.returncode}; restarting in {delay:.1f}s "
+                        f"(log: {self.process.log_path})")
+        elif now >= self._restart_at:
+            self._restart_at = None
+            self.restarts += 1
+            self.start()
+            self.report(f"{self.name} restarted (pid {self.process.pid})")
+
+
+@dataclass
+class LabNodeInfo:
+    cluster: LabCluster
+    index: int
+    netns: LabNode
+    port: int  # the node agent's HTTPS port
+
+    @property
+    def name(self) -> str:
+        return f"{self.cluster.name}-node-{self.index}"
+
+    @property
+    def pod_cidr(self) -> str:
+        return self.netns.pod_cidr
+
+    @property
+    def cgroup(self) -> Path:
+        return self.cluster.mesh.cgroup_root / self.name
+
+    @property
+    def pin_dir(self) -> Path:
+        return pin_dir_for(f"{self.name}-{self.cluster.mesh.tag}")
+
+
 @dataclass
 class LabCluster:
+    mesh: LabMesh
     index: int
-    directory: Path
-    tag: str
-    name: str = ""
     cp: ControlPlane | None = None
     store: EtcdServer | None = None
     proxy: EtcdGrpcProxy | None = None
     pki: CertificateAuthority | None = None
     password: str = ""
-    node: LabNode | None = None
-    pods: dict[str, LabPod] = field(default_factory=dict)
-    cgroup: Path | None = None
-    processes: list[Process] = field(default_factory=list)
+    nodes: list[LabNodeInfo] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.name = f"lab-{self.index}"
+    @property
+    def name(self) -> str:
+        return f"lab-{self.index}"
+
+    @property
+    def directory(self) -> Path:
+        return self.mesh.directory / self.name
 
     @property
     def pod_cidr(self) -> str:
         return f"10.{243 + self.index}.0.0/16"
 
     @property
-    def node_pod_cidr(self) -> str:
-        return f"10.{243 + self.index}.1.0/24"
-
-    def pod_ip(self, host: int) -> str:
-        return f"10.{243 + self.index}.1.{host}"
-
-    @property
-    def node_name(self) -> str:
-        return f"{self.name}-node-1"
-
-    @property
-    def pin_dir(self) -> Path:
-        return pin_dir_for(f"{self.name}-{self.tag}")
+    def service_cidr(self) -> str:
+        return f"10.{95 + self.index}.0.0/16"
 
     def api(self) -> KubeAPI:
         assert self.cp is not None
         return KubeAPI.for_control_plane(self.cp)
 
-    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+    def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
         assert self.cp is not None
         res = subprocess.run(["kubectl", "--kubeconfig", str(self.cp.kubeconfig), *args], input=stdin,
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
             raise ServerError(f"kubectl {' '.join(args)} ({self.name}): {res.stderr.strip()}")
         return res.stdout
 
 
 class LabMesh:
-    def __init__(self, directory: Path, clusters: int = 2, affinity: str = "none",
-                 say: Any = print) -> None:
+    def __init__(self, directory: Path, clusters: int = 2, nodes: int = 2, say: Say | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
         self.directory = directory
         self.tag = uuid.uuid4().hex[:5]
-        self.clusters = [LabCluster(i, directory / f"lab-{i}", self.tag) for i in range(1, clusters + 1)]
-        self.affinity = affinity
-        self.say = say
+        self.clusters = [LabCluster(self, i) for i in range(1, clusters + 1)]
+        self.nodes_per_cluster = nodes
+        self.say: Say = say or (lambda step, total, text: print(f"[lab {step}/{total}] {text}", flush=True))
+        self.report = report or (lambda text: print(f"[lab] {text}", flush=True))
         self.underlay = Underlay(f"cml-{self.tag}-underlay")
         self.cgroup_root = cgroup2_root() / f"clustermesh-lab-{self.tag}"
-        self._created_underlay = False
+        self.system_cgroup = self.cgroup_root / "system"
+        self.supervised: list[Supervised] = []
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "state.json"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.directory / "kubeconfig"
 
     # ------------------------------------------------------------ up
 
+    STEPS = 6
+
     def up(self) -> None:
-        total = 6
-        self.say(1, total, f"{len(self.clusters)} control planes (etcd, kube-apiserver, controller-manager)")
+        self.write_state()  # first: whatever is made from here on, lab down can find
+        self.system_cgroup.mkdir(parents=True, exist_ok=True)
+        self.say(1, self.STEPS, f"{len(self.clusters)} control planes (etcd, kube-apiserver, "
+                                "controller-manager, scheduler)")
         for c in self.clusters:
-            c.cp = ControlPlane(c.directory / "control-plane", name=c.name, pod_cidr=c.pod_cidr)
+            c.cp = ControlPlane(c.directory / "control-plane", name=c.name, pod_cidr=c.pod_cidr,
+                                service_cidr=c.service_cidr, scheduler=True, cgroup=self.system_cgroup)
             c.cp.start()
+            self._supervise(*c.cp.processes())
             c.kubectl("apply", "-f", str(REPO / "crds"))
+        for c in self.clusters:
             c.kubectl("wait", "--for=condition=Established", "crd/clustermeshes.clustermesh.io", "--timeout=60s")
         self.write_kubeconfig()
 
-        self.say(2, total, "state stores (etcd, TLS, auth) and read-only grpc-proxies")
+        self.say(2, self.STEPS, "state stores (etcd, TLS, auth) and read-only grpc-proxies")
         for c in self.clusters:
             c.pki = CertificateAuthority(c.directory / "store-pki")
-            c.store = EtcdServer(c.directory / "store", name=f"{c.name}-store", pki=c.pki)
+            c.store = EtcdServer(c.directory / "store", name=f"{c.name}-store", pki=c.pki, cgroup=self.system_cgroup)
             c.store.start()
             c.password = secrets.token_urlsafe(18)
             c.store.enable_auth({"remote": (c.password, ["cilium/"])})
             c.proxy = EtcdGrpcProxy(c.directory / "store", c.store.url, namespace="", pki=c.pki,
-                                    backend_cert=c.pki.issue("proxy-backend", "", server=False))
+                                    backend_cert=c.pki.issue("proxy-backend", "", server=False),
+                                    cgroup=self.system_cgroup)
             c.proxy.start()
+            self._supervise(c.store.process, c.proxy.process)
 
-        self.say(3, total, "ClusterMesh objects, access Secrets, clustermesh connect between every pair")
+        self.say(3, self.STEPS, "ClusterMesh objects, access Secrets, clustermesh connect between every pair")
         for c in self.clusters:
             self._mesh_objects(c)
         self._connect_all()
 
-        self.say(4, total, "nodes: network namespaces on one underlay, cgroups, Node objects")
-        self._created_underlay = True  # before create(): a half-made underlay is removed too
+        self.say(4, self.STEPS, f"{self.nodes_per_cluster} nodes per cluster: network namespaces on one underlay, "
+                                "node agents (the lab's kubelet), kube-proxy")
         self.underlay.create()
         for c in self.clusters:
-            c.node = LabNode(f"cml-{self.tag}-{c.name}-n1", self.underlay, f"192.168.100.{10 + c.index}",
-                             c.node_pod_cidr, port=f"n{c.index}-{self.tag}")
-            c.cgroup = self.cgroup_root / c.name  # recorded first, so teardown removes it on failure
-            c.node.create()
-            make_cgroup(self.cgroup_root, c.name)
-            self._register_node(c)
+            for j in range(1, self.nodes_per_cluster + 1):
+                node = LabNodeInfo(c, j, LabNode(f"cml-{self.tag}-{c.name}-n{j}", self.underlay,
+                                                 f"192.168.100.{10 * c.index + j}",
+                                                 f"10.{243 + c.index}.{j}.0/24", port=f"n{c.index}{j}-{self.tag}"),
+                                   port=free_port())
+                c.nodes.append(node)
+                node.netns.create()
+                node.cgroup.mkdir(parents=True, exist_ok=True)
+            self._route_between_nodes(c)
+            for node in c.nodes:
+                self._start_node_agent(node)
+                self._start_kube_proxy(node)
+        self.write_state()
+        for c in self.clusters:
+            self._wait_nodes_ready(c)
 
-        self.say(5, total, "operators and agents")
+        self.say(5, self.STEPS, "clustermesh operators and agents")
         for c in self.clusters:
             self._start_operator(c)
-            self._start_agent(c)
-
-        self.say(6, total, "the Star Wars demo: rebel-base and x-wing pods")
+            for node in c.nodes:
+                self._start_agent(node)
+        self.say(6, self.STEPS, "waiting for every operator to export and every agent to connect")
         for c in self.clusters:
-            self._start_pods(c)
+            self._wait_synced(c)
+
+    def _supervise(self, *processes: Process) -> None:
+        for p in processes:
+            self.supervised.append(Supervised(p, self.report))
+
+    def _start(self, name: str, argv: list[str], log: Path) -> None:
+        proc = Process(name, argv, log, cgroup=self.system_cgroup)
+        sup = Supervised(proc, self.report)
+        sup.start()
+        self.supervised.append(sup)
 
     def write_kubeconfig(self) -> Path:
         merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [],
@@ -184,10 +267,9 @@ class LabMesh:
             one = json.loads(c.cp.write_kubeconfig(c.directory / "kubeconfig", context=c.name).read_text())
             for key in ("clusters", "users", "contexts"):
                 merged[key] += one[key]
-        path = self.directory / "kubeconfig"
-        path.write_text(json.dumps(merged, indent=2))
-        path.chmod(0o600)
-        return path
+        self.kubeconfig.write_text(json.dumps(merged, indent=2))
+        self.kubeconfig.chmod(0o600)
+        return self.kubeconfig
 
     def _mesh_objects(self, c: LabCluster) -> None:
         """Publish how others reach this cluster (spec.access + its Secret), as a real
@@ -207,129 +289,197 @@ class LabMesh:
         c.kubectl("apply", "-f", "-", stdin=json.dumps(mesh))
 
     def _connect_all(self) -> None:
-        sides = {}
+        kubes = {}
         for c in self.clusters:
             assert c.cp is not None
-            sides[c.name] = load_side(KubeClient(str(c.cp.kubeconfig)), "default")
+            kubes[c.name] = KubeClient(str(c.cp.kubeconfig))
         for i, a in enumerate(self.clusters):
             for b in self.clusters[i + 1:]:
-                # Reload: the previous connect changed spec.clusters.
-                connect(load_side(sides[a.name].kube, "default"), load_side(sides[b.name].kube, "default"))
+                connect(load_side(kubes[a.name], "default"), load_side(kubes[b.name], "default"))
 
-    def _register_node(self, c: LabCluster) -> None:
-        assert c.node is not None
-        api = c.api()
-        api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": c.node_name},
-                    "spec": {"podCIDR": c.node_pod_cidr, "podCIDRs": [c.node_pod_cidr]}})
-        api.request("PATCH", f"/api/v1/nodes/{c.node_name}/status",
-                    {"status": {"addresses": [{"type": "InternalIP", "address": c.node.address},
-                                              {"type": "Hostname", "address": c.node_name}]}},
-                    "application/merge-patch+json")
+    def _route_between_nodes(self, c: LabCluster) -> None:
+        """The lab's CNI between the nodes of one cluster: each node's pod CIDR via its underlay
+        address (routes to other clusters' pods are the clustermesh agent's)."""
+        for node in c.nodes:
+            for other in c.nodes:
+                if other is not node:
+                    ip("route", "replace", other.pod_cidr, "via", other.netns.address, netns=node.netns.netns)
+
+    def _start_node_agent(self, node: LabNodeInfo) -> None:
+        c = node.cluster
+        assert c.cp is not None
+        serving = c.cp.pki.issue(f"node-agent-{node.name}", node.name, ips=("127.0.0.1",))
+        self._start(f"{node.name}-node-agent", [
+            sys.executable, "-m", "clustermesh.lab.node.agent", "--kubeconfig", str(c.cp.kubeconfig),
+            "--node", node.name, "--netns", node.netns.netns, "--address", node.netns.address,
+            "--pod-cidr", node.pod_cidr, "--cgroup", str(node.cgroup),
+            "--state-dir", str(c.directory / "nodes" / node.name), "--port", str(node.port),
+            "--tls-cert", str(serving.cert), "--tls-key", str(serving.key), "--client-ca", str(c.cp.pki.cert_path),
+            "--api-port", str(c.cp.port), "--pod-prefix", f"cml-{self.tag}-{node.name}",
+        ], c.directory / "nodes" / f"{node.name}-node-agent.log")
+
+    def _start_kube_proxy(self, node: LabNodeInfo) -> None:
+        """kube-proxy in iptables mode, in the node's namespace, leaving the host alone: no
+        conntrack sysctls (host-wide), rules only in the node namespace; it reaches the API
+        server through the node agent's forwarder on the node's 127.0.0.1."""
+        c = node.cluster
+        assert c.cp is not None
+        self._start(f"{node.name}-kube-proxy", [
+            "ip", "netns", "exec", node.netns.netns, find_binary("kube-proxy"),
+            f"--kubeconfig={c.cp.kubeconfig}", f"--hostname-override={node.name}", "--proxy-mode=iptables",
+            f"--cluster-cidr={c.pod_cidr}", "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0",
+            "--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=127.0.0.1:10256",
+            f"--bind-address={node.netns.address}", "--iptables-sync-period=30s", "--iptables-min-sync-period=0s",
+        ], c.directory / "nodes" / f"{node.name}-kube-proxy.log")
 
     def _start_operator(self, c: LabCluster) -> None:
         assert c.cp is not None and c.store is not None and c.store.admin is not None and c.pki is not None
-        op = Process(f"{c.name}-operator", [
+        self._start(f"{c.name}-operator", [
             sys.executable, "-m", "clustermesh.cli", "operator", "--kubeconfig", str(c.cp.kubeconfig),
             "--etcd", c.store.url, "--etcd-ca", str(c.pki.cert_path), "--etcd-cert", str(c.store.admin.cert),
             "--etcd-key", str(c.store.admin.key), "--metrics-port", str(free_port()), "--heartbeat-interval", "10",
         ], c.directory / "operator.log")
-        op.start()
-        c.processes.append(op)
 
-    def _start_agent(self, c: LabCluster) -> None:
-        assert c.cp is not None and c.node is not None and c.cgroup is not None
-        agent = Process(f"{c.name}-agent", [
+    def _start_agent(self, node: LabNodeInfo) -> None:
+        c = node.cluster
+        assert c.cp is not None
+        self._start(f"{node.name}-agent", [
             sys.executable, "-m", "clustermesh.cli", "agent", "--kubeconfig", str(c.cp.kubeconfig),
-            "--node", c.node_name, "--cgroup", str(c.cgroup), "--pin-dir", str(c.pin_dir),
-            "--routes", f"netns:{c.node.netns}", "--grace-period", "5", "--heartbeat-timeout", "60",
+            "--node", node.name, "--cgroup", str(node.cgroup), "--pin-dir", str(node.pin_dir),
+            "--routes", f"netns:{node.netns.netns}", "--grace-period", "5", "--heartbeat-timeout", "60",
             "--metrics-port", str(free_port()),
-        ], c.directory / "agent.log")
-        agent.start()
-        c.processes.append(agent)
+        ], c.directory / "nodes" / f"{node.name}-agent.log")
 
-    def _start_pods(self, c: LabCluster) -> None:
-        assert c.node is not None
-        c.kubectl("apply", "-f", str(REPO / "demo" / "starwars" / "rebel-base.yaml"))
-        if self.affinity != "none":
-            c.kubectl("annotate", "--overwrite", "service", "rebel-base",
-                      f"service.cilium.io/affinity={self.affinity}")
-        base = LabPod(f"cml-{self.tag}-{c.name}-base", c.node, c.pod_ip(10), port=f"b{c.index}-{self.tag}")
-        xwing = LabPod(f"cml-{self.tag}-{c.name}-xwing", c.node, c.pod_ip(20), port=f"x{c.index}-{self.tag}")
-        for role, pod in (("rebel-base", base), ("x-wing", xwing)):
-            c.pods[role] = pod  # recorded first, so teardown removes a half-made pod too
-            pod.create()
-        server = Process(f"{c.name}-rebel-base", [
-            "ip", "netns", "exec", base.netns, sys.executable, "-m", "clustermesh.lab.demo", "serve",
-            "--cluster", c.name, "--pod", "rebel-base-1",
-        ], c.directory / "rebel-base.log")
-        server.start()
-        c.processes.append(server)
-        c.api().create({
-            "kind": "EndpointSlice",
-            "metadata": {"name": SLICE, "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": "rebel-base"}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [c.pod_ip(10)], "conditions": {"ready": True}}],
-        })
+    def _wait_nodes_ready(self, c: LabCluster, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        ready: set[str] = set()
+        while time.monotonic() < deadline:
+            ready = {n["metadata"]["name"] for n in c.api().request("GET", "/api/v1/nodes")["items"]
+                     if any(cond["type"] == "Ready" and cond["status"] == "True"
+                            for cond in n.get("status", {}).get("conditions", []))}
+            if ready >= {n.name for n in c.nodes}:
+                return
+            time.sleep(0.3)
+        missing = sorted({n.name for n in c.nodes} - ready)
+        raise ServerError(f"{c.name}: nodes {', '.join(missing)} not Ready after {timeout:.0f}s; see "
+                          f"{c.directory / 'nodes'}/<node>-node-agent.log")
 
-    # ------------------------------------------------------------ the demo
+    def _wait_synced(self, c: LabCluster, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        want = len(self.clusters) - 1
+        while time.monotonic() < deadline:
+            status = c.api().request("GET", "/apis/clustermesh.io/v1alpha1/clustermeshes/default").get("status", {})
+            ready = [r for r in status.get("remotes", []) if r.get("ready")]
+            synced = any(cond.get("type") == "Synced" and cond.get("status") == "True"
+                         for cond in status.get("conditions", []))
+            if synced and len(ready) >= want:
+                return
+            time.sleep(0.5)
+        raise ServerError(f"{c.name}: the operator did not report Synced with {want} ready remotes in {timeout:.0f}s; "
+                          f"see {c.directory / 'operator.log'}")
 
-    def cluster(self, name: str) -> LabCluster:
-        for c in self.clusters:
-            if c.name == name:
-                return c
-        raise ServerError(f"no cluster {name!r} in the lab ({', '.join(c.name for c in self.clusters)})")
+    # ------------------------------------------------------------ supervision
 
-    def cluster_ip(self, c: LabCluster) -> str:
-        return str(c.api().get("Service", "default", "rebel-base")["spec"]["clusterIP"])
+    def check(self) -> None:
+        for sup in self.supervised:
+            sup.check()
 
-    def xwing(self, name: str, count: int = 10) -> dict[str, Any]:
-        """``count`` requests from the x-wing pod of cluster ``name`` to rebel-base's ClusterIP."""
-        c = self.cluster(name)
-        assert c.cgroup is not None
-        res = run_xwing(c.pods["x-wing"].netns, c.cgroup, self.cluster_ip(c), count, capture=True)
-        lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-        summary = lines[-1] if lines and "summary" in lines[-1] else {"summary": {}, "failed": count}
-        return {"answers": lines[:-1], **summary}
+    def processes(self) -> list[Supervised]:
+        return list(self.supervised)
 
-    def set_base(self, name: str, ready: bool) -> None:
-        """Kill (not ready) or revive the rebel-base of cluster ``name``."""
-        c = self.cluster(name)
-        set_base_ready(c.api(), c.pod_ip(10), ready)
+    # ------------------------------------------------------------ state and down
 
     def state(self) -> dict[str, Any]:
         return {
-            "tag": self.tag, "kubeconfig": str(self.directory / "kubeconfig"),
-            "clusters": {c.name: {"kubeconfig": str(c.cp.kubeconfig) if c.cp else None,
-                                  "xwing_netns": c.pods["x-wing"].netns if c.pods else None,
-                                  "cgroup": str(c.cgroup), "base_ip": c.pod_ip(10)} for c in self.clusters},
+            "tag": self.tag, "supervisor": os.getpid(), "directory": str(self.directory),
+            "kubeconfig": str(self.kubeconfig), "cgroup_root": str(self.cgroup_root),
+            "netns_prefix": f"cml-{self.tag}-",
+            "nodes": {n.name: {"cluster": c.name, "netns": n.netns.netns, "cgroup": str(n.cgroup),
+                               "pin_dir": str(n.pin_dir), "address": n.netns.address, "pod_cidr": n.pod_cidr}
+                      for c in self.clusters for n in c.nodes},
+            "clusters": {c.name: {"kubeconfig": str(c.directory / "control-plane" / "kubeconfig"),
+                                  "state_dirs": str(c.directory / "nodes")} for c in self.clusters},
         }
 
-    # ------------------------------------------------------------ down
+    def write_state(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        tmp.replace(self.state_path)
 
-    def down(self) -> None:
-        """Remove everything the lab made; each step on its own, so one failure leaves no more behind."""
+    def down(self) -> list[str]:
+        self.supervised.clear()
+        return teardown(self.state())
 
-        def attempt(what: str, fn: Any, *args: Any) -> None:
-            try:
-                fn(*args)
-            except Exception as exc:
-                print(f"[lab] teardown: {what}: {exc}", file=sys.stderr)
 
-        for c in self.clusters:
-            for proc in reversed(c.processes):
-                attempt(f"stop {proc.name}", proc.stop)
-        for c in self.clusters:
-            if c.cgroup is not None and c.cgroup.exists():
-                attempt(f"datapath of {c.name}", hooks.destroy, c.cgroup, c.pin_dir)
-            for pod in c.pods.values():
-                attempt(f"pod {pod.netns}", pod.delete)
-            if c.node is not None:
-                attempt(f"node {c.node.netns}", c.node.delete)
-        if self._created_underlay:
-            attempt("underlay", self.underlay.delete)
-        attempt("cgroups", remove_cgroup, self.cgroup_root)
-        for c in self.clusters:
-            for server in (c.proxy, c.store, c.cp):
-                if server is not None:
-                    attempt(f"stop {c.name} servers", server.stop)
+def teardown(state: dict[str, Any]) -> list[str]:
+    """Remove everything a lab made, from its state record alone; each step on its own, so
+    one failure leaves no more behind. Returns the problems met."""
+    problems: list[str] = []
+
+    def attempt(what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            problems.append(f"{what}: {exc}")
+
+    root = Path(state["cgroup_root"])
+    # Every lab process and every pod process lives under the lab's cgroup: one write stops them all.
+    attempt("kill lab processes", _kill_tree, root)
+    for name, node in state.get("nodes", {}).items():
+        if Path(node["cgroup"]).exists():
+            attempt(f"datapath of {name}", hooks.destroy, node["cgroup"], node["pin_dir"])
+        else:
+            attempt(f"pins of {name}", hooks.remove_pins, node["pin_dir"])
+    for cluster in state.get("clusters", {}).values():
+        attempt("pod mount points", _remove_made_paths, Path(cluster["state_dirs"]))
+    prefix = state["netns_prefix"]
+    for netns in sorted(_netns_names(), reverse=True):
+        if netns.startswith(prefix):
+            attempt(f"netns {netns}", delete_netns, netns)
+    attempt("cgroups", _remove_cgroups, root)
+    return problems
+
+
+def _netns_names() -> list[str]:
+    return [line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()]
+
+
+def _kill_tree(root: Path) -> None:
+    if not root.exists():
+        return
+    (root / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not any(_procs(p) for p in [root, *root.rglob("*")] if p.is_dir()):
+            return
+        time.sleep(0.05)
+    raise ServerError(f"processes left in {root} after cgroup.kill")
+
+
+def _procs(cgroup: Path) -> list[str]:
+    try:
+        return (cgroup / "cgroup.procs").read_text().split()
+    except OSError:
+        return []
+
+
+def _remove_cgroups(root: Path) -> None:
+    if not root.exists():
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(FileNotFoundError):
+            d.rmdir()
+    root.rmdir()
+
+
+def _remove_made_paths(state_dirs: Path) -> None:
+    from clustermesh.lab.node.agent import PodRecord, remove_made_path
+
+    for record in state_dirs.glob("*/pods/*/record.json"):
+        for made in reversed(PodRecord.load(record).created_paths):
+            remove_made_path(Path(made))
+
+
+__all__ = ["LabCluster", "LabMesh", "NetnsError", "ServerError", "teardown"]

@@ -15,6 +15,9 @@ different clusters are the agent's job (``--routes netns:NODE``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +45,40 @@ def sysctl(netns: str, key: str, value: str) -> None:
         raise NetnsError(f"sysctl {key}={value} in {netns}: {res.stderr.strip()}")
 
 
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def socket_in_netns(netns: str, kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
+    """An IPv4 socket that lives in the named network namespace.
+
+    Only the calling thread switches namespace, and only for the socket() call: the
+    socket stays in the namespace it was made in. This is how the host-side node agent
+    probes pods and listens inside a node without any of its own traffic touching a lab
+    address from the host's namespace.
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(target, _CLONE_NEWNET) != 0:
+            raise NetnsError(f"setns into {netns}: {os.strerror(ctypes.get_errno())}")
+        try:
+            return socket.socket(socket.AF_INET, kind)
+        finally:
+            if _libc.setns(own, _CLONE_NEWNET) != 0:
+                # A thread left in a lab namespace would send the host's traffic there: never go on.
+                os.write(2, b"socket_in_netns: cannot return to the host namespace\n")
+                os.abort()
+    finally:
+        os.close(target)
+        os.close(own)
+
+
 def delete_netns(name: str) -> None:
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
-            import os
-            import signal
-
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(int(pid), 9)
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
@@ -130,7 +159,6 @@ def make_cgroup(root: Path, name: str) -> Path:
 
 
 def remove_cgroup(path: Path) -> None:
-    import os
     import signal
     import time
 

@@ -1,165 +1,370 @@
 """``clustermesh lab``: the whole mesh on this machine, no Docker (see mesh.py).
 
-    clustermesh lab up [--clusters 2] [--demo] [--no-wait]   bring it up (Ctrl-C tears it down)
-    clustermesh lab xwing --cluster lab-1 [--count 10]       x-wing asks rebel-base, from lab-1
-    clustermesh lab kill-base --cluster lab-1                 lab-1's rebel-base stops being ready
-    clustermesh lab revive-base --cluster lab-1
+    clustermesh lab up [--clusters 2] [--nodes 2] [--demo] [--no-wait]   bring it up; Ctrl-C tears it down
+    clustermesh lab status                                                clusters, nodes, pods, processes
+    clustermesh lab down                                                  remove a lab (also after a crash)
+    clustermesh lab xwing [--cluster lab-1] [--count 10]                  x-wing asks rebel-base (kubectl exec)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustermesh.lab.kubeapi import KubeAPI
-from clustermesh.lab.mesh import LabMesh, run_xwing, set_base_ready
+from clustermesh.lab.mesh import REPO, LabCluster, LabMesh, teardown
 from clustermesh.lab.netns import NetnsError
 from clustermesh.lab.servers import CACHE, ServerError
 
-REPO = Path(__file__).resolve().parents[2]
-TOTAL = 6
-
-
-def _say(step: int, total: int, text: str) -> None:
-    print(f"[lab {step}/{total}] {text}", flush=True)
+DEMO = REPO / "demo" / "starwars"
 
 
 def _base(args: argparse.Namespace) -> Path:
     return Path(args.dir) if getattr(args, "dir", None) else CACHE / "lab"
 
 
-def _summary(result: dict[str, Any]) -> str:
-    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.get("summary", {}).items())) or "none"
-    return f"answers by cluster: {counts}; failed: {result.get('failed', 0)}"
+class Interrupted(Exception):
+    pass
 
 
-def _wait_for(mesh: LabMesh, cluster: str, want: set[str], timeout: float = 90.0) -> dict[str, Any]:
-    """Ask until x-wing of ``cluster`` gets answers from exactly the clusters ``want``."""
-    deadline = time.monotonic() + timeout
-    result: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        result = mesh.xwing(cluster, count=12)
-        if set(result.get("summary", {})) == want and result.get("failed") == 0:
-            return result
+# ------------------------------------------------------------------ the x-wing loop
+
+
+@dataclass
+class Answers:
+    """Answers of an x-wing loop, timestamped: which cluster answered, or a failure."""
+
+    events: list[tuple[float, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, what: str) -> None:
+        with self.lock:
+            self.events.append((time.monotonic(), what))
+
+    def since(self, t: float) -> list[tuple[float, str]]:
+        with self.lock:
+            return [e for e in self.events if e[0] >= t]
+
+
+def xwing_command(kubeconfig: str, context: str, count: int | None, pause: float = 0.05) -> list[str]:
+    """kubectl exec into x-wing: a shell loop of curl to rebel-base, a new connection per request;
+    each answer is rebel-base's JSON line, each failure a line ``FAILED``."""
+    loop = "while :" if count is None else f"for i in $(seq {count})"
+    script = (f"{loop}; do curl -s --max-time 1 rebel-base || echo FAILED; sleep {pause}; done")
+    return ["kubectl", "--kubeconfig", kubeconfig, "--context", context, "exec", "deploy/x-wing", "--",
+            "sh", "-c", script]
+
+
+def classify(line: str) -> str | None:
+    line = line.strip()
+    if not line:
+        return None
+    if line == "FAILED":
+        return "failed"
+    try:
+        return str(json.loads(line).get("Cluster", "?"))
+    except ValueError:
+        return None
+
+
+class XwingLoop:
+    """An endless x-wing loop in the background, feeding ``Answers``."""
+
+    def __init__(self, kubeconfig: str, context: str) -> None:
+        self.answers = Answers()
+        self.proc = subprocess.Popen(xwing_command(kubeconfig, context, None), stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            what = classify(line)
+            if what:
+                self.answers.add(what)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(10)
+
+
+def bar_line(counts: Counter[str], names: list[str]) -> str:
+    parts = [f"{n} {'#' * min(counts[n], 30):<30} {counts[n]:3d}/s" for n in names]
+    return "   ".join(parts) + f"   failed {counts['failed']}"
+
+
+# ------------------------------------------------------------------ the demo
+
+
+def apply_demo(c: LabCluster) -> None:
+    manifest = DEMO / f"cluster{c.index}.yaml"
+    if manifest.exists():
+        c.kubectl("apply", "-f", str(manifest))
+    else:  # clusters past the second answer as themselves
+        text = (DEMO / "cluster2.yaml").read_text().replace("Cluster-2", f"Cluster-{c.index}")
+        c.kubectl("apply", "-f", "-", stdin=text)
+
+
+def wait_rollout(c: LabCluster) -> None:
+    c.kubectl("rollout", "status", "deployment/rebel-base", "--timeout=180s", timeout=200)
+    c.kubectl("rollout", "status", "deployment/x-wing", "--timeout=180s", timeout=200)
+
+
+def watch(loop: XwingLoop, seconds: float, names: list[str], until: Any = None) -> None:
+    """Print answers per second by cluster for ``seconds`` (or until ``until()``)."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        t = time.monotonic()
         time.sleep(1)
-    raise ServerError(f"x-wing in {cluster} never got answers from exactly {sorted(want)}: {_summary(result)}")
+        counts = Counter(w for _, w in loop.answers.since(t) if _ < t + 1)
+        print(f"  {bar_line(counts, names)}", flush=True)
+        if until is not None and until():
+            return
+
+
+def wait_for_answers(loop: XwingLoop, want: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        t = time.monotonic()
+        time.sleep(1)
+        seen = {w for _, w in loop.answers.since(t)}
+        if seen == want:
+            return
+    raise ServerError(f"x-wing never got answers from exactly {sorted(want)} in {timeout:.0f}s")
 
 
 def demo(mesh: LabMesh) -> None:
-    names = {c.name for c in mesh.clusters}
-    first = mesh.clusters[0].name
-    print("\n=== Star Wars demo ===", flush=True)
+    kubeconfig = str(mesh.kubeconfig)
+    first = mesh.clusters[0]
+    names = [f"Cluster-{c.index}" for c in mesh.clusters]
+    print("\n=== Star Wars demo (everything below is plain kubectl) ===", flush=True)
     for c in mesh.clusters:
-        result = _wait_for(mesh, c.name, names)
-        print(f"x-wing in {c.name} -> rebel-base: {_summary(result)}", flush=True)
-    if len(mesh.clusters) < 2:
-        return
-    print(f"\nkilling the rebel-base of {first} (its endpoints stop being ready)", flush=True)
-    mesh.set_base(first, ready=False)
-    result = _wait_for(mesh, first, names - {first})
-    print(f"x-wing in {first} -> rebel-base: {_summary(result)}   <- failover, same ClusterIP", flush=True)
-    print(f"\nreviving the rebel-base of {first}", flush=True)
-    mesh.set_base(first, ready=True)
-    result = _wait_for(mesh, first, names)
-    print(f"x-wing in {first} -> rebel-base: {_summary(result)}\n", flush=True)
+        print(f"$ kubectl --context {c.name} apply -f demo/starwars/cluster{c.index}.yaml", flush=True)
+        apply_demo(c)
+    for c in mesh.clusters:
+        wait_rollout(c)
+    print(f"$ kubectl --context {first.name} exec deploy/x-wing -- sh -c 'while :; do curl -s rebel-base; done'",
+          flush=True)
+    loop = XwingLoop(kubeconfig, first.name)
+    try:
+        wait_for_answers(loop, set(names), 90)
+        print(f"x-wing in {first.name} -> rebel-base, answers per second:", flush=True)
+        watch(loop, 4, names)
+        print(f"\n$ kubectl --context {first.name} scale deployment rebel-base --replicas=0", flush=True)
+        t0 = time.monotonic()
+        first.kubectl("scale", "deployment", "rebel-base", "--replicas=0")
+
+        def only_remote() -> bool:
+            recent = loop.answers.since(time.monotonic() - 2)
+            return bool(recent) and all(w != names[0] for _, w in recent) and time.monotonic() - t0 > 3
+
+        watch(loop, 30, names, until=only_remote)
+        after = loop.answers.since(t0)
+        local = [t for t, w in after if w == names[0]]
+        failed = sum(1 for _, w in after if w == "failed")
+        took = (max(local) - t0) if local else 0.0
+        if any(w == names[0] for _, w in loop.answers.since(time.monotonic() - 2)):
+            raise ServerError(f"{names[0]} still answers after the scale to 0")
+        print(f"\nfailover: last answer from {names[0]} {took:.2f}s after the scale command; since then only "
+              f"{', '.join(names[1:])}; failed requests: {failed}", flush=True)
+        print(f"\n$ kubectl --context {first.name} scale deployment rebel-base --replicas=2", flush=True)
+        first.kubectl("scale", "deployment", "rebel-base", "--replicas=2")
+        wait_rollout(first)
+        wait_for_answers(loop, set(names), 60)
+        watch(loop, 3, names)
+    finally:
+        loop.stop()
+    print("", flush=True)
+
+
+# ------------------------------------------------------------------ up
+
+
+def _stdout_closed() -> bool:
+    """A closed terminal or a reader gone from our pipe: tear down, as after Ctrl-C."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def lab_up(args: argparse.Namespace) -> int:
     base = _base(args)
+    if (base / "state.json").exists():
+        print(f"lab: a lab is recorded in {base / 'state.json'}; removing it first (clustermesh lab down)",
+              flush=True)
+        lab_down(args)
     if base.exists():
         subprocess.run(["rm", "-rf", str(base)], check=True)
     base.mkdir(parents=True)
-    mesh = LabMesh(base, clusters=args.clusters, affinity=args.affinity, say=_say)
+    mesh = LabMesh(base, clusters=args.clusters, nodes=args.nodes)
 
-    def interrupted(*_: object) -> None:
-        raise KeyboardInterrupt  # unwinds through the finally below, wherever we are
+    def interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupted)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, interrupted)
     try:
+        started = time.monotonic()
         mesh.up()
-        (base / "state.json").write_text(json.dumps(mesh.state(), indent=2))
-        kubeconfig = base / "kubeconfig"
         print(
-            "\nThe lab is up.\n"
-            f"  kubectl --kubeconfig {kubeconfig} --context lab-1 get clustermesh\n"
-            f"  kubectl --kubeconfig {kubeconfig} --context lab-2 get svc rebel-base\n"
-            f"  clustermesh lab xwing --cluster lab-1          # x-wing asks rebel-base\n"
-            f"  clustermesh lab kill-base --cluster lab-1      # then ask again: failover\n"
-            f"  clustermesh status --kubeconfig {kubeconfig} --context lab-1\n"
-            f"  logs and state: {base}\n",
+            f"\nThe lab is up ({time.monotonic() - started:.0f}s): {len(mesh.clusters)} clusters x "
+            f"{mesh.nodes_per_cluster} nodes.\n"
+            f"  export KUBECONFIG={mesh.kubeconfig}\n"
+            "  kubectl --context lab-1 get nodes -o wide\n"
+            "  kubectl --context lab-1 get clustermesh\n"
+            "  kubectl --context lab-1 apply -f demo/starwars/cluster1.yaml   (and cluster2.yaml to lab-2)\n"
+            "  kubectl --context lab-1 exec -ti deploy/x-wing -- curl -s rebel-base\n"
+            "  kubectl --context lab-1 scale deployment rebel-base --replicas=0   # failover to lab-2\n"
+            "  clustermesh lab status        # clusters, nodes, pods, processes\n"
+            f"  logs: {base}\n",
             flush=True,
         )
         if args.demo:
             demo(mesh)
         if args.no_wait:
             return 0
-        print("Press Ctrl-C to stop the lab.", flush=True)
-        stop = threading.Event()
-        try:
-            while not stop.wait(2):
-                for c in mesh.clusters:
-                    for proc in c.processes:
-                        if not proc.running:
-                            raise ServerError(f"{proc.name} exited; see {proc.log_path}:\n{proc.tail()}")
-        except KeyboardInterrupt:
-            pass
+        print("The lab runs until Ctrl-C (or `clustermesh lab down`).", flush=True)
+        while not _stdout_closed():
+            time.sleep(1)
+            mesh.check()
         return 0
-    except (ServerError, NetnsError, subprocess.CalledProcessError) as exc:
+    except (ServerError, NetnsError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("[lab] interrupted", flush=True)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        with contextlib.suppress(OSError):
+            print(f"[lab] {exc or 'interrupted'}", flush=True)
         return 130
     finally:
-        print("[lab] tearing down", flush=True)
-        mesh.down()
-        (base / "state.json").unlink(missing_ok=True)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not stop the teardown half-way
+        with contextlib.suppress(OSError):
+            print("[lab] tearing down", flush=True)
+        problems = mesh.down()
+        for p in problems:
+            print(f"[lab] teardown: {p}", file=sys.stderr)
+        mesh.state_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            print("[lab] down", flush=True)
+
+
+# ------------------------------------------------------------------ down, status, xwing
 
 
 def _state(args: argparse.Namespace) -> dict[str, Any]:
     path = _base(args) / "state.json"
     if not path.exists():
-        raise ServerError(f"no lab running ({path} is missing): start one with clustermesh lab up")
+        raise ServerError(f"no lab recorded ({path} is missing): start one with clustermesh lab up")
     data: dict[str, Any] = json.loads(path.read_text())
-    if args.cluster not in data["clusters"]:
-        raise ServerError(f"no cluster {args.cluster!r}; the lab has {', '.join(data['clusters'])}")
     return data
 
 
-def _api(kubeconfig: str) -> KubeAPI:
-    config = json.loads(Path(kubeconfig).read_text())
-    cluster = config["clusters"][0]["cluster"]
-    return KubeAPI(cluster["server"], config["users"][0]["user"]["token"], cluster["certificate-authority"])
+def _alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"lab" in cmdline and b"up" in cmdline
+
+
+def lab_down(args: argparse.Namespace) -> int:
+    path = _base(args) / "state.json"
+    if not path.exists():
+        print(f"no lab recorded in {path}; nothing to do")
+        return 0
+    state = json.loads(path.read_text())
+    pid = int(state.get("supervisor", 0))
+    if pid and pid != os.getpid() and _alive(pid):
+        print(f"stopping the lab's supervisor (pid {pid})", flush=True)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 90
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    problems = teardown(state)
+    for p in problems:
+        print(f"lab down: {p}", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    print("lab down: processes, namespaces, cgroups and BPF pins removed" if not problems
+          else "lab down: finished with the problems above")
+    return 0 if not problems else 1
+
+
+def lab_status(args: argparse.Namespace) -> int:
+    state = _state(args)
+    kubeconfig = state["kubeconfig"]
+    sup = int(state.get("supervisor", 0))
+    print(f"lab {state['tag']} in {state['directory']}; supervisor pid {sup} "
+          f"({'running' if _alive(sup) else 'not running: clustermesh lab down cleans up'})")
+    print(f"KUBECONFIG={kubeconfig}\n")
+    for cluster in state["clusters"]:
+        print(f"== {cluster}")
+        for what in (["get", "nodes", "-o", "wide"], ["get", "pods", "-A", "-o", "wide"], ["get", "clustermesh"]):
+            res = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "--context", cluster, *what],
+                                 capture_output=True, text=True, timeout=30)
+            print(res.stdout.rstrip() or res.stderr.rstrip())
+        print()
+    system = Path(state["cgroup_root"]) / "system" / "cgroup.procs"
+    print("== processes")
+    with contextlib.suppress(OSError):
+        for pid in system.read_text().split():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                print(f"  {pid:>7}  {_short(argv)}")
+    return 0
+
+
+def _short(argv: list[bytes]) -> str:
+    words = [a.decode(errors="replace") for a in argv if a]
+    text = " ".join(Path(words[0]).name if i == 0 else w for i, w in enumerate(words))
+    return text[:150]
 
 
 def lab_xwing(args: argparse.Namespace) -> int:
-    info = _state(args)["clusters"][args.cluster]
-    cluster_ip = _api(info["kubeconfig"]).get("Service", "default", "rebel-base")["spec"]["clusterIP"]
-    return run_xwing(info["xwing_netns"], Path(info["cgroup"]), cluster_ip, args.count, capture=False).returncode
-
-
-def lab_base(args: argparse.Namespace, ready: bool) -> int:
-    info = _state(args)["clusters"][args.cluster]
-    set_base_ready(_api(info["kubeconfig"]), info["base_ip"], ready)
-    print(f"rebel-base of {args.cluster} is {'ready' if ready else 'down'}")
-    return 0
+    state = _state(args)
+    if args.cluster not in state["clusters"]:
+        raise ServerError(f"no cluster {args.cluster!r}; the lab has {', '.join(state['clusters'])}")
+    res = subprocess.run(xwing_command(state["kubeconfig"], args.cluster, args.count, pause=0.05),
+                         capture_output=True, text=True, timeout=60 + args.count)
+    counts: Counter[str] = Counter()
+    for line in res.stdout.splitlines():
+        what = classify(line)
+        if what:
+            counts[what] += 1
+            print(line.strip())
+    if res.returncode != 0 and not counts:
+        print(res.stderr.strip(), file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "failed")
+    print(f"answers by cluster: {summary or 'none'}; failed: {counts['failed']}")
+    return 0 if counts["failed"] == 0 else 1
 
 
 def run_lab(args: argparse.Namespace) -> int:
     try:
         if args.lab_command == "up":
             return lab_up(args)
+        if args.lab_command == "down":
+            return lab_down(args)
+        if args.lab_command == "status":
+            return lab_status(args)
         if args.lab_command == "xwing":
             return lab_xwing(args)
-        if args.lab_command in ("kill-base", "revive-base"):
-            return lab_base(args, ready=args.lab_command == "revive-base")
     except ServerError as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 1

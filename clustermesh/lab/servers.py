@@ -70,18 +70,25 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, proc: Process | 
 class Process:
     """One server process in its own process group, logging to a file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, cgroup: Path | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.cgroup = cgroup  # joined before exec: the lab stops everything it started through it
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        procs = self.cgroup / "cgroup.procs" if self.cgroup else None
+
+        def join_cgroup() -> None:
+            if procs is not None:
+                procs.write_text(str(os.getpid()))
+
         with self.log_path.open("ab") as out:
             self._proc = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=join_cgroup if procs else None,
             )
         log.debug("started %s pid %d: %s", self.name, self._proc.pid, " ".join(self.argv))
 
@@ -151,6 +158,7 @@ class EtcdServer:
         name: str = "etcd",
         client_port: int | None = None,
         pki: CertificateAuthority | None = None,
+        cgroup: Path | None = None,
     ) -> None:
         self.directory = directory
         self.name = name
@@ -183,7 +191,7 @@ class EtcdServer:
                 f"--trusted-ca-file={pki.cert_path}",
                 "--client-cert-auth",
             ]
-        self.process = Process(name, argv, directory / f"{name}.log")
+        self.process = Process(name, argv, directory / f"{name}.log", cgroup)
 
     def start(self, timeout: float = 30.0) -> EtcdServer:
         self.process.start()
@@ -265,6 +273,7 @@ class EtcdGrpcProxy:
         name: str = "grpc-proxy",
         pki: CertificateAuthority | None = None,
         backend_cert: CertPair | None = None,
+        cgroup: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -292,7 +301,7 @@ class EtcdGrpcProxy:
                 f"--cert-file={serving.cert}",
                 f"--key-file={serving.key}",
             ]
-        self.process = Process(name, argv, directory / f"{name}.log")
+        self.process = Process(name, argv, directory / f"{name}.log", cgroup)
 
     def start(self, timeout: float = 30.0) -> EtcdGrpcProxy:
         self.process.start()
@@ -323,6 +332,7 @@ class ControlPlane:
         pod_cidr: str = "10.244.0.0/16",
         controller_manager: bool = True,
         scheduler: bool = False,
+        cgroup: Path | None = None,
     ) -> None:
         self.directory = directory
         self.name = name
@@ -335,9 +345,14 @@ class ControlPlane:
             dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
         )
         self.sa = service_account_keys(directory / "pki")
+        # The API server's identity towards node agents (logs, exec); they trust this CA.
+        self.kubelet_client = self.pki.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", organizations=("system:masters",),
+            server=False,
+        )
         self.token = secrets.token_hex(16)
         (directory / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
-        self.etcd = EtcdServer(directory / "etcd", name=f"{name}-k8s-etcd")
+        self.etcd = EtcdServer(directory / "etcd", name=f"{name}-k8s-etcd", cgroup=cgroup)
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = directory / "kubeconfig"
@@ -363,10 +378,15 @@ class ControlPlane:
                 f"--service-account-signing-key-file={self.sa.key}",
                 "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
+                # Node agents listen on 127.0.0.1 (an InternalDNS address of their Node), never on a lab address.
+                "--kubelet-preferred-address-types=InternalDNS",
+                f"--kubelet-certificate-authority={self.pki.cert_path}",
+                f"--kubelet-client-certificate={self.kubelet_client.cert}",
+                f"--kubelet-client-key={self.kubelet_client.key}",
                 "--profiling=false",
                 f"--cert-dir={directory / 'apiserver-certs'}",
             ],
-            directory / "kube-apiserver.log",
+            directory / "kube-apiserver.log", cgroup,
         )
         self.controller_manager = Process(
             "kube-controller-manager",
@@ -389,7 +409,7 @@ class ControlPlane:
                 "--endpointslice-updates-batch-period=0s",
                 "--profiling=false",
             ],
-            directory / "kube-controller-manager.log",
+            directory / "kube-controller-manager.log", cgroup,
         )
         self.scheduler = Process(
             "kube-scheduler",
@@ -400,7 +420,7 @@ class ControlPlane:
                 "--port=0",
                 "--secure-port=0",
             ],
-            directory / "kube-scheduler.log",
+            directory / "kube-scheduler.log", cgroup,
         )
 
     def write_kubeconfig(self, path: Path, context: str | None = None) -> Path:
@@ -437,9 +457,13 @@ class ControlPlane:
         return self
 
     def processes(self) -> Iterator[Process]:
-        yield from (self.scheduler, self.controller_manager, self.apiserver)
+        """The processes this control plane runs, the ones depending on others first."""
+        if self._want_scheduler:
+            yield self.scheduler
+        if self._want_kcm:
+            yield self.controller_manager
+        yield from (self.apiserver, self.etcd.process)
 
     def stop(self) -> None:
         for proc in self.processes():
             proc.stop()
-        self.etcd.stop()

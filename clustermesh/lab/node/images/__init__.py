@@ -1,0 +1,1 @@
+"""Programs the lab's catalog runs for images that have no Debian counterpart (see ``..catalog``)."""
