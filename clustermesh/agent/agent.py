@@ -46,6 +46,10 @@ class AgentConfig:
     """Seconds an unreachable remote's backends keep serving before they are withdrawn."""
     heartbeat_timeout: float = 180.0
     """Seconds without a remote heartbeat change before the remote counts as unreachable."""
+    remote_sync_timeout: float = 10.0
+    """Seconds a starting agent waits for every remote to be ready before it programs without
+    the ones that are not; meanwhile the maps keep what the previous agent wrote, so a restart
+    does not drop remote backends that were serving."""
     debounce: float = 0.05
     tick: float = 1.0
     secrets_namespace: str = "kube-system"
@@ -81,6 +85,8 @@ class Agent:
         # A restarted agent must not program a half-listed cluster (Services without their
         # EndpointSlices would be written with no backends): wait for every first listing.
         self._listed: dict[str, threading.Event] = {}
+        self._started_at = time.monotonic()
+        self._remotes_awaited = True  # until the first programming
         self._merge_problems: set[str] = set()
 
     # ------------------------------------------------------------ setup
@@ -105,6 +111,7 @@ class Agent:
         for name, why in self.refused.items():
             log.error("remote %s refused: %s", name, why)
             metrics.ERRORS.labels("agent", "bad-remote").inc()
+        self._started_at = time.monotonic()
         self.lb = self._lb_factory(self.identity.id)
         self.lb.load()
         for rc in remotes:
@@ -199,7 +206,17 @@ class Agent:
         return cidrs
 
     def ready_to_program(self) -> bool:
-        return bool(self._listed) and all(e.is_set() for e in self._listed.values())
+        if not (self._listed and all(e.is_set() for e in self._listed.values())):
+            return False
+        if self._remotes_awaited:
+            waiting = [name for name, rc in self.remotes.items() if not rc.ready]
+            if waiting and time.monotonic() - self._started_at < self.config.remote_sync_timeout:
+                return False
+            if waiting:
+                log.warning("programming without remotes that are not ready after %.0fs: %s",
+                            self.config.remote_sync_timeout, ", ".join(sorted(waiting)))
+            self._remotes_awaited = False
+        return True
 
     def step(self) -> bool:
         """Merge and reconcile if anything changed; True when the maps were written."""

@@ -355,9 +355,12 @@ class LabMesh:
         deadline = time.monotonic() + timeout
         ready: set[str] = set()
         while time.monotonic() < deadline:
+            # Ready, and the node lifecycle controller has lifted the not-ready taint (pods schedule).
             ready = {n["metadata"]["name"] for n in c.api().request("GET", "/api/v1/nodes")["items"]
                      if any(cond["type"] == "Ready" and cond["status"] == "True"
-                            for cond in n.get("status", {}).get("conditions", []))}
+                            for cond in n.get("status", {}).get("conditions", []))
+                     and not any(t["key"].startswith("node.kubernetes.io/not-ready")
+                                 for t in n.get("spec", {}).get("taints") or [])}
             if ready >= {n.name for n in c.nodes}:
                 return
             time.sleep(0.3)

@@ -232,7 +232,7 @@ def lab_up(args: argparse.Namespace) -> int:
             "  kubectl --context lab-1 exec -ti deploy/x-wing -- curl -s rebel-base\n"
             "  kubectl --context lab-1 scale deployment rebel-base --replicas=0   # failover to lab-2\n"
             "  clustermesh lab status        # clusters, nodes, pods, processes\n"
-            f"  logs: {base}\n",
+            f"  logs: {base} (lab {mesh.tag}: namespaces cml-{mesh.tag}-*)\n",
             flush=True,
         )
         if args.demo:

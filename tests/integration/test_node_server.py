@@ -7,6 +7,7 @@ command on the host. What is under test is the path API server -> node server an
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import select
@@ -209,15 +210,23 @@ def core_api(kubeconfig: str) -> Any:
     return client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
 
 
+def finish(ws: Any) -> None:
+    """Wait for the server to end the session (it closes the socket after the exit status)."""
+    ws.run_forever(timeout=10)
+    if ws.is_open():
+        ws.close()
+        pytest.fail("the session was still open 10 s later")
+
+
 def test_python_client_v4(node: str) -> None:
     from kubernetes.stream import stream
 
     ws = stream(core_api(node).connect_get_namespaced_pod_exec, POD, "default",
                 command=["sh", "-c", "echo out; echo err >&2; exit 4"], stdout=True, stderr=True, stdin=False,
                 tty=False, _preload_content=False, _headers={"sec-websocket-protocol": "v4.channel.k8s.io"})
-    ws.run_forever(timeout=10)
+    finish(ws)
     assert ws.subprotocol == "v4.channel.k8s.io"
-    assert (ws.read_stdout(), ws.read_stderr(), ws.returncode) == ("out\n", "err\n", 4)
+    assert (ws.read_stdout(timeout=0), ws.read_stderr(timeout=0), ws.returncode) == ("out\n", "err\n", 4)
 
 
 def test_python_client_tty_resize(node: str) -> None:
@@ -228,8 +237,8 @@ def test_python_client_tty_resize(node: str) -> None:
                 tty=True, _preload_content=False)
     ws.write_channel(4, json.dumps({"Width": 100, "Height": 30}))
     ws.write_stdin("go\n")
-    ws.run_forever(timeout=10)
-    out = ws.read_stdout()
+    finish(ws)
+    out = ws.read_stdout(timeout=0)
     assert "30 100\r\n" in out, out
     assert "/dev/pts/" in out, out
     assert ws.returncode == 0
@@ -260,4 +269,66 @@ def test_client_gone_kills_command(node: str) -> None:
     deadline = time.monotonic() + 5
     while sleepers(marker):
         assert time.monotonic() < deadline, "the command outlived its client"
+        time.sleep(0.1)
+
+
+def test_direct_v1_base64_refusals_and_stop(tmp_path: Path) -> None:
+    """Without the API server: the older subprotocols, what is refused, and stop() ending live sessions."""
+    import ssl
+
+    import aiohttp
+
+    from clustermesh.lab.pki import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "pki")
+    serving = ca.issue("node", "node", server=True, client=False)
+    client = ca.issue("apiserver", "apiserver", server=False)
+    ctx = ssl.create_default_context(cafile=str(ca.cert_path))
+    ctx.load_cert_chain(str(client.cert), str(client.key))
+    query = "command=sh&command=-c&command=echo+hi%3B+exit+2&output=1&error=1"
+    marker = f"{1300 + os.getpid() % 1000}.5"
+
+    async def scenario() -> None:
+        server = NodeServer(FakeContainers(tmp_path), 0, serving.cert, serving.key, ca.cert_path)
+        await server.start()
+        base = f"https://127.0.0.1:{server.port}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{base}/healthz", ssl=ctx) as resp:
+                    assert (resp.status, await resp.text()) == (200, "ok")
+                async with http.post(f"{base}/portForward/default/{POD}", ssl=ctx) as resp:
+                    assert resp.status == 400 and "port-forward are not supported" in await resp.text()
+                async with http.get(f"{base}/containerLogs/default/other/{CONTAINER}", ssl=ctx) as resp:
+                    assert resp.status == 404 and "pod default/other is not on node" in await resp.text()
+                url = f"{base}/exec/default/{POD}/{CONTAINER}?{query}"
+                async with http.ws_connect(url, ssl=ctx, protocols=["channel.k8s.io"]) as ws:
+                    frames = [m.data async for m in ws]
+                assert frames[:2] == [b"\x01", b"\x01hi\n"]  # the kubelet's "streams are up", then stdout
+                assert frames[2].startswith(b"\x03command terminated with non-zero exit code")  # v1: bare text
+                async with http.ws_connect(url, ssl=ctx, protocols=["v4.base64.channel.k8s.io"]) as ws:
+                    frames = [m.data async for m in ws]
+                assert frames[:2] == ["1", "1" + base64.b64encode(b"hi\n").decode()]
+                status = json.loads(base64.b64decode(frames[2][1:]))
+                assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "2"}]
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(url, ssl=ctx, protocols=["v9.channel.k8s.io"])
+                assert refused.value.status == 400
+                live = await http.ws_connect(f"{base}/exec/default/{POD}/{CONTAINER}?command=sleep&command={marker}"
+                                             f"&output=1", ssl=ctx, protocols=["v5.channel.k8s.io"])
+                assert (await live.receive()).data == b"\x01"
+                assert sleepers(marker)
+                await asyncio.wait_for(server.stop(), 5)
+                await live.close()
+            async with aiohttp.ClientSession() as http:
+                await server.start()
+                with pytest.raises(aiohttp.ClientError):  # no client certificate: no service
+                    await http.get(f"https://127.0.0.1:{server.port}/healthz",
+                                   ssl=ssl.create_default_context(cafile=str(ca.cert_path)))
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 5
+    while sleepers(marker):
+        assert time.monotonic() < deadline, "stop() left the command running"
         time.sleep(0.1)

@@ -313,7 +313,10 @@ class Container:
             self.state.waiting = None
             self.state.terminated = None
             self.state.started = True
-            self.state.ready = spec.probe(self.spec.get("readinessProbe")) is None
+            # An adopted container keeps the readiness it had: a node agent restart must not
+            # pull the pod out of its Services until the first probe runs.
+            self.state.ready = (spec.probe(self.spec.get("readinessProbe")) is None
+                                or (not ours and self._was_ready()))
             self.liveness_failed.clear()
             self.exited.clear()
             self._start_probes()
@@ -362,6 +365,10 @@ class Container:
             self.state.restart_count = self.record.restarts
             with contextlib.suppress(OSError):
                 self.log_path.replace(self.worker.dir / f"{self.name}.previous.log")
+
+    def _was_ready(self) -> bool:
+        return any(cs.get("name") == self.name and cs.get("ready")
+                   for cs in self.worker.server_status.get("containerStatuses") or [])
 
     async def stop(self, grace: float) -> None:
         """Stop signal, then SIGKILL of the container's cgroup after ``grace`` seconds."""

@@ -304,7 +304,7 @@ class ExecSession:
         # Binary protocols take text frames too, as the kubelet does: the python client sends str stdin
         # as text, its first character being the channel.
         if msg.type is WSMsgType.TEXT:
-            return None
+            data = str(msg.data).encode()
         elif msg.type is WSMsgType.BINARY:
             data = bytes(msg.data)
         else:

@@ -1,0 +1,329 @@
+"""The lab as users meet it: real Kubernetes driven by kubectl, and the Star Wars failover.
+
+One lab (2 clusters x 2 nodes) for the module, brought up by ``clustermesh lab up`` exactly
+as the README says; the tests run in order against it and the last one closes it with
+SIGHUP (a closed terminal), which must leave nothing behind. A second, smaller lab checks
+that ``clustermesh lab down`` cleans up after a ``kill -9`` of ``lab up`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clustermesh.lab.kubeapi import eventually
+from clustermesh.lab.run import XwingLoop
+from tests.prereq import require, require_binary, require_root
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "demo" / "starwars"
+
+
+def _prereqs() -> None:
+    require_root()
+    for binary in ("etcd", "etcdctl", "ip", "kubectl", "iptables", "nginx", "curl"):
+        require_binary(binary)
+    from clustermesh.lab.servers import ServerError, find_binary
+
+    for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy"):
+        try:
+            find_binary(name)
+        except ServerError as exc:
+            require(False, name, str(exc))
+
+
+class Lab:
+    def __init__(self, directory: Path, clusters: int = 2, nodes: int = 2) -> None:
+        self.dir = directory
+        self.log = directory.parent / f"{directory.name}-up.log"
+        self.out = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clustermesh.cli", "lab", "up", "--dir", str(directory),
+             "--clusters", str(clusters), "--nodes", str(nodes)],
+            stdout=self.out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+        )
+        deadline = time.monotonic() + 240
+        while "The lab is up" not in self.output():
+            assert self.proc.poll() is None, f"lab up exited:\n{self.output()}"
+            assert time.monotonic() < deadline, f"lab not up in 240 s:\n{self.output()}"
+            time.sleep(0.5)
+        self.state: dict[str, Any] = json.loads((directory / "state.json").read_text())
+        self.kubeconfig = str(directory / "kubeconfig")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kubectl(self, context: str, *args: str, check: bool = True, timeout: float = 120) -> str:
+        res = subprocess.run(["kubectl", "--kubeconfig", self.kubeconfig, "--context", context, *args],
+                             capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert res.returncode == 0, f"kubectl {' '.join(args)}: {res.stderr}"
+        return res.stdout + res.stderr
+
+    def json(self, context: str, *args: str) -> Any:
+        return json.loads(self.kubectl(context, *args, "-o", "json"))
+
+    def pods(self, context: str, selector: str) -> list[dict[str, Any]]:
+        return list(self.json(context, "get", "pods", "-l", selector)["items"])
+
+    def stop(self, sig: int = signal.SIGHUP, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.out.close()
+        return code
+
+    def down(self) -> None:
+        subprocess.run([sys.executable, "-m", "clustermesh.cli", "lab", "down", "--dir", str(self.dir)],
+                       cwd=REPO, capture_output=True, timeout=180)
+
+
+def leftovers(state: dict[str, Any]) -> list[str]:
+    """Everything of a lab that is still there: processes, namespaces, links, cgroups, pins, mounts."""
+    found = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [f"netns {n}" for n in netns.split() if n.startswith(state["netns_prefix"])]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    found += [f"host link {line.split(':')[1].strip()}" for line in links.splitlines() if state["tag"] in line]
+    if Path(state["cgroup_root"]).exists():
+        found.append(f"cgroup {state['cgroup_root']}")
+    found += [f"pins {n['pin_dir']}" for n in state["nodes"].values() if Path(n["pin_dir"]).exists()]
+    lab_dir = state["directory"].encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if lab_dir in (proc / "cmdline").read_bytes():
+                    found.append(f"process {proc.name}")
+            except OSError:
+                pass
+    mounts = Path("/proc/self/mountinfo").read_text()
+    found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if state["directory"] in line]
+    return found
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    _prereqs()
+    lab = Lab(tmp_path_factory.mktemp("e2e") / "lab")
+    try:
+        yield lab
+    finally:
+        if lab.proc.poll() is None:
+            lab.stop()
+        lab.down()
+
+
+def test_nodes_register_ready_with_lease_and_pod_cidr(lab: Lab) -> None:
+    for context in ("lab-1", "lab-2"):
+        nodes = lab.json(context, "get", "nodes")["items"]
+        assert len(nodes) == 2
+        for node in nodes:
+            ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+            assert ready["Ready"] == "True", node["status"]["conditions"]
+            assert node["spec"]["podCIDR"].startswith(f"10.{243 + int(context[-1])}.")
+            assert not any(t["key"] == "node.kubernetes.io/not-ready" for t in node["spec"].get("taints", []))
+            assert node["metadata"]["labels"]["kubernetes.io/hostname"] == node["metadata"]["name"]
+        leases = lab.json(context, "get", "leases", "-n", "kube-node-lease")["items"]
+        assert {x["metadata"]["name"] for x in leases} == {n["metadata"]["name"] for n in nodes}
+
+
+def test_cilium_demo_manifests_run_unchanged(lab: Lab) -> None:
+    for i, context in ((1, "lab-1"), (2, "lab-2")):
+        lab.kubectl(context, "apply", "-f", str(DEMO / f"cluster{i}.yaml"))
+    for context in ("lab-1", "lab-2"):
+        lab.kubectl(context, "rollout", "status", "deployment/rebel-base", "deployment/x-wing", "--timeout=120s",
+                    timeout=150)
+        for pod in lab.pods(context, "name in (rebel-base, x-wing)"):
+            conditions = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+            assert pod["status"]["phase"] == "Running"
+            assert conditions["Ready"] == conditions["ContainersReady"] == conditions["PodScheduled"] == "True"
+            assert pod["status"]["podIP"] == pod["status"]["podIPs"][0]["ip"]
+            assert pod["status"]["hostIP"].startswith("192.168.100.")
+
+
+def answers(lab: Lab, context: str, count: int = 30) -> dict[str, int]:
+    out = lab.kubectl(context, "exec", "deploy/x-wing", "--", "sh", "-c",
+                      f"for i in $(seq {count}); do curl -s --max-time 2 rebel-base || echo FAILED; done")
+    clusters = re.findall(r'"Cluster": "(Cluster-\d)"', out)
+    return {name: clusters.count(name) for name in set(clusters)} | {"failed": out.count("FAILED")}
+
+
+def test_x_wing_is_answered_by_both_clusters(lab: Lab) -> None:
+    def both() -> None:
+        got = answers(lab, "lab-1")
+        assert got["failed"] == 0 and {"Cluster-1", "Cluster-2"} <= set(got), got
+
+    eventually(both, timeout=60, interval=1)
+    got = answers(lab, "lab-2")
+    assert {"Cluster-1", "Cluster-2"} <= set(got) and got["failed"] == 0, got
+
+
+def test_kubectl_logs_shows_the_requests(lab: Lab) -> None:
+    logs = "".join(lab.kubectl("lab-1", "logs", p["metadata"]["name"])
+                   for p in lab.pods("lab-1", "name=rebel-base"))
+    assert 'GET / HTTP/1.1" 200' in logs
+    xwing = lab.pods("lab-1", "name=x-wing")[0]["metadata"]["name"]
+    tail = lab.kubectl("lab-1", "logs", xwing, "--tail=1").strip().splitlines()
+    assert len(tail) == 1
+
+
+def test_kube_proxy_serves_a_non_global_service(lab: Lab) -> None:
+    lab.kubectl("lab-1", "expose", "deployment", "x-wing", "--name", "xwing-local", "--port", "80")
+
+    def answered() -> None:
+        out = lab.kubectl("lab-1", "exec", "deploy/rebel-base", "--", "curl", "-s", "--max-time", "2",
+                          "xwing-local/", check=False)
+        assert '"public"' in out, out
+
+    eventually(answered, timeout=30, interval=1)
+    # The rules are kube-proxy's, in the node namespace, not the host's.
+    node_ns = next(iter(lab.state["nodes"].values()))["netns"]
+    rules = subprocess.run(["ip", "netns", "exec", node_ns, "iptables-save", "-t", "nat"],
+                           capture_output=True, text=True).stdout
+    assert "default/xwing-local" in rules
+    host = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    assert "xwing-local" not in host
+
+
+def _failover(lab: Lab, act: Any, settle: Any, only_remote_for: float = 2.0) -> None:
+    """Act in lab-1 while x-wing asks in a loop: no request fails, and (when lab-1 has no
+    backend for a while) every answer in that while is lab-2's."""
+    loop = XwingLoop(lab.kubeconfig, "lab-1")
+    try:
+        eventually(lambda: _saw(loop, {"Cluster-1", "Cluster-2"}), timeout=60, interval=0.5)
+        t0 = time.monotonic()
+        act()
+
+        def only_remote() -> None:
+            recent = [w for t, w in loop.answers.since(time.monotonic() - only_remote_for)]
+            assert recent and "Cluster-1" not in recent and time.monotonic() - t0 > only_remote_for, recent
+
+        if only_remote_for:
+            eventually(only_remote, timeout=30, interval=0.5)
+        settle()
+        eventually(lambda: _saw(loop, {"Cluster-1", "Cluster-2"}), timeout=90, interval=0.5)
+        after = [w for _, w in loop.answers.since(t0)]
+        assert after.count("failed") == 0, f"{after.count('failed')} failed of {len(after)}"
+    finally:
+        loop.stop()
+
+
+def _saw(loop: XwingLoop, want: set[str]) -> None:
+    recent = {w for _, w in loop.answers.since(time.monotonic() - 2)}
+    assert recent == want, recent
+
+
+def test_scale_to_zero_fails_over_without_a_failed_request(lab: Lab) -> None:
+    _failover(
+        lab,
+        lambda: lab.kubectl("lab-1", "scale", "deployment", "rebel-base", "--replicas=0"),
+        lambda: lab.kubectl("lab-1", "scale", "deployment", "rebel-base", "--replicas=2"),
+    )
+
+
+def test_deleting_the_backends_fails_over_without_a_failed_request(lab: Lab) -> None:
+    old = {p["metadata"]["name"] for p in lab.pods("lab-1", "name=rebel-base")}
+
+    def replaced() -> None:
+        pods = lab.pods("lab-1", "name=rebel-base")
+        fresh = [p for p in pods if p["metadata"]["name"] not in old and p["status"].get("phase") == "Running"]
+        assert len(pods) == len(fresh) == 2, [p["metadata"]["name"] for p in pods]
+
+    # The Deployment makes new backends within seconds: there may be no lab-2-only while.
+    _failover(
+        lab,
+        lambda: lab.kubectl("lab-1", "delete", "pod", "-l", "name=rebel-base", "--wait=false"),
+        lambda: eventually(replaced, timeout=60, interval=0.5),
+        only_remote_for=0,
+    )
+
+
+def _main_pid(lab: Lab, pod: dict[str, Any]) -> int:
+    node = pod["spec"]["nodeName"]
+    record = lab.dir / "lab-1" / "nodes" / node / "pods" / pod["metadata"]["uid"] / "record.json"
+    return int(json.loads(record.read_text())["containers"]["rebel-base"]["pid"])
+
+
+def test_kill_9_of_a_backend_restarts_its_container(lab: Lab) -> None:
+    lab.kubectl("lab-1", "rollout", "status", "deployment/rebel-base", "--timeout=60s")
+    pods = lab.pods("lab-1", "name=rebel-base")
+    for pod in pods:
+        os.kill(_main_pid(lab, pod), signal.SIGKILL)
+
+    def restarted() -> None:
+        for pod in lab.pods("lab-1", "name=rebel-base"):
+            status = pod["status"]["containerStatuses"][0]
+            assert status["restartCount"] == 1 and status["ready"], status
+            assert status["lastState"]["terminated"]["exitCode"] == 137
+
+    eventually(restarted, timeout=60, interval=1)
+    eventually(lambda: _both(lab), timeout=60, interval=1)
+
+
+def _both(lab: Lab) -> None:
+    got = answers(lab, "lab-1", 20)
+    assert {"Cluster-1", "Cluster-2"} <= set(got), got
+
+
+def _lab_pids(lab: Lab, needle: str) -> list[int]:
+    procs = Path(lab.state["cgroup_root"], "system", "cgroup.procs").read_text().split()
+    found = []
+    for pid in procs:
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_killed_agents_and_operator_come_back_and_the_demo_still_fails_over(lab: Lab) -> None:
+    kubeconfig_1 = str(lab.dir / "lab-1" / "control-plane" / "kubeconfig")
+    victims = (_lab_pids(lab, f"clustermesh.cli operator --kubeconfig {kubeconfig_1}")
+               + _lab_pids(lab, f"clustermesh.cli agent --kubeconfig {kubeconfig_1}")
+               + _lab_pids(lab, f"clustermesh.lab.node.agent --kubeconfig {kubeconfig_1}"))
+    assert len(victims) == 5, victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    eventually(lambda: _all_restarted(lab, 5), timeout=30, interval=0.5)
+    assert lab.proc.poll() is None, "the lab stays up"
+    eventually(lambda: _both(lab), timeout=60, interval=1)
+    test_scale_to_zero_fails_over_without_a_failed_request(lab)
+
+
+def _all_restarted(lab: Lab, n: int) -> None:
+    assert lab.output().count(" restarted (pid ") >= n, lab.output()[-2000:]
+
+
+def test_sighup_tears_the_lab_down_completely(lab: Lab) -> None:
+    state = lab.state
+    code = lab.stop(signal.SIGHUP)
+    assert code != 0 or "[lab] down" in lab.output()
+    assert "[lab] tearing down" in lab.output()
+    assert leftovers(state) == []
+    assert not (lab.dir / "state.json").exists()
+
+
+def test_lab_down_cleans_up_after_lab_up_was_killed(tmp_path: Path) -> None:
+    _prereqs()
+    lab = Lab(tmp_path / "lab", clusters=2, nodes=1)
+    try:
+        lab.kubectl("lab-1", "create", "deployment", "web", "--image=nginx")
+        lab.kubectl("lab-1", "rollout", "status", "deployment/web", "--timeout=60s")
+        os.killpg(lab.proc.pid, signal.SIGKILL)
+        lab.proc.wait(10)
+        assert leftovers(lab.state), "the test needs something left behind to clean"
+    finally:
+        lab.down()
+    assert leftovers(lab.state) == []
+    assert not (lab.dir / "state.json").exists()
