@@ -357,6 +357,7 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float, client: Client
 class Round:
     variant: str
     index: int
+    t0: float  # CLOCK_MONOTONIC
     failover: float  # t0 -> last Cluster-1 answer before the outage
     outage: float | None  # that answer -> the next Cluster-1 answer (None: none in the round)
     failed: int  # t0 .. last Cluster-1 answer + settle
@@ -384,7 +385,7 @@ def analyse(client: Client, variant: str, index: int, t0: float, end: float, set
     start, stop = longest_gap([t0, *local, end])
     fails = [(t, w) for t, w in events if w.startswith("FAIL")]
     return Round(
-        variant=variant, index=index, failover=start - t0,
+        variant=variant, index=index, t0=t0, failover=start - t0,
         outage=(stop - start) if stop < end else None,
         failed=sum(1 for t, _ in fails if t <= start + settle), failed_all=len(fails),
         last_fail=(fails[-1][0] - t0) if fails else None,
@@ -600,6 +601,14 @@ def table(results: dict[str, list[Round]], client_rate: float | None) -> str:
     return "\n".join(lines)
 
 
+def write_events(path: Path, client: Client, results: dict[str, list[Round]]) -> None:
+    """The raw timeline, for a look at one round: ``<time> <answer>`` lines and ``<t0> ROUND <v> <i>`` markers."""
+    marks = sorted((r.t0, f"ROUND {r.variant} {r.index}") for rs in results.values() for r in rs)
+    lines = [f"{t:.6f} {w}" for t, w in sorted([*client.between(0), *marks])]
+    path.write_text("\n".join(lines) + "\n")
+    say(f"events written to {path}")
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -656,6 +665,7 @@ def main() -> int:
     p.add_argument("--lab-dir", type=Path, help="use this running lab (clustermesh lab up --dir DIR)")
     p.add_argument("--keep", action="store_true", help="leave the lab this started up")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of the table")
+    p.add_argument("--events", type=Path, help="write every request (time, answer) and each round's t0 here")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -704,6 +714,8 @@ def main() -> int:
         finally:
             if client is not None:
                 client.stop()
+                if args.events:
+                    write_events(args.events, client, results)
             if any(results.values()):
                 if args.json:
                     doc = {"config": {"rounds": args.rounds, "variants": variants, "rate": args.rate,

@@ -308,7 +308,7 @@ class LabMesh:
     def _start_node_agent(self, node: LabNodeInfo) -> None:
         c = node.cluster
         assert c.cp is not None
-        serving = c.cp.pki.issue(f"node-agent-{node.name}", node.name, ips=("127.0.0.1",))
+        serving = c.cp.pki.issue(f"node-agent-{node.name}", node.name, ips=("127.0.0.1",), client=False)
         self._start(f"{node.name}-node-agent", [
             sys.executable, "-m", "clustermesh.lab.node.agent", "--kubeconfig", str(c.cp.kubeconfig),
             "--node", node.name, "--netns", node.netns.netns, "--address", node.netns.address,

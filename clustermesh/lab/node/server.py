@@ -369,7 +369,10 @@ class ExecSession:
         try:
             await asyncio.wait({exited, client}, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():
-                log.debug("exec %s: client went away, killing it", opts.command)
+                if (exc := client.exception()) is not None:
+                    log.warning("exec %s: reading the client failed, killing the command: %r", opts.command, exc)
+                else:
+                    log.debug("exec %s: the client went away, killing the command", opts.command)
                 self.kill()
                 return
             code = exited.result()
