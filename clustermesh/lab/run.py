@@ -330,9 +330,35 @@ def lab_status(args: argparse.Namespace) -> int:
 
 
 def _short(argv: list[bytes]) -> str:
+    """A lab process as a person names it: which component, of which cluster or node."""
     words = [a.decode(errors="replace") for a in argv if a]
-    text = " ".join(Path(words[0]).name if i == 0 else w for i, w in enumerate(words))
-    return text[:150]
+    if not words:
+        return "?"
+
+    def opt(name: str) -> str:
+        for i, w in enumerate(words):
+            if w == name and i + 1 < len(words):
+                return words[i + 1]
+            if w.startswith(name + "="):
+                return w.split("=", 1)[1]
+        return ""
+
+    binary = Path(words[0]).name
+    if "clustermesh.lab.node.agent" in words:
+        return f"node agent       {opt('--node')}"
+    if "clustermesh.cli" in words:
+        component = words[words.index("clustermesh.cli") + 1]
+        where = opt("--node") or Path(opt("--kubeconfig")).parent.parent.name
+        return f"{component:<16} {where}"
+    if "kube-proxy" in " ".join(words[:6]):
+        return f"kube-proxy       {opt('--hostname-override')}"
+    if binary == "etcd" and "grpc-proxy" in words:
+        return f"etcd grpc-proxy  {opt('--listen-addr')}"
+    if binary == "etcd":
+        return f"etcd             {opt('--name')}"
+    if binary.startswith("kube-"):
+        return f"{binary:<16} {Path(opt('--kubeconfig') or opt('--token-auth-file')).parent.parent.name}"
+    return " ".join(words)[:120]
 
 
 def lab_xwing(args: argparse.Namespace) -> int:

@@ -327,3 +327,33 @@ def test_lab_down_cleans_up_after_lab_up_was_killed(tmp_path: Path) -> None:
         lab.down()
     assert leftovers(lab.state) == []
     assert not (lab.dir / "state.json").exists()
+
+
+def test_a_closed_stdout_tears_the_lab_down(tmp_path: Path) -> None:
+    """A terminal that goes away without a SIGHUP (or a reader of the lab's output that quits)."""
+    _prereqs()
+    directory = tmp_path / "lab"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clustermesh.cli", "lab", "up", "--dir", str(directory), "--clusters", "1",
+         "--nodes", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+    )
+    assert proc.stdout is not None
+    state: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:
+            if b"The lab is up" in line:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None
+        state = json.loads((directory / "state.json").read_text())
+        proc.stdout.close()
+        proc.wait(120)
+        left = leftovers(state)
+        assert left == [], left
+        assert not (directory / "state.json").exists(), "the lab removed itself"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([sys.executable, "-m", "clustermesh.cli", "lab", "down", "--dir", str(directory)],
+                       cwd=REPO, capture_output=True, timeout=180)

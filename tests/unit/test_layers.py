@@ -16,6 +16,7 @@ GATEKEEPERS = {
     "kubernetes": {"kube.py"},
     "bcc": {"datapath/loader.py"},
     "pyroute2": {"agent/routes.py"},  # and nothing else
+    "aiohttp": {"lab/node/server.py", "lab/node/api.py"},  # the lab's kubelet: its server and its client
 }
 
 PURE = [
@@ -26,8 +27,9 @@ PURE = [
     "agent/routing.py",
     "datapath/model.py",
     "datapath/plan.py",
+    "lab/node/spec.py",
 ]
-IO_LIBRARIES = {"etcd3", "grpc", "kopf", "kubernetes", "bcc", "pyroute2", "socket", "subprocess", "urllib"}
+IO_LIBRARIES = {"etcd3", "grpc", "kopf", "kubernetes", "bcc", "pyroute2", "socket", "subprocess", "urllib", "aiohttp"}
 
 
 def imported_roots(path: Path) -> set[str]:

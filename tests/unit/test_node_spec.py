@@ -29,7 +29,7 @@ EARLIER = "2024-01-01T00:00:00Z"
 def make_pod(name: str = "web", ns: str = "default", containers: list[Obj] | None = None, **spec_: Any) -> Obj:
     return {
         "metadata": {"name": name, "namespace": ns, "uid": "uid-1",
-                     "labels": {"app": "web", "tier": "front"}, "annotations": {"note": "hello"}},
+                     "labels": {"tier": "front", "app": "web"}, "annotations": {"note": "hello"}},
         "spec": {"nodeName": "node-1", "serviceAccountName": "sa-1",
                  "containers": containers or [{"name": "c"}], **spec_},
         "status": {"podIP": "10.1.0.5", "hostIP": "192.168.0.2",
@@ -253,6 +253,13 @@ def test_field_ref(path: str, want: str) -> None:
     assert spec.field_value(make_pod(), path) == want
 
 
+@pytest.mark.parametrize("path", ["spec.nodeName", "spec.serviceAccountName", "status.podIP", "status.hostIP",
+                                  "status.podIPs", "metadata.labels", "metadata.labels['app']"])
+def test_field_ref_unset_is_empty(path: str) -> None:
+    pod = {"metadata": {"name": "p", "namespace": "default"}, "spec": {"containers": [{"name": "c"}]}}
+    assert spec.field_value(pod, path) == ""
+
+
 def test_field_ref_label_map_is_go_quoted() -> None:
     # fieldpath.FormatMap writes each value with Go's %q, so quotes and newlines are escaped.
     pod = make_pod()
@@ -316,6 +323,15 @@ def test_service_env_skips_services_without_cluster_ip(ip: str | None) -> None:
     assert spec.service_env([service("headless", ip, [{"port": 80}])]) == {}
 
 
+def test_service_env_first_port_protocol() -> None:
+    env = spec.service_env([service("dns", "10.0.0.10", [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                                         {"name": "dns-tcp", "port": 53, "protocol": "TCP"}])])
+    assert env["DNS_PORT"] == "udp://10.0.0.10:53"
+    assert env["DNS_PORT_53_UDP"] == "udp://10.0.0.10:53"
+    assert env["DNS_PORT_53_TCP"] == "tcp://10.0.0.10:53"
+    assert env["DNS_SERVICE_PORT_DNS_TCP"] == "53"
+
+
 def test_service_env_ipv6_uses_join_host_port() -> None:
     env = spec.service_env([service("v6", "fd00::10", [{"port": 80}])])
     assert env["V6_PORT"] == "tcp://[fd00::10]:80"
@@ -332,6 +348,15 @@ def test_service_links_in_container_env() -> None:
     assert env["BACKEND_SERVICE_PORT"] == "9999"  # the pod's own var wins over the service link
     assert env["KUBERNETES_SERVICE_HOST"] == "10.0.0.1"
     assert env["KUBERNETES_SERVICE_PORT_HTTPS"] == "443"
+
+
+def test_enable_service_links_false() -> None:
+    container: Obj = {"name": "c"}
+    pod = make_pod(containers=[container], enableServiceLinks=False)
+    services = [service("kubernetes", "10.0.0.1", [{"port": 443}]), service("backend", "10.0.0.20", [{"port": 80}])]
+    env = spec.container_env(pod, container, NOTHING, services)
+    assert env["KUBERNETES_SERVICE_HOST"] == "10.0.0.1"
+    assert not any(k.startswith("BACKEND_") for k in env)
 
 
 def test_enable_service_links_false_keeps_only_the_master_service() -> None:
@@ -685,10 +710,15 @@ def test_backoff_never_negative_or_above_cap() -> None:
 def test_hosts_file_base() -> None:
     lines = spec.hosts_file(make_pod(), "10.1.0.5", []).splitlines()
     assert lines[0].startswith("# Kubernetes-managed hosts file")
+    assert lines[1:3] == ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    assert "10.1.0.5\tweb" in lines
+
+
+def test_hosts_file_ipv6_names() -> None:
+    lines = spec.hosts_file(make_pod(), "10.1.0.5", []).splitlines()
     assert lines[1:7] == ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
                           "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
                           "fe00::1\tip6-allnodes", "fe00::2\tip6-allrouters"]
-    assert "10.1.0.5\tweb" in lines
 
 
 def test_hosts_file_without_ip_has_no_pod_line() -> None:

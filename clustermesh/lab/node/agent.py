@@ -196,8 +196,11 @@ class Container:
     # -------------------------------------------------------------- start
 
     async def _program(self) -> tuple[list[str], catalog.Program] | None:
-        pod = self.worker.pod
         agent = self.worker.agent
+        # The API server may not have our status yet: the pod's own addresses come from us.
+        ips = {"podIP": self.worker.record.ip, "podIPs": [{"ip": self.worker.record.ip}],
+               "hostIP": agent.cfg.address}
+        pod = {**self.worker.pod, "status": {**self.worker.pod.get("status", {}), **ips}}
         try:
             env = spec.container_env(pod, self.spec, agent.lookup_cached, agent.services_of(self.worker.namespace),
                                      node_capacity=agent.capacity)
@@ -940,18 +943,20 @@ class NodeAgent:
                 for pod in obj.get("items", []):
                     seen.add(pod["metadata"]["uid"])
                     await self._pod_event(pod)
-                for uid, w in list(self.workers.items()):
-                    if uid not in seen:
-                        w.gone = True
-                        w.deleting.set()
+                for uid in [uid for uid in self.workers if uid not in seen]:
+                    self._forget(uid)
                 self._adopt_orphans(seen)
             elif kind in ("ADDED", "MODIFIED"):
                 await self._pod_event(obj)
             elif kind == "DELETED":
-                w = self.workers.get(obj["metadata"]["uid"])
-                if w is not None:
-                    w.gone = True
-                    w.deleting.set()
+                self._forget(obj["metadata"]["uid"])
+
+    def _forget(self, uid: str) -> None:
+        """The pod object is gone (force-deleted): stop its containers now, no final DELETE."""
+        w = self.workers.get(uid)
+        if w is not None:
+            w.gone = True
+            w.deleting.set()
 
     async def _pod_event(self, pod: Obj) -> None:
         uid = pod["metadata"]["uid"]
