@@ -293,16 +293,62 @@ def test_killed_agents_and_operator_come_back_and_the_demo_still_fails_over(lab:
                + _lab_pids(lab, f"clustermesh.cli agent --kubeconfig {kubeconfig_1}")
                + _lab_pids(lab, f"clustermesh.lab.node.agent --kubeconfig {kubeconfig_1}"))
     assert len(victims) == 5, victims
+    before = _restart_counts(lab)
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     eventually(lambda: _all_restarted(lab, 5), timeout=30, interval=0.5)
     assert lab.proc.poll() is None, "the lab stays up"
+    # The restarted node agents adopted their pods: the same containers, none restarted.
+    eventually(lambda: _adopted(lab), timeout=30, interval=0.5)
+    assert _restart_counts(lab) == before
     eventually(lambda: _both(lab), timeout=60, interval=1)
     test_scale_to_zero_fails_over_without_a_failed_request(lab)
 
 
+def _restart_counts(lab: Lab) -> dict[str, int]:
+    return {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
+            for p in lab.pods("lab-1", "name in (rebel-base, x-wing)")}
+
+
+def _adopted(lab: Lab) -> None:
+    logs = "".join(p.read_text() for p in (lab.dir / "lab-1" / "nodes").glob("*-node-agent.log"))
+    assert logs.count("adopted container") >= 4, logs[-1500:]
+
+
 def _all_restarted(lab: Lab, n: int) -> None:
     assert lab.output().count(" restarted (pid ") >= n, lab.output()[-2000:]
+
+
+def test_a_silent_node_agent_loses_its_pods_readiness_and_reasserts_it(lab: Lab) -> None:
+    """Kubernetes' node lifecycle: no Lease renewal for 40 s -> the node is Unknown and its pods not
+    ready (their endpoints leave); once the node agent is back, it makes them Ready again."""
+    node = "lab-1-node-1"
+    on_node = [p["metadata"]["name"] for p in lab.pods("lab-1", "name in (rebel-base, x-wing)")
+               if p["spec"]["nodeName"] == node]
+    assert on_node
+    (agent,) = _lab_pids(lab, f"clustermesh.lab.node.agent --kubeconfig {lab.dir}/lab-1/control-plane/kubeconfig "
+                              f"--node {node} ")
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        def pods_ready() -> dict[str, str]:
+            return {p["metadata"]["name"]: next(c["status"] for c in p["status"]["conditions"] if c["type"] == "Ready")
+                    for p in lab.pods("lab-1", "name in (rebel-base, x-wing)") if p["metadata"]["name"] in on_node}
+
+        def marked_not_ready() -> None:
+            conditions = lab.json("lab-1", "get", "node", node)["status"]["conditions"]
+            assert next(c["status"] for c in conditions if c["type"] == "Ready") == "Unknown"
+            assert set(pods_ready().values()) == {"False"}, pods_ready()
+
+        eventually(marked_not_ready, timeout=90, interval=2)
+    finally:
+        os.kill(agent, signal.SIGCONT)
+
+    def ready_again() -> None:
+        conditions = lab.json("lab-1", "get", "node", node)["status"]["conditions"]
+        assert next(c["status"] for c in conditions if c["type"] == "Ready") == "True"
+        assert set(pods_ready().values()) == {"True"}, pods_ready()
+
+    eventually(ready_again, timeout=60, interval=1)
 
 
 def test_sighup_tears_the_lab_down_completely(lab: Lab) -> None:
