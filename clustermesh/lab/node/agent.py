@@ -231,7 +231,7 @@ class Container:
             mounts = [*mounts, {"source": str(self.dir), "target": str(self.dir)}]
         launch = {
             "cgroup": str(self.cgroup), "netns": self.worker.record.netns,
-            "hostname": self.worker.pod["spec"].get("hostname") or self.worker.name,
+            "hostname": spec.pod_hostname(self.worker.pod)[0],
             "mounts": mounts, "etc": self.worker.etc_files(), "argv": argv, "env": self.env, "workdir": self.workdir,
         }
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -507,7 +507,7 @@ class PodWorker:
         etc.mkdir(parents=True, exist_ok=True)
         self.write_hosts()
         (etc / "resolv.conf").write_text(spec.resolv_conf(self.namespace))
-        (etc / "hostname").write_text((self.pod["spec"].get("hostname") or self.name) + "\n")
+        (etc / "hostname").write_text(spec.pod_hostname(self.pod)[0] + "\n")
         self.record.start_time = self.record.start_time or now()
         self.save()
 

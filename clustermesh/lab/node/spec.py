@@ -2,16 +2,20 @@
 
 Environment (``env``, ``envFrom``, ``fieldRef``, key refs, ``$(VAR)`` expansion and the
 service links), volume contents (ConfigMap, Secret, downwardAPI, projected), probes with
-Kubernetes' defaults, and the Pod status a kubelet reports. No I/O: the node agent
-passes the ConfigMaps, Secrets and Services it fetched.
+Kubernetes' defaults, the Pod status a kubelet reports and the pod's /etc/hosts, all as
+Kubernetes 1.20's kubelet does them. No I/O: the node agent passes the ConfigMaps, Secrets
+and Services it fetched.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 Obj = dict[str, Any]
@@ -23,7 +27,28 @@ class ConfigError(ValueError):
     """The pod refers to something missing: a kubelet reports CreateContainerConfigError."""
 
 
+class ConfigMapData(dict[str, bytes]):
+    """A ConfigMap's keys, ``data`` and ``binaryData`` together, remembering which came from
+    ``binaryData``: volumes project both, but envFrom and configMapKeyRef read only ``data``."""
+
+    binary: frozenset[str] = frozenset()
+
+
+class ContainerEnv(dict[str, str]):
+    """A container's whole environment (the image's ENV under the kubelet's variables).
+
+    ``declared`` is the part a kubelet builds itself: the runtime merges the image's ENV in
+    afterwards, so neither env values nor command and args can refer to it with $(VAR)."""
+
+    def __init__(self, image: Mapping[str, str], declared: Mapping[str, str]) -> None:
+        super().__init__({**image, **declared})
+        self.declared = dict(declared)
+
+
 # ------------------------------------------------------------------ environment
+
+# IsEnvVarName: envFrom keys outside this are skipped rather than failing the container.
+_ENV_VAR_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 
 
 def expand(text: str, env: Mapping[str, str]) -> str:
@@ -52,41 +77,108 @@ def expand(text: str, env: Mapping[str, str]) -> str:
 
 
 def _env_name(service: str) -> str:
-    return re.sub(r"[^A-Z0-9_]", "_", service.upper())
+    # Service and port names are DNS labels: '-' is the only character a variable name can't hold.
+    return service.replace("-", "_").upper()
+
+
+def _has_cluster_ip(svc: Obj) -> bool:
+    ip = (svc.get("spec") or {}).get("clusterIP")
+    return bool(ip) and ip != "None"
+
+
+def _join_host_port(host: str, port: object) -> str:
+    # As Go's net.JoinHostPort: an IPv6 address needs brackets to be told from its port.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _service_vars(svc: Obj) -> dict[str, str]:
+    spec_ = svc.get("spec") or {}
+    ip, ports = str(spec_.get("clusterIP")), spec_.get("ports") or []
+    if not _has_cluster_ip(svc) or not ports:
+        return {}
+    name = _env_name(svc["metadata"]["name"])
+    env = {f"{name}_SERVICE_HOST": ip, f"{name}_SERVICE_PORT": str(ports[0]["port"])}
+    for p in ports:
+        if p.get("name"):
+            env[f"{name}_SERVICE_PORT_{_env_name(p['name'])}"] = str(p["port"])
+    for i, p in enumerate(ports):
+        proto = str(p.get("protocol") or "TCP")
+        url = f"{proto.lower()}://{_join_host_port(ip, p['port'])}"
+        if i == 0:  # Docker links single out the first port
+            env[f"{name}_PORT"] = url
+        prefix = f"{name}_PORT_{p['port']}_{proto.upper()}"
+        env.update({prefix: url, f"{prefix}_PROTO": proto.lower(), f"{prefix}_PORT": str(p["port"]),
+                    f"{prefix}_ADDR": ip})
+    return env
 
 
 def service_env(services: Iterable[Obj]) -> dict[str, str]:
-    """The Docker-links-style variables a kubelet adds for each Service of the pod's namespace."""
+    """The Docker-links-style variables a kubelet adds for each of the given Services."""
     env: dict[str, str] = {}
     for svc in sorted(services, key=lambda s: str(s["metadata"]["name"])):
-        ip = svc.get("spec", {}).get("clusterIP")
-        ports = svc.get("spec", {}).get("ports") or []
-        if not ip or ip == "None" or not ports:
-            continue
-        name = _env_name(svc["metadata"]["name"])
-        first = ports[0]
-        env[f"{name}_SERVICE_HOST"] = ip
-        env[f"{name}_SERVICE_PORT"] = str(first["port"])
-        for p in ports:
-            if p.get("name"):
-                env[f"{name}_SERVICE_PORT_{_env_name(p['name'])}"] = str(p["port"])
-        proto = first.get("protocol", "TCP").lower()
-        env[f"{name}_PORT"] = f"{proto}://{ip}:{first['port']}"
-        for p in ports:
-            pr = p.get("protocol", "TCP")
-            prefix = f"{name}_PORT_{p['port']}_{pr}"
-            env[prefix] = f"{pr.lower()}://{ip}:{p['port']}"
-            env[f"{prefix}_PROTO"] = pr.lower()
-            env[f"{prefix}_PORT"] = str(p["port"])
-            env[f"{prefix}_ADDR"] = ip
+        env.update(_service_vars(svc))
     return env
+
+
+def _linked_services(namespace: str, links: bool, services: Iterable[Obj]) -> list[Obj]:
+    """The Services a pod gets variables for: default/kubernetes always (the API server must be
+    findable even with ``enableServiceLinks: false``), its own namespace's only with links on,
+    and then a same-named Service of its own namespace wins over default/kubernetes."""
+    chosen: dict[str, Obj] = {}
+    for svc in services:
+        if not _has_cluster_ip(svc):
+            continue
+        name, ns = svc["metadata"]["name"], svc["metadata"].get("namespace", "default")
+        if ns == "default" and name == "kubernetes":
+            chosen.setdefault(name, svc)
+        elif ns == namespace and links:
+            chosen[name] = svc
+    return list(chosen.values())
+
+
+def go_quote(text: str) -> str:
+    """Go's ``%q`` of a string, which is how fieldpath.FormatMap writes label and annotation values."""
+    return '"' + "".join(_go_char(c) for c in text) + '"'
+
+
+_GO_ESCAPES = {'"': '\\"', "\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+               "\t": "\\t", "\v": "\\v"}
+
+
+def _go_char(c: str) -> str:
+    if c in _GO_ESCAPES:
+        return _GO_ESCAPES[c]
+    # Python's notion of printable (letters, marks, numbers, punctuation, symbols, ASCII space) is Go's.
+    if c.isprintable():
+        return c
+    n = ord(c)
+    if n < 0x20 or n == 0x7F:
+        return f"\\x{n:02x}"
+    return f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def _format_map(items: Mapping[str, Any]) -> str:
+    return "\n".join(f"{k}={go_quote(str(v))}" for k, v in sorted(items.items()))
+
+
+def _subscript(path: str) -> tuple[str, str] | None:
+    """``metadata.labels['a[b]c']`` -> (``metadata.labels``, ``a[b]c``): the key runs to the final ``']``."""
+    if not path.endswith("']"):
+        return None
+    head, sep, key = path[:-2].partition("['")
+    return (head, key) if sep and head else None
 
 
 def field_value(pod: Obj, path: str) -> str:
     meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
-    m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
-    if m:
-        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+    maps = {"metadata.labels": meta.get("labels") or {}, "metadata.annotations": meta.get("annotations") or {}}
+    sub = _subscript(path)
+    if sub is not None:
+        if sub[0] not in maps:
+            raise ConfigError(f"unsupported fieldRef {path!r}: only labels and annotations take a key")
+        return str(maps[sub[0]].get(sub[1], ""))
+    if path in maps:
+        return _format_map(maps[path])
     simple = {
         "metadata.name": meta.get("name"),
         "metadata.namespace": meta.get("namespace"),
@@ -99,119 +191,197 @@ def field_value(pod: Obj, path: str) -> str:
     }
     if path in simple:
         return str(simple[path] or "")
-    if path in ("metadata.labels", "metadata.annotations"):
-        items = meta.get(path.split(".")[1]) or {}
-        return "\n".join(f'{k}="{v}"' for k, v in sorted(items.items()))
     raise ConfigError(f"unsupported fieldRef {path!r}")
 
 
+# A resource.Quantity: a decimal number, then a binary (Ki..Ei), decimal (n..E) or exponent suffix.
+_QUANTITY = re.compile(r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?")
+_BINARY_SUFFIX = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
+_DECIMAL_SUFFIX = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+# Limits a kubelet fills in from the node's allocatable when the container sets none (hugepages never).
+_DEFAULTED_LIMITS = ("cpu", "memory", "ephemeral-storage")
+
+
+def quantity(value: object) -> Fraction:
+    """A Kubernetes quantity (``500m``, ``64Mi``, ``1e3``, ``2``), exactly."""
+    m = _QUANTITY.fullmatch(str(value).strip())
+    if m is None:
+        raise ConfigError(f"invalid quantity {value!r}")
+    number, suffix = Fraction(Decimal(m.group(1))), m.group(2) or ""
+    if suffix in _BINARY_SUFFIX:
+        return number * (1 << 10 * _BINARY_SUFFIX[suffix])
+    exponent = _DECIMAL_SUFFIX[suffix] if suffix in _DECIMAL_SUFFIX else int(suffix[1:] or 0)
+    return number * Fraction(10) ** exponent
+
+
 def resource_value(container: Obj, ref: Obj, node_capacity: Mapping[str, str]) -> str:
-    resource = ref.get("resource", "")
+    """A resourceFieldRef: the amount over the divisor (default 1), rounded up."""
+    resource = str(ref.get("resource", ""))
     kind, _, name = resource.partition(".")
-    value = (container.get("resources", {}).get(kind) or {}).get(name)
-    if value is None and kind == "limits":  # a kubelet reports the node's allocatable then
-        value = node_capacity.get(name, "0")
-    if value is None:
-        value = "0"
-    return str(value)
+    if kind not in ("limits", "requests") or not (name in _DEFAULTED_LIMITS or name.startswith("hugepages-")):
+        raise ConfigError(f"unsupported container resource: {resource}")
+    amount = quantity(((container.get("resources") or {}).get(kind) or {}).get(name, 0))
+    if kind == "limits" and name in _DEFAULTED_LIMITS and amount == 0:
+        amount = quantity(node_capacity.get(name, 0))
+    divisor = quantity(ref.get("divisor") or 0) or Fraction(1)
+    # A CPU amount counts in whole millicores and a memory or storage one in whole bytes, each
+    # rounded up first, as a Quantity's MilliValue() and Value() are.
+    scale = 1000 if name == "cpu" else 1
+    numerator, denominator = math.ceil(amount * scale), math.ceil(divisor * scale)
+    if denominator <= 0:
+        raise ConfigError(f"invalid divisor {ref.get('divisor')!r} for {resource}")
+    return str(math.ceil(Fraction(numerator, denominator)))
+
+
+def _resource_container(pod: Obj, ref: Obj, default: Obj | None) -> Obj:
+    """The container a resourceFieldRef reads: the one it names, else ``default``."""
+    name = ref.get("containerName")
+    spec_ = pod.get("spec", {})
+    candidates: list[Obj] = [*(spec_.get("containers") or []), *(spec_.get("initContainers") or [])]
+    for c in candidates:
+        if name and c.get("name") == name:
+            return c
+    if name or default is None:
+        raise ConfigError(f"resourceFieldRef names no container of the pod: {name!r}")
+    return default
+
+
+def _fetch(kind: str, ns: str, ref: Obj, lookup: Lookup) -> Mapping[str, bytes] | None:
+    """The keys of a referenced ConfigMap or Secret that env may use; None when it is absent
+    but optional."""
+    name = ref.get("name", "")
+    data = lookup(kind, ns, name)
+    if data is None:
+        if ref.get("optional"):
+            return None
+        raise ConfigError(f'{kind.lower()}s "{name}" not found')
+    if isinstance(data, ConfigMapData) and data.binary:
+        return {k: v for k, v in data.items() if k not in data.binary}
+    return data
 
 
 def _key_ref(kind: str, ns: str, ref: Obj, lookup: Lookup) -> str | None:
-    data = lookup(kind, ns, ref.get("name", ""))
-    optional = bool(ref.get("optional"))
-    if data is None:
-        if optional:
-            return None
-        raise ConfigError(f'{kind.lower()} "{ref.get("name")}" not found')
-    if ref["key"] not in data:
-        if optional:
-            return None
-        raise ConfigError(f"couldn't find key {ref['key']} in {kind} {ns}/{ref.get('name')}")
-    return data[ref["key"]].decode(errors="replace")
+    data = _fetch(kind, ns, ref, lookup)
+    key = ref.get("key", "")
+    if data is None or (key not in data and ref.get("optional")):
+        return None
+    if key not in data:
+        raise ConfigError(f"couldn't find key {key} in {kind} {ns}/{ref.get('name')}")
+    return data[key].decode(errors="replace")
+
+
+def _env_from(source: Obj, ns: str, lookup: Lookup) -> dict[str, str]:
+    data: Mapping[str, bytes] | None = None
+    if "configMapRef" in source:
+        data = _fetch("ConfigMap", ns, source["configMapRef"], lookup)
+    elif "secretRef" in source:
+        data = _fetch("Secret", ns, source["secretRef"], lookup)
+    prefix = source.get("prefix", "")
+    # A key that is no variable name once prefixed is left out (a kubelet only records an event).
+    return {prefix + k: v.decode(errors="replace") for k, v in (data or {}).items()
+            if _ENV_VAR_NAME.fullmatch(prefix + k)}
+
+
+def _env_value(var: Obj, pod: Obj, container: Obj, lookup: Lookup, env: Mapping[str, str],
+               capacity: Mapping[str, str]) -> str | None:
+    """One env entry's value; None leaves the variable as it was (an optional ref that is missing)."""
+    src = var.get("valueFrom")
+    if var.get("value") or not src:
+        return expand(str(var.get("value") or ""), env)
+    ns = pod["metadata"].get("namespace", "default")
+    if "fieldRef" in src:
+        return field_value(pod, src["fieldRef"]["fieldPath"])
+    if "resourceFieldRef" in src:
+        ref = src["resourceFieldRef"]
+        return resource_value(_resource_container(pod, ref, container), ref, capacity)
+    if "configMapKeyRef" in src:
+        return _key_ref("ConfigMap", ns, src["configMapKeyRef"], lookup)
+    if "secretKeyRef" in src:
+        return _key_ref("Secret", ns, src["secretKeyRef"], lookup)
+    raise ConfigError(f"env {var['name']}: unsupported valueFrom {sorted(src)}")
 
 
 def container_env(
     pod: Obj, container: Obj, lookup: Lookup, services: Iterable[Obj] = (),
     image_env: Mapping[str, str] | None = None, node_capacity: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The container's environment, in a kubelet's order: image defaults, service links
-    (unless ``enableServiceLinks: false``; the ``kubernetes`` Service always), envFrom,
-    then env in order, each value expanded against what is defined before it."""
+    """The container's environment (a :class:`ContainerEnv`): the image's ENV, overridden by
+    the service links, then envFrom, then env in order, each value expanded against the
+    service links and the variables declared before it."""
     ns = pod["metadata"].get("namespace", "default")
-    env: dict[str, str] = dict(image_env or {})
-    if pod.get("spec", {}).get("enableServiceLinks", True):
-        env.update(service_env(services))
-    else:
-        env.update(service_env(s for s in services if s["metadata"]["name"] == "kubernetes"))
+    links = pod.get("spec", {}).get("enableServiceLinks") is not False  # the API server defaults it to true
+    env = service_env(_linked_services(ns, links, services))
     for source in container.get("envFrom") or []:
-        prefix = source.get("prefix", "")
-        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
-            if key not in source:
-                continue
-            ref = source[key]
-            data = lookup(kind, ns, ref.get("name", ""))
-            if data is None:
-                if ref.get("optional"):
-                    continue
-                raise ConfigError(f'{kind.lower()} "{ref.get("name")}" not found')
-            for k, v in data.items():
-                env[prefix + k] = v.decode(errors="replace")
+        env.update(_env_from(source, ns, lookup))
     for var in container.get("env") or []:
-        name = var["name"]
-        if "value" in var or "valueFrom" not in var:
-            env[name] = expand(str(var.get("value", "")), env)
-            continue
-        src = var["valueFrom"]
-        value: str | None
-        if "fieldRef" in src:
-            value = field_value(pod, src["fieldRef"]["fieldPath"])
-        elif "resourceFieldRef" in src:
-            value = resource_value(container, src["resourceFieldRef"], node_capacity or {})
-        elif "configMapKeyRef" in src:
-            value = _key_ref("ConfigMap", ns, src["configMapKeyRef"], lookup)
-        elif "secretKeyRef" in src:
-            value = _key_ref("Secret", ns, src["secretKeyRef"], lookup)
-        else:
-            raise ConfigError(f"env {name}: unsupported valueFrom {sorted(src)}")
+        value = _env_value(var, pod, container, lookup, env, node_capacity or {})
         if value is not None:
-            env[name] = value
-    return env
+            env[var["name"]] = value
+    return ContainerEnv(image_env or {}, env)
+
+
+def _expand_words(words: list[Any] | None, env: Mapping[str, str]) -> list[str] | None:
+    # An empty list is as good as none: the image's entrypoint or cmd stays.
+    return [expand(str(w), env) for w in words] if words else None
 
 
 def command_line(container: Obj, env: Mapping[str, str]) -> tuple[list[str] | None, list[str] | None]:
     """``command`` and ``args`` with $(VAR) expanded (None where the pod leaves them to the image)."""
-    command = container.get("command")
-    args = container.get("args")
-    return (
-        [expand(str(c), env) for c in command] if command is not None else None,
-        [expand(str(a), env) for a in args] if args is not None else None,
-    )
+    source = env.declared if isinstance(env, ContainerEnv) else env
+    return _expand_words(container.get("command"), source), _expand_words(container.get("args"), source)
 
 
 # ------------------------------------------------------------------ volumes
 
 
-def _items(data: Mapping[str, bytes], items: list[Obj] | None, what: str) -> dict[str, bytes]:
+def _object_files(kind: str, src: Obj, ns: str, lookup: Lookup) -> dict[str, bytes]:
+    """A ConfigMap or Secret as files: every key, or the listed ``items`` (an optional
+    source skips the listed keys it lacks)."""
+    name = src.get("name") or src.get("secretName", "")
+    optional = bool(src.get("optional"))
+    data = lookup(kind, ns, name)
+    if data is None:
+        if optional:
+            return {}
+        raise ConfigError(f'{kind.lower()}s "{name}" not found')
+    items = src.get("items")
     if not items:
         return dict(data)
     out = {}
     for item in items:
-        if item["key"] not in data:
-            raise ConfigError(f"{what}: no key {item['key']!r}")
-        out[item["path"]] = data[item["key"]]
+        if item["key"] in data:
+            out[item["path"]] = data[item["key"]]
+        elif not optional:
+            raise ConfigError(f"{kind} {ns}/{name} references non-existent {kind.lower()} key: {item['key']}")
     return out
 
 
-def _downward(pod: Obj, items: list[Obj], containers: list[Obj], capacity: Mapping[str, str]) -> dict[str, bytes]:
+def _downward(pod: Obj, items: list[Obj], capacity: Mapping[str, str]) -> dict[str, bytes]:
+    containers = pod["spec"].get("containers") or [{}]
     out = {}
     for item in items:
         if "fieldRef" in item:
             out[item["path"]] = field_value(pod, item["fieldRef"]["fieldPath"]).encode()
         elif "resourceFieldRef" in item:
             ref = item["resourceFieldRef"]
-            c = next((c for c in containers if c["name"] == ref.get("containerName")), containers[0])
-            out[item["path"]] = resource_value(c, ref, capacity).encode()
+            out[item["path"]] = resource_value(_resource_container(pod, ref, containers[0]), ref, capacity).encode()
     return out
+
+
+def _projection(src: Obj, pod: Obj, lookup: Lookup, token: Callable[[Obj], bytes] | None,
+                capacity: Mapping[str, str]) -> dict[str, bytes]:
+    ns = pod["metadata"].get("namespace", "default")
+    if "configMap" in src:
+        return _object_files("ConfigMap", src["configMap"], ns, lookup)
+    if "secret" in src:
+        return _object_files("Secret", src["secret"], ns, lookup)
+    if "downwardAPI" in src:
+        return _downward(pod, src["downwardAPI"].get("items", []), capacity)
+    if "serviceAccountToken" in src:
+        if token is None:
+            raise ConfigError("serviceAccountToken projection needs the API server's TokenRequest")
+        return {src["serviceAccountToken"].get("path", "token"): token(src["serviceAccountToken"])}
+    return {}
 
 
 def volume_files(
@@ -221,37 +391,12 @@ def volume_files(
     """The files of a ConfigMap, Secret, downwardAPI or projected volume (path -> content);
     None for the kinds that are folders (emptyDir) or host paths. ``token`` makes a
     service-account token for a projection's ``serviceAccountToken`` source."""
-    ns = pod["metadata"].get("namespace", "default")
-    containers = pod["spec"].get("containers", [])
-
-    def source_files(kind: str, src: Obj) -> dict[str, bytes]:
-        name = src.get("name") or src.get("secretName", "")
-        data = lookup(kind, ns, name)
-        if data is None:
-            if src.get("optional"):
-                return {}
-            raise ConfigError(f'{kind.lower()} "{name}" not found')
-        return _items(data, src.get("items"), f"{kind} {ns}/{name}")
-
-    if "configMap" in volume:
-        return source_files("ConfigMap", volume["configMap"])
-    if "secret" in volume:
-        return source_files("Secret", volume["secret"])
-    if "downwardAPI" in volume:
-        return _downward(pod, volume["downwardAPI"].get("items", []), containers, capacity or {})
+    if "configMap" in volume or "secret" in volume or "downwardAPI" in volume:
+        return _projection(volume, pod, lookup, token, capacity or {})
     if "projected" in volume:
         files: dict[str, bytes] = {}
         for src in volume["projected"].get("sources", []):
-            if "configMap" in src:
-                files.update(source_files("ConfigMap", src["configMap"]))
-            elif "secret" in src:
-                files.update(source_files("Secret", src["secret"]))
-            elif "downwardAPI" in src:
-                files.update(_downward(pod, src["downwardAPI"].get("items", []), containers, capacity or {}))
-            elif "serviceAccountToken" in src:
-                if token is None:
-                    raise ConfigError("serviceAccountToken projection needs the API server's TokenRequest")
-                files[src["serviceAccountToken"].get("path", "token")] = token(src["serviceAccountToken"])
+            files.update(_projection(src, pod, lookup, token, capacity or {}))
         return files
     return None
 
@@ -263,8 +408,10 @@ def decode_secret(secret: Obj) -> dict[str, bytes]:
 
 
 def decode_configmap(cm: Obj) -> dict[str, bytes]:
-    data = {k: str(v).encode() for k, v in (cm.get("data") or {}).items()}
-    data.update({k: base64.b64decode(v) for k, v in (cm.get("binaryData") or {}).items()})
+    binary = cm.get("binaryData") or {}
+    data = ConfigMapData({k: str(v).encode() for k, v in (cm.get("data") or {}).items()})
+    data.update({k: base64.b64decode(v) for k, v in binary.items()})
+    data.binary = frozenset(binary)
     return data
 
 
@@ -299,13 +446,23 @@ def probe(spec: Obj | None) -> Probe | None:
 
 
 def probe_port(container: Obj, port: int | str) -> int:
-    """A probe's port: a number, or the name of one of the container's ports."""
-    if isinstance(port, int) or str(port).isdigit():
-        return int(port)
+    """A probe's port: a number, or the name of one of the container's ports (a name is
+    looked up first, then read as a number), which must lie in 1..65535."""
+    number = _port_number(container, port)
+    if not 0 < number < 65536:
+        raise ConfigError(f"invalid port number: {number}")
+    return number
+
+
+def _port_number(container: Obj, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
     for p in container.get("ports") or []:
         if p.get("name") == port:
             return int(p["containerPort"])
-    raise ConfigError(f"container {container['name']} has no port named {port!r}")
+    if re.fullmatch(r"[+-]?[0-9]+", port):
+        return int(port)
+    raise ConfigError(f"container {container.get('name')} has no port named {port!r}")
 
 
 # ------------------------------------------------------------------ status
@@ -336,26 +493,50 @@ class PodState:
     start_time: str = ""
 
 
+def _progress(c: ContainerState) -> str:
+    """How the phase counts a container: running; stopped (exited, or waiting to start again
+    after an exit); or waiting (never started yet)."""
+    if c.running_since:
+        return "running"
+    if c.terminated is not None or c.last_terminated is not None:
+        return "stopped"
+    return "waiting"
+
+
 def phase(pod: Obj, state: PodState) -> str:
-    """Running once any container runs (or is between restarts); Succeeded/Failed only for
-    pods that are not restarted; Pending before that."""
-    policy = pod.get("spec", {}).get("restartPolicy", "Always")
-    cs = state.containers
-    if any(c.running_since for c in cs):
+    """Pending until every container has started; Running while one runs, or while all have
+    exited and will be restarted; Succeeded/Failed once all have exited for good."""
+    policy = pod.get("spec", {}).get("restartPolicy") or "Always"
+    progress = [_progress(c) for c in state.containers]
+    if not state.init_done or "waiting" in progress or not progress:
+        return "Pending"
+    if "running" in progress or policy == "Always":
         return "Running"
-    if cs and policy != "Always" and all(c.terminated is not None for c in cs):
-        if all(c.terminated and c.terminated.get("exitCode") == 0 for c in cs):
-            return "Succeeded"
-        if policy == "Never" or any(c.terminated and c.terminated.get("exitCode") != 0 for c in cs):
-            return "Failed" if policy == "Never" else "Running"
-    return "Running" if any(c.restart_count or c.last_terminated for c in cs) else "Pending"
+    # A container waiting to start again has not succeeded, whatever its last exit code.
+    if all(c.terminated is not None and c.terminated.get("exitCode") == 0 for c in state.containers):
+        return "Succeeded"
+    return "Failed" if policy == "Never" else "Running"
 
 
-def _condition(kind: str, ok: bool, since: str, reason: str = "") -> Obj:
+def _readiness(state: PodState, phase_: str) -> tuple[bool, str, str]:
+    """(ready, reason, message), shared by the ContainersReady and Ready conditions."""
+    if not state.containers:
+        return False, "UnknownContainerStatuses", ""
+    if phase_ == "Succeeded":
+        return False, "PodCompleted", ""
+    unready = [c.name for c in state.containers if not c.ready]
+    if unready:
+        return False, "ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]"
+    return True, "", ""
+
+
+def _condition(kind: str, ok: bool, since: str, reason: str = "", message: str = "") -> Obj:
     cond: Obj = {"type": kind, "status": "True" if ok else "False", "lastProbeTime": None,
                  "lastTransitionTime": since}
-    if not ok and reason:
+    if reason:
         cond["reason"] = reason
+    if message:
+        cond["message"] = message
     return cond
 
 
@@ -381,21 +562,22 @@ def container_status(c: ContainerState) -> Obj:
 def pod_status(pod: Obj, state: PodState, previous: Obj, now: str) -> Obj:
     """The status to PATCH (strategic merge: conditions merge by type, so the scheduler's
     PodScheduled stays). Transition times carry over from ``previous`` when unchanged."""
+    current = phase(pod, state)
+    if previous.get("phase") in ("Succeeded", "Failed"):
+        current = previous["phase"]  # the API server refuses to leave a terminal phase
     old = {c["type"]: c for c in previous.get("conditions") or []}
-    cs = state.containers
-    ready = bool(cs) and all(c.ready for c in cs)
-    reason = "" if ready else "ContainersNotReady"
+    ready, why, message = _readiness(state, current)
+    initialized = state.init_done or current == "Succeeded"
+    init_reason = "PodCompleted" if current == "Succeeded" else "" if initialized else "ContainersNotInitialized"
     conditions = []
-    for kind, ok, why in (("Initialized", state.init_done, "ContainersNotInitialized"),
-                          ("Ready", ready, reason), ("ContainersReady", ready, reason)):
+    for kind, ok, reason, text in (("Initialized", initialized, init_reason, ""),
+                                   ("Ready", ready, why, message), ("ContainersReady", ready, why, message)):
         since = now
         if kind in old and old[kind].get("status") == ("True" if ok else "False"):
             since = old[kind].get("lastTransitionTime") or now
-        conditions.append(_condition(kind, ok, since, why))
-    status: Obj = {
-        "phase": phase(pod, state), "conditions": conditions,
-        "containerStatuses": [container_status(c) for c in cs],
-    }
+        conditions.append(_condition(kind, ok, since, reason, text))
+    status: Obj = {"phase": current, "conditions": conditions,
+                   "containerStatuses": [container_status(c) for c in state.containers]}
     if state.pod_ip:
         status["podIP"] = state.pod_ip
         status["podIPs"] = [{"ip": state.pod_ip}]
@@ -421,24 +603,49 @@ def backoff(restarts: int, base: float = 10.0, cap: float = 300.0) -> float:
     return float(min(cap, base * 2 ** (restarts - 1)))
 
 
-def hosts_file(pod: Obj, pod_ip: str, services: Iterable[Obj], domain: str = "cluster.local") -> str:
-    """The pod's /etc/hosts: itself, and every Service with a ClusterIP under its DNS names
-    (short names only for the pod's own namespace, as its resolv.conf search path would)."""
+# ------------------------------------------------------------------ /etc/hosts and resolv.conf
+
+
+def pod_hostname(pod: Obj, domain: str = "cluster.local") -> tuple[str, str]:
+    """(hostname, domain) as a kubelet gives them: ``spec.hostname`` or the pod's name, cut to
+    the 63 characters a host name may have (and no trailing ``-`` or ``.``), and with a
+    ``spec.subdomain`` the domain ``<subdomain>.<namespace>.svc.<cluster domain>``."""
+    name = (pod["spec"].get("hostname") or pod["metadata"]["name"])[:63].rstrip("-.")
+    subdomain = pod["spec"].get("subdomain")
     ns = pod["metadata"].get("namespace", "default")
-    name = pod["spec"].get("hostname") or pod["metadata"]["name"]
-    lines = ["# Kubernetes-managed hosts file (clustermesh lab node agent).",
-             "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    if pod_ip:
-        lines.append(f"{pod_ip}\t{name}")
+    return name, f"{subdomain}.{ns}.svc.{domain}" if subdomain else ""
+
+
+def _service_hosts(namespace: str, services: Iterable[Obj], domain: str) -> list[str]:
+    lines = []
     for svc in sorted(services, key=lambda s: (s["metadata"].get("namespace", ""), s["metadata"]["name"])):
-        ip = svc.get("spec", {}).get("clusterIP")
-        if not ip or ip == "None":
+        if not _has_cluster_ip(svc):
             continue
-        sname, sns = svc["metadata"]["name"], svc["metadata"].get("namespace", "default")
-        names = [f"{sname}.{sns}.svc.{domain}", f"{sname}.{sns}.svc", f"{sname}.{sns}"]
-        if sns == ns:
-            names.append(sname)
-        lines.append(f"{ip}\t{' '.join(names)}")
+        name, ns = svc["metadata"]["name"], svc["metadata"].get("namespace", "default")
+        names = [f"{name}.{ns}.svc.{domain}", f"{name}.{ns}.svc", f"{name}.{ns}"]
+        if ns == namespace:
+            names.append(name)
+        lines.append(f"{svc['spec']['clusterIP']}\t{' '.join(names)}")
+    return lines
+
+
+def hosts_file(pod: Obj, pod_ip: str, services: Iterable[Obj], domain: str = "cluster.local") -> str:
+    """The pod's /etc/hosts as a kubelet writes it (the pod under its host name and FQDN, then
+    the hostAliases), and then the lab's addition: every Service with a ClusterIP under its
+    DNS names (short names only for the pod's own namespace, as its resolv.conf search path
+    would). The Services come last so that a hostAlias wins, as it wins over DNS in a cluster."""
+    host, host_domain = pod_hostname(pod, domain)
+    lines = ["# Kubernetes-managed hosts file.", "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+             "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix", "fe00::1\tip6-allnodes", "fe00::2\tip6-allrouters"]
+    if pod_ip:
+        lines.append(f"{pod_ip}\t{host}.{host_domain}\t{host}" if host_domain else f"{pod_ip}\t{host}")
+    aliases = pod["spec"].get("hostAliases") or []
+    if aliases:
+        lines += ["", "# Entries added by HostAliases."]
+        lines += ["\t".join([alias["ip"], *(alias.get("hostnames") or [])]) for alias in aliases]
+    service_lines = _service_hosts(pod["metadata"].get("namespace", "default"), services, domain)
+    if service_lines:
+        lines += ["", "# Services: the lab has no cluster DNS server.", *service_lines]
     return "\n".join(lines) + "\n"
 
 
