@@ -59,12 +59,13 @@ def make_handler(db: dict[str, Any]) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             if allow:
                 self.send_header("Allow", allow)
+            took = (time.perf_counter() - started) * 1000
+            # json-server's (morgan "dev") format: METHOD PATH STATUS TIME ms - BYTES. Logged before the
+            # body goes out, so a request the client saw answered is always in the log.
+            print(f"{self.command} {self.path} {status} {took:.3f} ms - {len(data)}", flush=True)
             self.end_headers()
             if not head:
                 self.wfile.write(data)
-            took = (time.perf_counter() - started) * 1000
-            # json-server's (morgan "dev") format: METHOD PATH STATUS TIME ms - BYTES
-            print(f"{self.command} {self.path} {status} {took:.3f} ms - {len(data)}", flush=True)
 
         def do_GET(self) -> None:
             self._reply(*answer(db, self.path))
