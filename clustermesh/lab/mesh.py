@@ -478,10 +478,11 @@ def _remove_cgroups(root: Path) -> None:
 
 
 def _remove_made_paths(state_dirs: Path) -> None:
-    from clustermesh.lab.node.agent import PodRecord, remove_made_path
+    """The mount points node agents had to make on the host (their made-paths.json)."""
+    from clustermesh.lab.node.agent import remove_made_path
 
-    for record in state_dirs.glob("*/pods/*/record.json"):
-        for made in reversed(PodRecord.load(record).created_paths):
+    for made_file in state_dirs.glob("*/made-paths.json"):
+        for made in reversed(json.loads(made_file.read_text())):
             remove_made_path(Path(made))
 
 

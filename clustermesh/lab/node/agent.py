@@ -149,7 +149,6 @@ class PodRecord:
     veth: str
     ip: str
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
-    created_paths: list[str] = field(default_factory=list)  # mount points we had to make on the host
     start_time: str = ""
 
     @classmethod
@@ -225,10 +224,6 @@ class Container:
 
     def _spawn(self, argv: list[str], mounts: list[Obj]) -> int:
         self.cgroup.mkdir(parents=True, exist_ok=True)
-        if self.dir.is_relative_to("/tmp"):
-            # Generated files (nginx.conf) live in the container's folder: keep it visible
-            # through the container's own /tmp.
-            mounts = [*mounts, {"source": str(self.dir), "target": str(self.dir)}]
         launch = {
             "cgroup": str(self.cgroup), "netns": self.worker.record.netns,
             "hostname": spec.pod_hostname(self.worker.pod)[0],
@@ -276,6 +271,27 @@ class Container:
         return 128 - code if code < 0 else code
 
     async def run(self, adopt: bool) -> None:
+        """Run the container for the pod's life; an unexpected error is logged, shown as the
+        container's waiting reason, and the container is started again (never silently lost)."""
+        while True:
+            try:
+                await self._run(adopt)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("[%s] container %s failed in the node agent", self.worker.key, self.name)
+                kill_cgroup(self.cgroup)  # a process we lost track of must not serve twice
+                self.state.running_since, self.state.ready, self.state.started = None, False, False
+                self.state.waiting = ("RunContainerError", f"node agent: {exc}")
+                self._stop_probes()
+                self._changed()
+                adopt = False
+                if self.stopping:
+                    return
+                await asyncio.sleep(5)
+
+    async def _run(self, adopt: bool) -> None:
         policy = self.worker.pod["spec"].get("restartPolicy", "Always")
         while not self.stopping:
             ours = True
@@ -332,7 +348,11 @@ class Container:
             if liveness.done() and not waiter.done():
                 log.info("[%s] %s failed its liveness probe; restarting", self.worker.key, self.name)
                 reason_override = "Error"
-                await self.stop(self.worker.grace_period())
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, self.record.stop_signal)
+                await asyncio.wait({waiter}, timeout=self.worker.grace_period())
+                if not waiter.done():
+                    kill_cgroup(self.cgroup)
             code = await waiter
             liveness.cancel()
             kill_cgroup(self.cgroup)  # what the main process left behind dies with it
@@ -402,8 +422,10 @@ class Container:
     async def _probe_loop(self, kind: str, p: spec.Probe) -> None:
         await asyncio.sleep(p.initial_delay)
         successes = failures = 0
-        while True:
+        while not self.stopping:  # a terminating container's readiness is the node agent's, not the probe's
             ok = await self.worker.agent.run_probe(self, p)
+            if self.stopping:
+                return
             if ok:
                 successes, failures = successes + 1, 0
             else:
@@ -548,17 +570,8 @@ class PodWorker:
                 if not source.exists():
                     source.mkdir(parents=True)
             target = Path(vm["mountPath"])
-            if not target.exists() and not target.is_symlink() and not target.is_relative_to("/tmp"):
-                # The host has no such path: make it (recorded, removed with the pod).
-                missing = target
-                while not missing.parent.exists():
-                    missing = missing.parent
-                if source.is_dir():
-                    target.mkdir(parents=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.touch()
-                self.record.created_paths.append(str(missing))
+            if not target.exists() and not target.is_symlink():
+                self.agent.make_mount_point(target, source.is_dir())
             mounts.append({"source": str(source), "target": str(target), "readOnly": bool(vm.get("readOnly"))})
         self.save()
         return mounts
@@ -568,9 +581,6 @@ class PodWorker:
         delete_netns(self.record.netns)
         with contextlib.suppress(NetnsError):
             ip("link", "del", self.record.veth, netns=self.agent.cfg.netns)
-        for created in reversed(self.record.created_paths):
-            remove_made_path(Path(created))
-        self.record.created_paths = []
 
     # -------------------------------------------------------------- lifecycle
 
@@ -624,6 +634,7 @@ class PodWorker:
             if c.task is not None:
                 c.task.cancel()
         await asyncio.to_thread(self._remove_sandbox)
+        self.agent.finished.add(self.uid)  # events still on their way must not make a new worker
         self.agent.release(self)
         if not self.gone:
             path = f"/api/v1/namespaces/{self.namespace}/pods/{self.name}"
@@ -677,6 +688,7 @@ class NodeAgent:
         self.cfg = cfg
         self.api = NodeAPI.from_kubeconfig(cfg.kubeconfig, cfg.context)
         self.workers: dict[str, PodWorker] = {}
+        self.finished: set[str] = set()  # pods this agent has stopped and removed
         self.services: dict[str, Obj] = {}
         self.cache: dict[tuple[str, str, str], dict[str, bytes] | None] = {}
         self.capacity = {"cpu": str(os.cpu_count() or 2), "memory": f"{_mem_kib()}Ki",
@@ -716,6 +728,29 @@ class NodeAgent:
             raise ContainerNotFound(f'container "{c.name}" in pod "{pod}" is not running')
         return [*SANDBOX, "enter", "--pid", str(c.pid), "--cgroup", str(c.cgroup),
                 "--env-file", str(c.dir / "env.json"), "--", *command]
+
+    # -------------------------------------------------------------- host mount points
+
+    @property
+    def made_paths_file(self) -> Path:
+        return self.cfg.state_dir / "made-paths.json"
+
+    def make_mount_point(self, target: Path, directory: bool) -> None:
+        """A mountPath the host does not have (e.g. /var/run/secrets/...): the bind mount in the
+        pod's private mount namespace needs it. Made once for every pod that wants it, recorded
+        here, and removed by the lab's teardown (never with one pod: others may use it)."""
+        top = target
+        while not top.parent.exists():
+            top = top.parent
+        if directory:
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch(exist_ok=True)
+        made = json.loads(self.made_paths_file.read_text()) if self.made_paths_file.exists() else []
+        if str(top) not in made:
+            made.append(str(top))
+            self.made_paths_file.write_text(json.dumps(made))
 
     # -------------------------------------------------------------- lookups
 
@@ -960,6 +995,8 @@ class NodeAgent:
 
     async def _pod_event(self, pod: Obj) -> None:
         uid = pod["metadata"]["uid"]
+        if uid in self.finished:
+            return
         w = self.workers.get(uid)
         if w is not None:
             w.update(pod)

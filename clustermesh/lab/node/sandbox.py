@@ -6,7 +6,9 @@
 ``run`` starts a container's main process: it joins the container's cgroup (a child of
 the node's cgroup, so the node's socket-LB applies to it), the pod's network namespace,
 a new UTS namespace named after the pod, and a new private mount namespace where the
-pod's volumes, /etc/hosts and /etc/resolv.conf are bind-mounted and /tmp is its own.
+pod's volumes, /etc/hosts and /etc/resolv.conf are bind-mounted. The rest of the file
+system is the host's, /tmp included: programs, the venv and the lab's own files may live
+there (a checkout under /tmp), and a container must see them.
 ``enter`` runs a command inside a running container (``kubectl exec``, exec probes):
 the same cgroup and the namespaces of the container's main process.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,6 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
@@ -93,17 +92,9 @@ def run(spec: dict[str, Any]) -> None:
     # "etc": the pod's own /etc/hosts, /etc/resolv.conf, /etc/hostname (name -> file).
     binds = [*spec.get("mounts", []), *({"source": src, "target": f"/etc/{name}"}
                                         for name, src in spec.get("etc", {}).items())]
-    # Sources may live under /tmp (a lab folder there): hold them open across the new /tmp.
+    # Held open first: a bind over a path that is also a later source must not hide that source.
     held = [os.open(m["source"], os.O_PATH | os.O_CLOEXEC) for m in binds]
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
     for m, fd in zip(binds, held, strict=True):
-        target = Path(m["target"])
-        if not target.exists() and target.is_relative_to("/tmp"):  # inside our own tmpfs: ours to make
-            if stat.S_ISDIR(os.fstat(fd).st_mode):  # the source path itself may be hidden by now
-                target.mkdir(parents=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.touch()
         mount(f"/proc/self/fd/{fd}", m["target"], None, MS_BIND | MS_REC)
         if m.get("readOnly"):
             mount(None, m["target"], None, MS_BIND | MS_REMOUNT | MS_RDONLY)
