@@ -319,6 +319,83 @@ def _all_restarted(lab: Lab, n: int) -> None:
     assert lab.output().count(" restarted (pid ") >= n, lab.output()[-2000:]
 
 
+MADE_ON_HOST = Path("/opt/clustermesh-e2e/config")  # a mountPath the host lacks: the node agent makes it
+
+POD_FEATURES = f"""
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: features}}
+data: {{greeting: hello}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: features}}
+stringData: {{token: s3cret}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: features, labels: {{app: features}}}}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sh", "-c"]
+    args:
+    - echo "msg=$(MSG) ip=$(POD_IP) node=$(NODE) token=$TOKEN";
+      cat /etc/podinfo/labels; echo; cat {MADE_ON_HOST}/greeting; echo; ls -d /data; hostname;
+      getent hosts rebel-base.default.svc.cluster.local; sleep 3600
+    env:
+    - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+    - {{name: POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
+    - {{name: NODE, valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}}}
+    - {{name: GREETING, valueFrom: {{configMapKeyRef: {{name: features, key: greeting}}}}}}
+    - {{name: TOKEN, valueFrom: {{secretKeyRef: {{name: features, key: token}}}}}}
+    - {{name: MSG, value: "$(GREETING) from $(POD_NAME)"}}
+    volumeMounts:
+    - {{name: config, mountPath: {MADE_ON_HOST}}}
+    - {{name: podinfo, mountPath: /etc/podinfo}}
+    - {{name: data, mountPath: /data}}
+  volumes:
+  - {{name: config, configMap: {{name: features}}}}
+  - {{name: podinfo, downwardAPI: {{items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]}}}}
+  - {{name: data, emptyDir: {{}}}}
+"""
+
+
+def test_a_pod_gets_its_env_volumes_names_and_hostname(lab: Lab, tmp_path: Path) -> None:
+    manifest = tmp_path / "features.yaml"
+    manifest.write_text(POD_FEATURES)
+    lab.kubectl("lab-1", "apply", "-f", str(manifest))
+    lab.kubectl("lab-1", "wait", "--for=condition=Ready", "pod/features", "--timeout=60s", timeout=90)
+    pod = lab.json("lab-1", "get", "pod", "features")
+
+    def logged() -> str:
+        out = lab.kubectl("lab-1", "logs", "features")
+        assert "features" in out.splitlines()[-2:][0] or "rebel-base" in out, out
+        return out
+
+    out = eventually(logged, timeout=20, interval=0.5)
+    ip, node = pod["status"]["podIP"], pod["spec"]["nodeName"]
+    assert f"msg=hello from features ip={ip} node={node} token=s3cret" in out
+    assert 'app="features"' in out and "hello" in out and "/data" in out
+    assert "\nfeatures\n" in out  # the pod's own hostname
+    cluster_ip = lab.json("lab-1", "get", "svc", "rebel-base")["spec"]["clusterIP"]
+    assert f"{cluster_ip}" in out and "rebel-base.default.svc.cluster.local" in out
+
+
+def test_an_image_outside_the_catalog_waits_with_err_image_pull(lab: Lab) -> None:
+    lab.kubectl("lab-1", "run", "nope", "--image=registry.example/nope:1", "--restart=Never")
+
+    def waiting() -> None:
+        statuses = lab.json("lab-1", "get", "pod", "nope")["status"].get("containerStatuses") or [{}]
+        state = statuses[0].get("state", {}).get("waiting", {})
+        assert state.get("reason") == "ErrImagePull", statuses
+        assert "catalog" in state.get("message", ""), state
+
+    eventually(waiting, timeout=30, interval=0.5)
+    lab.kubectl("lab-1", "delete", "pod", "nope", "--wait=true", "--timeout=30s", timeout=60)
+
+
 def test_a_silent_node_agent_loses_its_pods_readiness_and_reasserts_it(lab: Lab) -> None:
     """Kubernetes' node lifecycle: no Lease renewal for 40 s -> the node is Unknown and its pods not
     ready (their endpoints leave); once the node agent is back, it makes them Ready again."""
@@ -358,6 +435,7 @@ def test_sighup_tears_the_lab_down_completely(lab: Lab) -> None:
     assert "[lab] tearing down" in lab.output()
     assert leftovers(state) == []
     assert not (lab.dir / "state.json").exists()
+    assert not MADE_ON_HOST.parent.exists(), "mount points the node agents made on the host are removed"
 
 
 def test_lab_down_cleans_up_after_lab_up_was_killed(tmp_path: Path) -> None:

@@ -586,17 +586,7 @@ class PodWorker:
 
     async def run(self) -> None:
         try:
-            if not self.deleting.is_set():
-                try:
-                    await asyncio.to_thread(self._make_sandbox)
-                    await self._make_volumes()
-                except (NetnsError, OSError, spec.ConfigError, APIError) as exc:
-                    log.error("[%s] sandbox: %s", self.key, exc)
-                    for c in self.containers:
-                        c.state.waiting = ("CreateContainerConfigError" if isinstance(exc, spec.ConfigError)
-                                           else "ContainerCreating", str(exc))
-                    self.status_dirty.set()
-                    await asyncio.wait_for(self.deleting.wait(), None)
+            if await self._prepare():
                 self.sandbox_ready = True
                 self.status_dirty.set()
                 for c in self.containers:
@@ -607,6 +597,24 @@ class PodWorker:
             raise
         except Exception:
             log.exception("[%s] pod worker failed", self.key)
+
+    async def _prepare(self) -> bool:
+        """Sandbox and volumes, retried every 5 s (a ConfigMap may appear later); False when
+        the pod is deleted first."""
+        while not self.deleting.is_set():
+            try:
+                await asyncio.to_thread(self._make_sandbox)
+                await self._make_volumes()
+                return True
+            except (NetnsError, OSError, spec.ConfigError, APIError) as exc:
+                log.error("[%s] sandbox: %s", self.key, exc)
+                reason = "CreateContainerConfigError" if isinstance(exc, spec.ConfigError) else "ContainerCreating"
+                for c in self.containers:
+                    c.state.waiting = (reason, str(exc))
+                self.status_dirty.set()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.deleting.wait(), 5)
+        return False
 
     async def terminate(self) -> None:
         """A kubelet's graceful deletion: not ready, preStop (or the drain delay), stop
