@@ -82,6 +82,7 @@ class Agent:
             raise ValueError(f"--routes {config.routes!r}: use off, host or netns:NAME")
         self._last_routes: dict[str, str] | None = None
         self._route_problems: set[str] = set()
+        self._route_failures: set[str] = set()
         # A restarted agent must not program a half-listed cluster (Services without their
         # EndpointSlices would be written with no backends): wait for every first listing.
         self._listed: dict[str, threading.Event] = {}
@@ -257,7 +258,12 @@ class Agent:
             metrics.ERRORS.labels("agent", "route").inc()
             self._last_routes = None
             return
-        self._last_routes = dict(plan.routes)
+        for why in set(changes.failed.values()) - self._route_failures:  # each once while it lasts
+            log.error("routes: %s", why)
+            metrics.ERRORS.labels("agent", "route").inc()
+        self._route_failures = set(changes.failed.values())
+        # With a failure, try again on the next change; the routes that went in stay.
+        self._last_routes = None if changes.failed else dict(plan.routes)
         if changes.added or changes.replaced or changes.removed:
             log.info("routes: +%d ~%d -%d", len(changes.added), len(changes.replaced), len(changes.removed))
 

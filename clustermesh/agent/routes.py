@@ -6,7 +6,7 @@ replaces and removes only the routes it made, whatever else the table holds."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,6 +23,7 @@ class RouteChanges:
     added: list[str]
     replaced: list[str]
     removed: list[str]
+    failed: dict[str, str] = field(default_factory=dict)  # CIDR -> why; the other routes still went in
 
 
 class RouteTable:
@@ -45,7 +46,9 @@ class RouteTable:
             return {f"{r.get('dst')}/{r.get('dst_len')}": str(r.get("gateway")) for r in routes}
 
     def apply(self, desired: dict[str, str]) -> RouteChanges:
-        """Make our routes exactly ``desired`` (CIDR -> gateway)."""
+        """Make our routes ``desired`` (CIDR -> gateway) as far as the table lets us: a route that
+        cannot be made (a foreign route in the way, a gateway off-link) is reported in ``failed``
+        and does not stop the others."""
         current = self.current()
         changes = RouteChanges([], [], [])
         with self._ipr() as ipr:
@@ -57,15 +60,17 @@ class RouteTable:
                 try:
                     ipr.route(verb, dst=cidr, gateway=gateway, proto=self.proto)
                 except NetlinkError as exc:
-                    if exc.code == 17:  # EEXIST
-                        raise RoutingError(f"route {cidr} exists and is not ours; not replaced") from exc
-                    raise RoutingError(f"route {cidr} via {gateway}: {exc}; is {gateway} on a local link?") from exc
+                    changes.failed[cidr] = (
+                        f"route {cidr} exists and is not ours; not replaced" if exc.code == 17  # EEXIST
+                        else f"route {cidr} via {gateway}: {exc}; is {gateway} on a local link?")
+                    continue
                 (changes.replaced if cidr in current else changes.added).append(cidr)
             for cidr in sorted(set(current) - set(desired)):
                 try:
                     ipr.route("del", dst=cidr, proto=self.proto)
                 except NetlinkError as exc:
                     if exc.code != 3:  # ESRCH: already gone
-                        raise RoutingError(f"removing route {cidr}: {exc}") from exc
+                        changes.failed[cidr] = f"removing route {cidr}: {exc}"
+                    continue
                 changes.removed.append(cidr)
         return changes

@@ -52,16 +52,21 @@ def test_apply_adds_replaces_and_removes_only_its_own(netns: str) -> None:
     assert "10.250.0.0/24 via 192.168.77.9" in routes(netns), "a route we did not make is left alone"
 
 
-def test_an_unreachable_gateway_is_a_clear_error(netns: str) -> None:
-    with pytest.raises(RoutingError, match="on a local link"):
-        RouteTable(netns).apply({"10.245.1.0/24": "172.31.255.1"})
+def test_an_unreachable_gateway_is_a_clear_error_and_the_other_routes_go_in(netns: str) -> None:
+    changes = RouteTable(netns).apply({"10.245.1.0/24": "172.31.255.1", "10.245.2.0/24": "192.168.77.3"})
+    assert "on a local link" in changes.failed["10.245.1.0/24"]
+    assert changes.added == ["10.245.2.0/24"]
 
 
-def test_a_route_someone_else_made_is_not_taken_over(netns: str) -> None:
+def test_a_route_someone_else_made_is_not_taken_over_and_blocks_nothing_else(netns: str) -> None:
     subprocess.run(["ip", "-n", netns, "route", "add", "10.245.1.0/24", "via", "192.168.77.9"], check=True)
-    with pytest.raises(RoutingError, match="not ours"):
-        RouteTable(netns).apply({"10.245.1.0/24": "192.168.77.2"})
+    table = RouteTable(netns)
+    table.apply({"10.245.9.0/24": "192.168.77.5"})  # ours, stale below
+    changes = table.apply({"10.245.1.0/24": "192.168.77.2", "10.245.3.0/24": "192.168.77.3"})
+    assert "not ours" in changes.failed["10.245.1.0/24"]
+    assert (changes.added, changes.removed) == (["10.245.3.0/24"], ["10.245.9.0/24"])
     assert "10.245.1.0/24 via 192.168.77.9" in routes(netns)
+    assert table.current() == {"10.245.3.0/24": "192.168.77.3"}
 
 
 def test_a_missing_namespace_is_an_error_not_created() -> None:
