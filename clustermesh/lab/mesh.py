@@ -385,7 +385,7 @@ class LabMesh:
     # ------------------------------------------------------------ supervision
 
     def check(self) -> None:
-        for sup in self.supervised:
+        for sup in list(self.supervised):
             sup.check()
 
     def processes(self) -> list[Supervised]:
@@ -395,7 +395,8 @@ class LabMesh:
 
     def state(self) -> dict[str, Any]:
         return {
-            "tag": self.tag, "supervisor": os.getpid(), "directory": str(self.directory),
+            "tag": self.tag, "supervisor": os.getpid(), "supervisor_start": process_start(os.getpid()),
+            "directory": str(self.directory),
             "kubeconfig": str(self.kubeconfig), "cgroup_root": str(self.cgroup_root),
             "netns_prefix": f"cml-{self.tag}-",
             "nodes": {n.name: {"cluster": c.name, "netns": n.netns.netns, "cgroup": str(n.cgroup),
@@ -437,12 +438,27 @@ def teardown(state: dict[str, Any]) -> list[str]:
             attempt(f"pins of {name}", hooks.remove_pins, node["pin_dir"])
     for cluster in state.get("clusters", {}).values():
         attempt("pod mount points", _remove_made_paths, Path(cluster["state_dirs"]))
-    prefix = state["netns_prefix"]
-    for netns in sorted(_netns_names(), reverse=True):
-        if netns.startswith(prefix):
-            attempt(f"netns {netns}", delete_netns, netns)
+    attempt("namespaces", _remove_namespaces, state["netns_prefix"])
     attempt("cgroups", _remove_cgroups, root)
     return problems
+
+
+def _remove_namespaces(prefix: str) -> None:
+    for netns in sorted(_netns_names(), reverse=True):
+        if netns.startswith(prefix):
+            delete_netns(netns)
+    left = [n for n in _netns_names() if n.startswith(prefix)]
+    if left:
+        raise NetnsError(f"still there: {', '.join(left)}")
+
+
+def process_start(pid: int) -> str:
+    """A process's start time (clock ticks since boot): with the pid, it names the process
+    even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _netns_names() -> list[str]:

@@ -79,7 +79,9 @@ def delete_netns(name: str) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)
-    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    res = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True, check=False)
+    if res.returncode != 0 and Path(f"/run/netns/{name}").exists():
+        raise NetnsError(f"ip netns del {name}: {res.stderr.strip()}")
 
 
 def _namespace_with_eth0(netns: str, peer: str, peer_netns: str) -> None:

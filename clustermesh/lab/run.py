@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustermesh.lab.mesh import REPO, LabCluster, LabMesh, teardown
+from clustermesh.lab.mesh import REPO, LabCluster, LabMesh, process_start, teardown
 from clustermesh.lab.netns import NetnsError
 from clustermesh.lab.servers import CACHE, ServerError
 
@@ -235,15 +235,26 @@ def lab_up(args: argparse.Namespace) -> int:
             f"  logs: {base} (lab {mesh.tag}: namespaces cml-{mesh.tag}-*)\n",
             flush=True,
         )
-        if args.demo:
-            demo(mesh)
-        if args.no_wait:
+        supervising = threading.Event()
+
+        def supervise() -> None:  # also while the demo runs: a process that dies there comes back too
+            while not supervising.wait(1):
+                mesh.check()
+
+        supervisor = threading.Thread(target=supervise, name="supervise", daemon=True)
+        supervisor.start()
+        try:
+            if args.demo:
+                demo(mesh)
+            if args.no_wait:
+                return 0
+            print("The lab runs until Ctrl-C (or `clustermesh lab down`).", flush=True)
+            while not _stdout_closed():
+                time.sleep(1)
             return 0
-        print("The lab runs until Ctrl-C (or `clustermesh lab down`).", flush=True)
-        while not _stdout_closed():
-            time.sleep(1)
-            mesh.check()
-        return 0
+        finally:
+            supervising.set()
+            supervisor.join(10)  # no restart may race the teardown
     except (ServerError, NetnsError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 1
@@ -259,7 +270,8 @@ def lab_up(args: argparse.Namespace) -> int:
         problems = mesh.down()
         for p in problems:
             print(f"[lab] teardown: {p}", file=sys.stderr)
-        mesh.state_path.unlink(missing_ok=True)
+        if not problems:  # else the record stays for `clustermesh lab down`
+            mesh.state_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             print("[lab] down", flush=True)
 
@@ -275,12 +287,10 @@ def _state(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def _alive(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"lab" in cmdline and b"up" in cmdline
+def _alive(state: dict[str, Any]) -> bool:
+    """Whether the lab's supervisor still runs: the same pid and the same start time."""
+    pid = int(state.get("supervisor", 0))
+    return bool(pid) and pid != os.getpid() and process_start(pid) == state.get("supervisor_start")
 
 
 def lab_down(args: argparse.Namespace) -> int:
@@ -289,20 +299,23 @@ def lab_down(args: argparse.Namespace) -> int:
         print(f"no lab recorded in {path}; nothing to do")
         return 0
     state = json.loads(path.read_text())
-    pid = int(state.get("supervisor", 0))
-    if pid and pid != os.getpid() and _alive(pid):
+    if _alive(state):
+        pid = int(state["supervisor"])
         print(f"stopping the lab's supervisor (pid {pid})", flush=True)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 90
-        while _alive(pid) and time.monotonic() < deadline:
+        while _alive(state) and time.monotonic() < deadline:
             time.sleep(0.2)
     problems = teardown(state)
     for p in problems:
         print(f"lab down: {p}", file=sys.stderr)
+    if problems:  # keep the record: another `lab down` can try again
+        print(f"lab down: finished with the problems above; {path} is kept, run `clustermesh lab down` again",
+              file=sys.stderr)
+        return 1
     path.unlink(missing_ok=True)
-    print("lab down: processes, namespaces, cgroups and BPF pins removed" if not problems
-          else "lab down: finished with the problems above")
-    return 0 if not problems else 1
+    print("lab down: processes, namespaces, cgroups and BPF pins removed")
+    return 0
 
 
 def lab_status(args: argparse.Namespace) -> int:
@@ -310,7 +323,7 @@ def lab_status(args: argparse.Namespace) -> int:
     kubeconfig = state["kubeconfig"]
     sup = int(state.get("supervisor", 0))
     print(f"lab {state['tag']} in {state['directory']}; supervisor pid {sup} "
-          f"({'running' if _alive(sup) else 'not running: clustermesh lab down cleans up'})")
+          f"({'running' if _alive(state) else 'not running: clustermesh lab down cleans up'})")
     print(f"KUBECONFIG={kubeconfig}\n")
     for cluster in state["clusters"]:
         print(f"== {cluster}")

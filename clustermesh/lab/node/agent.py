@@ -30,6 +30,7 @@ import platform
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,26 @@ def proc_start_time(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
+
+
+async def _until_closed(fd: int) -> None:
+    """Wait for the other end of a pipe to close (every writer gone)."""
+    loop = asyncio.get_running_loop()
+    closed = asyncio.Event()
+
+    def readable() -> None:
+        try:
+            if not os.read(fd, 64):
+                closed.set()
+        except BlockingIOError:
+            pass
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        await closed.wait()
+    finally:
+        loop.remove_reader(fd)
 
 
 def kill_cgroup(path: Path) -> None:
@@ -222,9 +243,14 @@ class Container:
         self.workdir = self.spec.get("workingDir") or program.workdir
         return program.argv, program
 
-    def _spawn(self, argv: list[str], mounts: list[Obj]) -> int:
+    async def _spawn(self, argv: list[str], mounts: list[Obj]) -> int:
+        """Start the container's main process; returns once it runs the program inside the pod
+        (only then may probes and exec enter its namespaces)."""
         self.cgroup.mkdir(parents=True, exist_ok=True)
-        launch = {
+        kill_cgroup(self.cgroup)  # a copy an earlier agent started but did not record must not serve twice
+        ready_r, ready_w = os.pipe()
+        os.set_inheritable(ready_w, True)
+        launch = {"ready_fd": ready_w,
             "cgroup": str(self.cgroup), "netns": self.worker.record.netns,
             "hostname": spec.pod_hostname(self.worker.pod)[0],
             "mounts": mounts, "etc": self.worker.etc_files(), "argv": argv, "env": self.env, "workdir": self.workdir,
@@ -236,7 +262,7 @@ class Container:
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         try:
-            return os.posix_spawn(
+            pid = os.posix_spawn(
                 SANDBOX[0], [*SANDBOX, "run", "--spec", str(spec_path)], os.environ,
                 file_actions=[(os.POSIX_SPAWN_DUP2, null_fd, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
                               (os.POSIX_SPAWN_DUP2, log_fd, 2)],
@@ -245,6 +271,12 @@ class Container:
         finally:
             os.close(log_fd)
             os.close(null_fd)
+            os.close(ready_w)
+        try:
+            await asyncio.wait_for(_until_closed(ready_r), 20)
+        finally:
+            os.close(ready_r)
+        return pid
 
     async def _wait(self, pid: int, ours: bool) -> int:
         """Wait for pid to exit; its exit code as Kubernetes reports it (128 + signal)."""
@@ -282,6 +314,7 @@ class Container:
             except Exception as exc:
                 log.exception("[%s] container %s failed in the node agent", self.worker.key, self.name)
                 kill_cgroup(self.cgroup)  # a process we lost track of must not serve twice
+                self.exited.set()
                 self.state.running_since, self.state.ready, self.state.started = None, False, False
                 self.state.waiting = ("RunContainerError", f"node agent: {exc}")
                 self._stop_probes()
@@ -303,6 +336,7 @@ class Container:
                     self.env, self.workdir = data["env"], data.get("workdir", "/")
                 log.info("[%s] adopted container %s (pid %d)", self.worker.key, self.name, self.pid)
             else:
+                await self.worker.agent.prefetch_env(self.worker.pod)  # a ConfigMap may have come or changed
                 prepared = await self._program()
                 if prepared is None:
                     self._changed()
@@ -320,7 +354,7 @@ class Container:
                     continue
                 if self.stopping:
                     break
-                self.pid = self._spawn(argv, mounts)
+                self.pid = await self._spawn(argv, mounts)
                 self.record.pid, self.record.start = self.pid, proc_start_time(self.pid) or ""
                 self.record.started_at = now()
                 log.info("[%s] started container %s (pid %d): %s", self.worker.key, self.name, self.pid,
@@ -389,6 +423,13 @@ class Container:
             with contextlib.suppress(OSError):
                 self.log_path.replace(self.worker.dir / f"{self.name}.previous.log")
 
+    def enter_argv(self, command: list[str]) -> list[str]:
+        """argv that runs ``command`` inside this container (kubectl exec, exec probes, hooks)."""
+        if not self.pid or self.exited.is_set():
+            raise ContainerNotFound(f'container "{self.name}" in pod "{self.worker.name}" is not running')
+        return [*SANDBOX, "enter", "--pid", str(self.pid), "--cgroup", str(self.cgroup),
+                "--netns", self.worker.record.netns, "--env-file", str(self.dir / "env.json"), "--", *command]
+
     def _was_ready(self) -> bool:
         return any(cs.get("name") == self.name and cs.get("ready")
                    for cs in self.worker.server_status.get("containerStatuses") or [])
@@ -423,7 +464,11 @@ class Container:
         await asyncio.sleep(p.initial_delay)
         successes = failures = 0
         while not self.stopping:  # a terminating container's readiness is the node agent's, not the probe's
-            ok = await self.worker.agent.run_probe(self, p)
+            try:
+                ok = await self.worker.agent.run_probe(self, p)
+            except Exception:  # a probe that cannot even run has failed; the loop must go on
+                log.exception("[%s] %s %s", self.worker.key, self.name, kind)
+                ok = False
             if self.stopping:
                 return
             if ok:
@@ -513,17 +558,19 @@ class PodWorker:
             f.seek(0)
             if f.read() != text:
                 f.seek(0)
+                f.write(text)  # over the old text, then cut: a reader never finds the file empty
                 f.truncate()
-                f.write(text)
 
     def _make_sandbox(self) -> None:
         cfg = self.agent.cfg
-        if not self.record.ip:
-            self.record.ip = self.agent.allocate_ip()
         self.save()
         node = LabNode(cfg.netns, Underlay(""), cfg.address, cfg.pod_cidr, port="")
         if not Path(f"/run/netns/{self.record.netns}").exists():
-            LabPod(self.record.netns, node, self.record.ip, self.record.veth).create()
+            try:
+                LabPod(self.record.netns, node, self.record.ip, self.record.veth).create()
+            except (NetnsError, OSError, subprocess.SubprocessError):
+                self._remove_network()  # half made: the next try starts from nothing
+                raise
         self.cgroup.mkdir(parents=True, exist_ok=True)
         etc = self.dir / "etc"
         etc.mkdir(parents=True, exist_ok=True)
@@ -576,11 +623,14 @@ class PodWorker:
         self.save()
         return mounts
 
-    def _remove_sandbox(self) -> None:
-        remove_cgroup_tree(self.cgroup)
+    def _remove_network(self) -> None:
         delete_netns(self.record.netns)
         with contextlib.suppress(NetnsError):
             ip("link", "del", self.record.veth, netns=self.agent.cfg.netns)
+
+    def _remove_sandbox(self) -> None:
+        remove_cgroup_tree(self.cgroup)
+        self._remove_network()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -591,22 +641,24 @@ class PodWorker:
                 self.status_dirty.set()
                 for c in self.containers:
                     c.task = asyncio.create_task(c.run(self.adopted), name=f"{self.key}/{c.name}")
-            await self.deleting.wait()
-            await self.terminate()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # the pod stays deletable whatever went wrong
             log.exception("[%s] pod worker failed", self.key)
+        await self.deleting.wait()
+        await self.terminate()
 
     async def _prepare(self) -> bool:
         """Sandbox and volumes, retried every 5 s (a ConfigMap may appear later); False when
         the pod is deleted first."""
         while not self.deleting.is_set():
             try:
+                if not self.record.ip:  # on the loop: two pods starting together get two addresses
+                    self.record.ip = self.agent.allocate_ip()
                 await asyncio.to_thread(self._make_sandbox)
                 await self._make_volumes()
                 return True
-            except (NetnsError, OSError, spec.ConfigError, APIError) as exc:
+            except (NetnsError, OSError, spec.ConfigError, APIError, subprocess.SubprocessError) as exc:
                 log.error("[%s] sandbox: %s", self.key, exc)
                 reason = "CreateContainerConfigError" if isinstance(exc, spec.ConfigError) else "ContainerCreating"
                 for c in self.containers:
@@ -637,22 +689,21 @@ class PodWorker:
             else:
                 await asyncio.sleep(min(self.agent.cfg.drain_delay, grace))
         remaining = max(0.0, deadline - time.monotonic())
-        await asyncio.gather(*(c.stop(remaining) for c in self.containers))
-        for c in self.containers:
+        for c, result in zip(self.containers, await asyncio.gather(*(c.stop(remaining) for c in self.containers),
+                                                                  return_exceptions=True), strict=True):
+            if isinstance(result, BaseException):
+                log.error("[%s] stopping %s: %s; killing its cgroup", self.key, c.name, result)
+            kill_cgroup(c.cgroup)
             if c.task is not None:
                 c.task.cancel()
-        await asyncio.to_thread(self._remove_sandbox)
+        try:
+            await asyncio.to_thread(self._remove_sandbox)
+        except Exception:
+            log.exception("[%s] removing the sandbox (lab down removes what is left)", self.key)
         self.agent.finished.add(self.uid)  # events still on their way must not make a new worker
         self.agent.release(self)
         if not self.gone:
-            path = f"/api/v1/namespaces/{self.namespace}/pods/{self.name}"
-            try:
-                await self.agent.api.request("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
-                                                             "gracePeriodSeconds": 0,
-                                                             "preconditions": {"uid": self.uid}})
-            except APIError as exc:
-                if exc.status not in (404, 409):
-                    log.warning("[%s] final delete: %s", self.key, exc)
+            await self.agent.final_delete(self.namespace, self.name, self.uid)
         shutil.rmtree(self.dir, ignore_errors=True)
         log.info("[%s] deleted", self.key)
 
@@ -674,7 +725,8 @@ class PodWorker:
             if exc.status == 404:
                 self.gone = True
             else:
-                log.warning("[%s] status: %s", self.key, exc)
+                log.warning("[%s] status: %s; retrying", self.key, exc)
+                await asyncio.sleep(1)
                 self.status_dirty.set()
 
     def needs_status(self) -> bool:
@@ -731,11 +783,7 @@ class NodeAgent:
         return path
 
     def exec_argv(self, namespace: str, pod: str, container: str | None, command: list[str]) -> list[str]:
-        c = self._find(namespace, pod, container)
-        if not c.pid or c.exited.is_set():
-            raise ContainerNotFound(f'container "{c.name}" in pod "{pod}" is not running')
-        return [*SANDBOX, "enter", "--pid", str(c.pid), "--cgroup", str(c.cgroup),
-                "--env-file", str(c.dir / "env.json"), "--", *command]
+        return self._find(namespace, pod, container).enter_argv(command)
 
     # -------------------------------------------------------------- host mount points
 
@@ -761,6 +809,23 @@ class NodeAgent:
             self.made_paths_file.write_text(json.dumps(made))
 
     # -------------------------------------------------------------- lookups
+
+    async def final_delete(self, namespace: str, name: str, uid: str) -> None:
+        """The kubelet's last word on a pod: DELETE with grace 0 for exactly this uid. Without it
+        the pod stays Terminating, so it is retried until the API server answers (404 or 409:
+        already gone or replaced)."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+        for attempt in range(120):
+            try:
+                await self.api.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body)
+                return
+            except APIError as exc:
+                if exc.status in (404, 409):
+                    return
+                if attempt == 0:
+                    log.warning("[%s/%s] final delete: %s; retrying", namespace, name, exc)
+            await asyncio.sleep(1)
+        log.error("[%s/%s] final delete failed for 2 minutes; the pod stays Terminating", namespace, name)
 
     def lookup_cached(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None:
         return self.cache.get((kind, namespace, name))
@@ -861,15 +926,16 @@ class NodeAgent:
             writer.write(request.encode())
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), timeout)
-            code = int(line.split()[1])
-            return 200 <= code < 400
+            parts = line.split()
+            return len(parts) > 1 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
         finally:
             writer.close()
 
     async def _exec(self, c: Container, command: list[str], timeout: float) -> int:
-        if not c.pid:
+        try:
+            argv = c.enter_argv(command)
+        except ContainerNotFound:
             return -1
-        argv = self.exec_argv(c.worker.namespace, c.worker.name, c.name, command)
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.DEVNULL,
                                                     stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
@@ -892,7 +958,7 @@ class NodeAgent:
                                      port, hook["httpGet"], timeout)
             elif "sleep" in hook:
                 await asyncio.sleep(min(timeout, float(hook["sleep"].get("seconds", 0))))
-        except (TimeoutError, OSError, spec.ConfigError, ValueError) as exc:
+        except (TimeoutError, OSError, spec.ConfigError, ValueError, LookupError) as exc:
             log.warning("[%s] %s preStop hook: %s", c.worker.key, c.name, exc)
 
     # -------------------------------------------------------------- node
@@ -967,10 +1033,7 @@ class NodeAgent:
                 if time.monotonic() - last_status > 30:
                     await self.api.patch(f"/api/v1/nodes/{self.cfg.name}/status", {"status": self.node_status()})
                     last_status = time.monotonic()
-            except (TimeoutError, APIError, OSError) as exc:
-                log.warning("lease: %s", exc)
-                last_status = 0.0
-            except Exception as exc:  # aiohttp errors
+            except (APIError, OSError) as exc:
                 log.warning("lease: %s", exc)
                 last_status = 0.0
             await asyncio.sleep(RENEW_SECONDS)
@@ -981,18 +1044,21 @@ class NodeAgent:
         path = "/api/v1/pods"
         query = f"fieldSelector=spec.nodeName%3D{self.cfg.name}"
         async for kind, obj in self.api.watch(path, query):
-            if kind == "SYNC":
-                seen = set()
-                for pod in obj.get("items", []):
-                    seen.add(pod["metadata"]["uid"])
-                    await self._pod_event(pod)
-                for uid in [uid for uid in self.workers if uid not in seen]:
-                    self._forget(uid)
-                self._adopt_orphans(seen)
-            elif kind in ("ADDED", "MODIFIED"):
-                await self._pod_event(obj)
-            elif kind == "DELETED":
-                self._forget(obj["metadata"]["uid"])
+            try:
+                if kind == "SYNC":
+                    seen = {pod["metadata"]["uid"] for pod in obj.get("items", [])}
+                    for uid in [uid for uid in self.workers if uid not in seen]:
+                        self._forget(uid)
+                    # Before any new pod starts: an orphan's address and cgroup must be free again.
+                    await asyncio.to_thread(self._remove_orphans, seen)
+                    for pod in obj.get("items", []):
+                        await self._pod_event(pod)
+                elif kind in ("ADDED", "MODIFIED"):
+                    await self._pod_event(obj)
+                elif kind == "DELETED":
+                    self._forget(obj["metadata"]["uid"])
+            except Exception:  # one pod's trouble must not stop the node
+                log.exception("pod event %s %s", kind, obj.get("metadata", {}).get("name", ""))
 
     def _forget(self, uid: str) -> None:
         """The pod object is gone (force-deleted): stop its containers now, no final DELETE."""
@@ -1014,10 +1080,8 @@ class NodeAgent:
         record = PodRecord.load(record_path) if record_path.exists() else None
         if phase in ("Succeeded", "Failed") and record is None:
             if pod["metadata"].get("deletionTimestamp"):
-                with contextlib.suppress(APIError):
-                    await self.api.request("DELETE", f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods/"
-                                           f"{pod['metadata']['name']}", {"gracePeriodSeconds": 0,
-                                                                          "preconditions": {"uid": uid}})
+                self.finished.add(uid)
+                await self.final_delete(pod["metadata"]["namespace"], pod["metadata"]["name"], uid)
             return
         await self.prefetch_env(pod)
         w = PodWorker(self, pod, record)
@@ -1026,7 +1090,7 @@ class NodeAgent:
         w.task = asyncio.create_task(w.run(), name=f"pod {w.key}")
         w.status_task = asyncio.create_task(self._status_writer(w), name=f"status {w.key}")
 
-    def _adopt_orphans(self, live: set[str]) -> None:
+    def _remove_orphans(self, live: set[str]) -> None:
         """Sandboxes left by an earlier run whose pod no longer exists: remove them."""
         pods_dir = self.cfg.state_dir / "pods"
         if not pods_dir.exists():
@@ -1034,7 +1098,12 @@ class NodeAgent:
         for d in pods_dir.iterdir():
             if d.name in live or d.name in self.workers or not (d / "record.json").exists():
                 continue
-            record = PodRecord.load(d / "record.json")
+            try:
+                record = PodRecord.load(d / "record.json")
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("unreadable pod record %s: %s; removing it", d, exc)
+                shutil.rmtree(d, ignore_errors=True)
+                continue
             fake = {"metadata": {"uid": record.uid, "name": record.name, "namespace": record.namespace},
                     "spec": {"containers": []}}
             w = PodWorker(self, fake, record)
@@ -1128,6 +1197,7 @@ class NodeAgent:
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
             log.error("task %s ended: %s", t.get_name(), t.exception())
+        raise SystemExit(1)  # the lab restarts us
 
     async def close(self) -> None:
         """Stop serving; pods keep running (a restarted agent adopts them)."""

@@ -58,12 +58,15 @@ class NodeAPI:
                       content_type: str = "application/json", timeout: float = 15.0) -> Any:
         headers = {"Content-Type": content_type} if body is not None else {}
         data = json.dumps(body) if body is not None else None
-        async with self.session().request(method, self.server + path, data=data, headers=headers,
-                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            text = await resp.text()
-            if resp.status >= 300:
-                raise APIError(resp.status, text, f"{method} {path}")
-            return json.loads(text) if text else None
+        try:
+            async with self.session().request(method, self.server + path, data=data, headers=headers,
+                                              timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:  # status 0: no answer (server down or restarting)
+            raise APIError(0, str(exc) or type(exc).__name__, f"{method} {path}") from exc
+        if resp.status >= 300:
+            raise APIError(resp.status, text, f"{method} {path}")
+        return json.loads(text) if text else None
 
     async def get(self, path: str) -> Any:
         return await self.request("GET", path)

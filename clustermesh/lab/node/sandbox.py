@@ -1,7 +1,7 @@
 """Put a process into a lab pod, then exec the container's program.
 
     python -m clustermesh.lab.node.sandbox run --spec SPEC.json
-    python -m clustermesh.lab.node.sandbox enter --pid PID --cgroup DIR [--env-file ENV.json] -- CMD...
+    python -m clustermesh.lab.node.sandbox enter --pid PID --cgroup DIR --netns NAME [--env-file ENV.json] -- CMD...
 
 ``run`` starts a container's main process: it joins the container's cgroup (a child of
 the node's cgroup, so the node's socket-LB applies to it), the pod's network namespace,
@@ -99,13 +99,21 @@ def run(spec: dict[str, Any]) -> None:
         if m.get("readOnly"):
             mount(None, m["target"], None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         os.close(fd)
+    ready_fd = spec.get("ready_fd")
+    if ready_fd is not None:
+        # Closed by the exec itself: the node agent learns that this pid now lives in the pod's
+        # namespaces (before that, an exec probe entering /proc/PID/ns would land in the host's).
+        os.set_inheritable(int(ready_fd), False)
     _exec(spec["argv"], spec["env"], spec.get("workdir", "/"))
 
 
-def enter(pid: int, cgroup: str, env: dict[str, str] | None, argv: list[str], workdir: str) -> None:
+def enter(pid: int, cgroup: str, netns: str, env: dict[str, str] | None, argv: list[str], workdir: str) -> None:
     join_cgroup(cgroup)
     # Open all three first: once in the container's mount namespace, /proc/PID may look different.
-    fds = {ns: os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("net", "uts", "mnt")}
+    # The network namespace by its name, never through the pid: whatever the pid is, an exec's
+    # traffic leaves from the pod's namespace.
+    fds = {ns: os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("uts", "mnt")}
+    fds["net"] = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
     for ns, nstype in (("net", CLONE_NEWNET), ("uts", CLONE_NEWUTS), ("mnt", CLONE_NEWNS)):
         _check(_libc.setns(fds[ns], nstype), f"setns {ns} of pid {pid}")
         os.close(fds[ns])
@@ -120,13 +128,13 @@ def main(argv: list[str]) -> int:
             split = argv.index("--")
             opts = dict(zip(argv[1:split:2], argv[2:split:2], strict=False))
             command = argv[split + 1:]
-            if not command or "--pid" not in opts or "--cgroup" not in opts:
-                raise SandboxError("enter needs --pid, --cgroup and a command after --")
+            if not command or not {"--pid", "--cgroup", "--netns"} <= set(opts):
+                raise SandboxError("enter needs --pid, --cgroup, --netns and a command after --")
             env, workdir = None, "/"
             if "--env-file" in opts:
                 data = json.loads(Path(opts["--env-file"]).read_text())
                 env, workdir = data["env"], data.get("workdir", "/")
-            enter(int(opts["--pid"]), opts["--cgroup"], env, command, workdir)
+            enter(int(opts["--pid"]), opts["--cgroup"], opts["--netns"], env, command, workdir)
         else:
             print(__doc__, file=sys.stderr)
             return 2
