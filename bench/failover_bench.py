@@ -504,7 +504,13 @@ class Bench:
         if all(p.restarts == 0 for p in backends(self.kube)):
             return
         say("  replacing rebel-base pods with fresh ones (kubectl rollout restart), so that no backoff applies")
+        self.renew_backends()
+
+    def renew_backends(self, scale_first: bool = False) -> None:
+        """``kubectl rollout restart`` of rebel-base (scaled back to 2 first if asked), until the old pods are gone."""
         old = {p.uid for p in backends(self.kube)}
+        if scale_first:
+            self.kube.run(CTX1, "scale", "deployment", "rebel-base", "--replicas=2")
         self.kube.run(CTX1, "rollout", "restart", "deployment/rebel-base")
         self.kube.run(CTX1, "rollout", "status", "deployment/rebel-base", f"--timeout={self.timeout:.0f}s",
                       timeout=self.timeout + 10)
@@ -565,14 +571,7 @@ class Bench:
     def recover(self) -> None:
         """New rebel-base pods after a stuck round, so that the next round starts clean."""
         say("  recovering: kubectl scale --replicas=2 and kubectl rollout restart deployment/rebel-base")
-        old = {p.uid for p in backends(self.kube)}
-        self.kube.run(CTX1, "scale", "deployment", "rebel-base", "--replicas=2")
-        self.kube.run(CTX1, "rollout", "restart", "deployment/rebel-base")
-        self.kube.run(CTX1, "rollout", "status", "deployment/rebel-base", f"--timeout={self.timeout:.0f}s",
-                      timeout=self.timeout + 10)
-        wait_for("the old rebel-base pods to go", lambda: not old & {p.uid for p in backends(self.kube)},
-                 self.timeout, self.client, every=0.3)
-        self.steady()
+        self.renew_backends(scale_first=True)
 
 
 # ------------------------------------------------------------------ figures

@@ -159,6 +159,7 @@ class ContainerRecord:
     started_at: str = ""
     last_terminated: Obj | None = None
     stop_signal: int = signal.SIGTERM
+    finished: Obj | None = None  # its final terminated state, once restartPolicy says it stays down
 
 
 @dataclass
@@ -326,6 +327,10 @@ class Container:
 
     async def _run(self, adopt: bool) -> None:
         policy = self.worker.pod["spec"].get("restartPolicy", "Always")
+        if self.record.finished is not None:  # done before a node agent restart: it stays done
+            self.state.terminated, self.state.waiting = self.record.finished, None
+            self._changed()
+            return
         while not self.stopping:
             ours = True
             if adopt and self.record.pid and proc_start_time(self.record.pid) == self.record.start:
@@ -405,6 +410,8 @@ class Container:
                 break
             log.info("[%s] container %s exited with %d", self.worker.key, self.name, code)
             if not spec.should_restart(policy, code):
+                self.record.finished = terminated
+                self.worker.save()
                 self._changed()
                 break
             # A container that ran for 10 minutes starts its backoff afresh, as a kubelet's does.
@@ -1158,11 +1165,10 @@ class NodeAgent:
                 while data := await reader.read(65536):
                     writer.write(data)
                     await writer.drain()
+                if writer.can_write_eof():
+                    writer.write_eof()  # half-close: the answer still flows the other way
             except (OSError, asyncio.IncompleteReadError):
                 pass
-            finally:
-                with contextlib.suppress(OSError):
-                    writer.close()
 
         async def handle(r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
             try:
@@ -1170,7 +1176,12 @@ class NodeAgent:
             except OSError:
                 w1.close()
                 return
-            await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
+            try:
+                await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
+            finally:
+                for w in (w1, w2):
+                    with contextlib.suppress(OSError):
+                        w.close()
 
         self._forwarder = await asyncio.start_server(handle, sock=listener)
 
