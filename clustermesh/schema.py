@@ -213,6 +213,34 @@ def _str_map(what: str, data: object) -> dict[str, str]:
     return dict(data)
 
 
+def _bool(what: str, data: object) -> bool:
+    # Strict as Go's decoder: "false" (a string) is not false, and must not read as true.
+    if not isinstance(data, bool):
+        raise SchemaError(f"{what} must be true or false, not {data!r}")
+    return data
+
+
+def _zones(data: object) -> dict[str, dict[str, Any]]:
+    """Cilium's zones: backend IP -> {"zone": str, "forZones": [{"name": str}, ...]}."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SchemaError("zones must be an object of backend IP -> zone object")
+    out: dict[str, dict[str, Any]] = {}
+    for ip, zone in data.items():
+        _validate_ip(ip)
+        if not isinstance(zone, dict):
+            raise SchemaError(f"zones[{ip}] must be an object like {{\"zone\": \"eu-1a\"}}")
+        if not isinstance(zone.get("zone", ""), str):
+            raise SchemaError(f"zones[{ip}].zone must be a string")
+        hints = zone.get("forZones", [])
+        if not isinstance(hints, list) or not all(isinstance(h, dict) and isinstance(h.get("name"), str)
+                                                  for h in hints):
+            raise SchemaError(f"zones[{ip}].forZones must be a list of {{\"name\": ...}}")
+        out[ip] = {k: v for k, v in zone.items() if k in ("zone", "forZones")}
+    return out
+
+
 @dataclass(frozen=True)
 class ClusterService:
     """One global Service as one cluster offers it (Cilium's ClusterService)."""
@@ -228,7 +256,8 @@ class ClusterService:
     include_external: bool = True
     shared: bool = True
     hostnames: Mapping[str, str] = field(default_factory=dict)
-    zones: Mapping[str, str] = field(default_factory=dict)
+    # Cilium's per-backend zone: IP -> {"zone": "eu-1a", "forZones": [{"name": "eu-1b"}]} (both optional)
+    zones: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -263,7 +292,7 @@ class ClusterService:
         if self.hostnames:
             data["hostnames"] = dict(self.hostnames)
         if self.zones:
-            data["zones"] = dict(self.zones)
+            data["zones"] = {ip: dict(z) for ip, z in self.zones.items()}
         return data
 
     def encode(self) -> str:
@@ -283,10 +312,10 @@ class ClusterService:
             backends=_ports_from_json("backends", data.get("backends")),
             labels=_str_map("labels", data.get("labels")),
             selector=_str_map("selector", data.get("selector")),
-            include_external=bool(data.get("includeExternal", False)),
-            shared=bool(data.get("shared", False)),
+            include_external=_bool("includeExternal", data.get("includeExternal", False)),
+            shared=_bool("shared", data.get("shared", False)),
             hostnames=_str_map("hostnames", data.get("hostnames")),
-            zones=_str_map("zones", data.get("zones")),
+            zones=_zones(data.get("zones")),
         ).validate()
         if key is not None:
             parsed = parse_service_key(key)
@@ -395,8 +424,14 @@ def _ipnet_to_go(cidr: str | None) -> dict[str, str] | None:
 def _ipnet_from_go(data: object) -> str | None:
     if data is None:
         return None
+    if isinstance(data, str):  # the string form Cilium also reads (and plans to write)
+        try:
+            net = ipaddress.ip_network(data)
+        except ValueError as exc:
+            raise SchemaError(f"pod CIDR {data!r} does not parse (want a canonical CIDR)") from exc
+        return str(net)
     if not isinstance(data, dict):
-        raise SchemaError("pod CIDR must be an object with IP and Mask")
+        raise SchemaError("pod CIDR must be a CIDR string or an object with IP and Mask")
     try:
         ip = ipaddress.ip_address(data["IP"])
         mask = base64.b64decode(data["Mask"], validate=True)

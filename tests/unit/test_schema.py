@@ -45,6 +45,11 @@ def test_encoding_is_canonical() -> None:
         (lambda d: d["backends"]["10.244.1.10"]["http"].update(Port=70000), "1..65535"),
         (lambda d: d["backends"]["10.244.1.10"]["http"].update(Protocol="ICMP"), "protocol"),
         (lambda d: d.update(labels={"a": 1}), "labels"),
+        (lambda d: d.update(shared="false"), "shared must be true or false"),
+        (lambda d: d.update(includeExternal=1), "includeExternal must be true or false"),
+        (lambda d: d.update(zones={"10.244.1.10": "eu-1a"}), "must be an object"),
+        (lambda d: d.update(zones={"not-an-ip": {"zone": "eu-1a"}}), "not an IP"),
+        (lambda d: d.update(zones={"10.244.1.10": {"forZones": ["eu-1a"]}}), "forZones"),
     ],
 )
 def test_rejects_malformed_records(mutate, message: str) -> None:
@@ -52,6 +57,29 @@ def test_rejects_malformed_records(mutate, message: str) -> None:
     mutate(data)
     with pytest.raises(SchemaError, match=message):
         ClusterService.decode(json.dumps(data))
+
+
+def test_reads_and_writes_cilium_zones() -> None:
+    data = json.loads(CILIUM_EXAMPLE)
+    data["zones"] = {"10.244.1.10": {"zone": "eu-1a", "forZones": [{"name": "eu-1a"}, {"name": "eu-1b"}]}}
+    svc = ClusterService.decode(json.dumps(data))
+    assert svc.zones["10.244.1.10"]["zone"] == "eu-1a"
+    assert json.loads(svc.encode()) == data
+
+
+def test_shared_false_is_false() -> None:
+    data = json.loads(CILIUM_EXAMPLE)
+    data["shared"] = False
+    assert ClusterService.decode(json.dumps(data)).shared is False
+
+
+def test_node_reads_the_string_form_of_a_pod_cidr() -> None:
+    data = Node("n", "c1", 1).to_json()
+    data["IPv4AllocCIDR"] = "10.244.1.0/24"
+    assert Node.decode(json.dumps(data)).ipv4_pod_cidr == "10.244.1.0/24"
+    data["IPv4AllocCIDR"] = "10.244.1.7/24"  # not canonical: host bits set
+    with pytest.raises(SchemaError, match="canonical"):
+        Node.decode(json.dumps(data))
 
 
 def test_rejects_key_that_names_another_service() -> None:
