@@ -18,7 +18,6 @@ lab namespaces with no route out of the machine. The host never connects to a la
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -36,7 +35,7 @@ from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
 from clustermesh.kube import KubeClient
 from clustermesh.lab.kubeapi import KubeAPI
-from clustermesh.lab.netns import LabNode, NetnsError, Underlay, delete_netns, ip
+from clustermesh.lab.netns import LabNode, NetnsError, Underlay, delete_netns, ip, kill_cgroup, remove_cgroup
 from clustermesh.lab.pki import CertificateAuthority
 from clustermesh.lab.servers import (
     ControlPlane,
@@ -430,7 +429,7 @@ def teardown(state: dict[str, Any]) -> list[str]:
 
     root = Path(state["cgroup_root"])
     # Every lab process and every pod process lives under the lab's cgroup: one write stops them all.
-    attempt("kill lab processes", _kill_tree, root)
+    attempt("kill lab processes", kill_cgroup, root, 10.0)
     for name, node in state.get("nodes", {}).items():
         if Path(node["cgroup"]).exists():
             attempt(f"datapath of {name}", hooks.destroy, node["cgroup"], node["pin_dir"])
@@ -439,7 +438,7 @@ def teardown(state: dict[str, Any]) -> list[str]:
     for cluster in state.get("clusters", {}).values():
         attempt("pod mount points", _remove_made_paths, Path(cluster["state_dirs"]))
     attempt("namespaces", _remove_namespaces, state["netns_prefix"])
-    attempt("cgroups", _remove_cgroups, root)
+    attempt("cgroups", remove_cgroup, root)
     return problems
 
 
@@ -463,34 +462,6 @@ def process_start(pid: int) -> str:
 
 def _netns_names() -> list[str]:
     return [line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()]
-
-
-def _kill_tree(root: Path) -> None:
-    if not root.exists():
-        return
-    (root / "cgroup.kill").write_text("1")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not any(_procs(p) for p in [root, *root.rglob("*")] if p.is_dir()):
-            return
-        time.sleep(0.05)
-    raise ServerError(f"processes left in {root} after cgroup.kill")
-
-
-def _procs(cgroup: Path) -> list[str]:
-    try:
-        return (cgroup / "cgroup.procs").read_text().split()
-    except OSError:
-        return []
-
-
-def _remove_cgroups(root: Path) -> None:
-    if not root.exists():
-        return
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(FileNotFoundError):
-            d.rmdir()
-    root.rmdir()
 
 
 def _remove_made_paths(state_dirs: Path) -> None:

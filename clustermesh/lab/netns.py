@@ -19,6 +19,7 @@ import ctypes
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,23 +132,23 @@ class LabNode:
 @dataclass
 class LabPod:
     netns: str
-    node: LabNode
+    node_netns: str
     address: str
     port: str  # its veth name inside the node
 
     def create(self) -> LabPod:
-        _namespace_with_eth0(self.netns, self.port, self.node.netns)
+        _namespace_with_eth0(self.netns, self.port, self.node_netns)
         ip("addr", "add", f"{self.address}/32", "dev", "eth0", netns=self.netns)
         ip("link", "set", "eth0", "up", netns=self.netns)
         ip("route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link", netns=self.netns)
         ip("route", "add", "default", "via", POD_GATEWAY, "dev", "eth0", netns=self.netns)
-        ip("link", "set", self.port, "up", netns=self.node.netns)
+        ip("link", "set", self.port, "up", netns=self.node_netns)
         # The pod's gateway is answered on every pod link of the node (Calico's trick without
         # needing a default route in the node to make proxy ARP work).
-        ip("addr", "add", f"{POD_GATEWAY}/32", "dev", self.port, "scope", "link", netns=self.node.netns)
-        sysctl(self.node.netns, f"net.ipv4.conf.{self.port}.proxy_arp", "1")
-        sysctl(self.node.netns, f"net.ipv4.conf.{self.port}.rp_filter", "0")
-        ip("route", "add", f"{self.address}/32", "dev", self.port, netns=self.node.netns)
+        ip("addr", "add", f"{POD_GATEWAY}/32", "dev", self.port, "scope", "link", netns=self.node_netns)
+        sysctl(self.node_netns, f"net.ipv4.conf.{self.port}.proxy_arp", "1")
+        sysctl(self.node_netns, f"net.ipv4.conf.{self.port}.rp_filter", "0")
+        ip("route", "add", f"{self.address}/32", "dev", self.port, netns=self.node_netns)
         return self
 
     def delete(self) -> None:
@@ -160,22 +161,35 @@ def make_cgroup(root: Path, name: str) -> Path:
     return path
 
 
-def remove_cgroup(path: Path) -> None:
-    import signal
-    import time
+def cgroup_procs(path: Path) -> list[str]:
+    """The processes of a cgroup and all its descendants."""
+    found: list[str] = []
+    for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        with contextlib.suppress(OSError):
+            found += (d / "cgroup.procs").read_text().split()
+    return found
 
+
+def kill_cgroup(path: Path, wait: float = 0.0) -> None:
+    """SIGKILL every process of a cgroup subtree (cgroup.kill, kernel >= 5.14); with ``wait``,
+    until none is left, or NetnsError."""
     if not path.exists():
         return
-    for child in sorted(path.glob("*/"), reverse=True):
-        if (child / "cgroup.procs").exists():
-            remove_cgroup(child)
-    for _ in range(50):
-        pids = (path / "cgroup.procs").read_text().split()
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        time.sleep(0.05)
-    with contextlib.suppress(OSError):
-        path.rmdir()
+    with contextlib.suppress(FileNotFoundError):
+        (path / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + wait
+    while wait and cgroup_procs(path):
+        if time.monotonic() > deadline:
+            raise NetnsError(f"processes left in {path} after cgroup.kill")
+        time.sleep(0.02)
+
+
+def remove_cgroup(path: Path) -> None:
+    """Kill everything in a cgroup subtree, then remove its folders, deepest first."""
+    if not path.exists():
+        return
+    kill_cgroup(path, wait=10)
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(FileNotFoundError):
+            d.rmdir()
+    path.rmdir()

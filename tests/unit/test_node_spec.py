@@ -766,3 +766,21 @@ def test_resolv_conf() -> None:
     options = next(line for line in lines if line.startswith("options "))
     assert "ndots:5" in options.split()
     assert any(line.startswith("nameserver ") for line in lines)
+
+
+def test_references_name_every_configmap_and_secret_of_volumes_and_env() -> None:
+    pod = {"spec": {
+        "volumes": [{"name": "a", "configMap": {"name": "cm-vol"}}, {"name": "b", "secret": {"secretName": "s-vol"}},
+                    {"name": "c", "projected": {"sources": [{"configMap": {"name": "cm-proj"}},
+                                                            {"secret": {"name": "s-proj"}}]}},
+                    {"name": "d", "emptyDir": {}}],
+        "initContainers": [{"name": "i", "envFrom": [{"secretRef": {"name": "s-init"}}]}],
+        "containers": [{"name": "m", "envFrom": [{"configMapRef": {"name": "cm-from"}}],
+                        "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cm-key", "key": "k"}}},
+                                {"name": "Y", "valueFrom": {"secretKeyRef": {"name": "s-key", "key": "k"}}},
+                                {"name": "Z", "value": "plain"}]}],
+    }}
+    assert spec.references(pod) == {
+        ("ConfigMap", "cm-vol"), ("Secret", "s-vol"), ("ConfigMap", "cm-proj"), ("Secret", "s-proj"),
+        ("Secret", "s-init"), ("ConfigMap", "cm-from"), ("ConfigMap", "cm-key"), ("Secret", "s-key"),
+    }

@@ -37,7 +37,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustermesh.lab.netns import LabNode, LabPod, NetnsError, Underlay, delete_netns, ip, socket_in_netns
+from clustermesh.lab.netns import (
+    LabPod,
+    NetnsError,
+    delete_netns,
+    ip,
+    kill_cgroup,
+    remove_cgroup,
+    socket_in_netns,
+)
 from clustermesh.lab.node import catalog, spec
 from clustermesh.lab.node.api import APIError, NodeAPI
 from clustermesh.lab.node.server import ContainerNotFound, NodeServer
@@ -83,27 +91,6 @@ async def _until_closed(fd: int) -> None:
         await closed.wait()
     finally:
         loop.remove_reader(fd)
-
-
-def kill_cgroup(path: Path) -> None:
-    """SIGKILL every process of a cgroup subtree (cgroup.kill, kernel >= 5.14)."""
-    with contextlib.suppress(OSError):
-        (path / "cgroup.kill").write_text("1")
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    if not path.exists():
-        return
-    kill_cgroup(path)
-    for _ in range(100):
-        children = [p for p in path.iterdir() if p.is_dir()]
-        for child in children:
-            remove_cgroup_tree(child)
-        try:
-            path.rmdir()
-            return
-        except OSError:
-            time.sleep(0.02)
 
 
 def remove_made_path(path: Path) -> None:
@@ -341,7 +328,7 @@ class Container:
                     self.env, self.workdir = data["env"], data.get("workdir", "/")
                 log.info("[%s] adopted container %s (pid %d)", self.worker.key, self.name, self.pid)
             else:
-                await self.worker.agent.prefetch_env(self.worker.pod)  # a ConfigMap may have come or changed
+                await self.worker.agent.prefetch(self.worker.pod)  # a ConfigMap may have come or changed
                 prepared = await self._program()
                 if prepared is None:
                     self._changed()
@@ -571,10 +558,9 @@ class PodWorker:
     def _make_sandbox(self) -> None:
         cfg = self.agent.cfg
         self.save()
-        node = LabNode(cfg.netns, Underlay(""), cfg.address, cfg.pod_cidr, port="")
         if not Path(f"/run/netns/{self.record.netns}").exists():
             try:
-                LabPod(self.record.netns, node, self.record.ip, self.record.veth).create()
+                LabPod(self.record.netns, cfg.netns, self.record.ip, self.record.veth).create()
             except (NetnsError, OSError, subprocess.SubprocessError):
                 self._remove_network()  # half made: the next try starts from nothing
                 raise
@@ -592,6 +578,7 @@ class PodWorker:
 
     async def _make_volumes(self) -> None:
         agent = self.agent
+        await agent.prefetch(self.pod)
         for vol in self.pod["spec"].get("volumes") or []:
             target = self._volume_dir(vol["name"])
             if "hostPath" in vol:
@@ -599,7 +586,6 @@ class PodWorker:
                 if hp.get("type") == "DirectoryOrCreate":
                     Path(hp["path"]).mkdir(parents=True, exist_ok=True)
                 continue
-            await agent.prefetch(self.namespace, vol)
             files = spec.volume_files(vol, self.pod, agent.lookup_cached, token=None, capacity=agent.capacity)
             target.mkdir(parents=True, exist_ok=True)
             if files is None:
@@ -636,7 +622,7 @@ class PodWorker:
             ip("link", "del", self.record.veth, netns=self.agent.cfg.netns)
 
     def _remove_sandbox(self) -> None:
-        remove_cgroup_tree(self.cgroup)
+        remove_cgroup(self.cgroup)
         self._remove_network()
 
     # -------------------------------------------------------------- lifecycle
@@ -837,19 +823,11 @@ class NodeAgent:
     def lookup_cached(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None:
         return self.cache.get((kind, namespace, name))
 
-    async def prefetch(self, namespace: str, vol: Obj) -> None:
-        refs: list[tuple[str, str]] = []
-        if "configMap" in vol:
-            refs.append(("ConfigMap", vol["configMap"].get("name", "")))
-        if "secret" in vol:
-            refs.append(("Secret", vol["secret"].get("secretName", "")))
-        for src in (vol.get("projected") or {}).get("sources", []):
-            if "configMap" in src:
-                refs.append(("ConfigMap", src["configMap"].get("name", "")))
-            if "secret" in src:
-                refs.append(("Secret", src["secret"].get("name", "")))
-        for kind, name in refs:
-            await self.fetch(kind, namespace, name)
+    async def prefetch(self, pod: Obj) -> None:
+        """Fetch (again) every ConfigMap and Secret the pod's volumes and env name."""
+        ns = pod["metadata"].get("namespace", "default")
+        for kind, name in sorted(spec.references(pod)):
+            await self.fetch(kind, ns, name)
 
     async def fetch(self, kind: str, namespace: str, name: str) -> None:
         plural = {"ConfigMap": "configmaps", "Secret": "secrets"}[kind]
@@ -858,21 +836,6 @@ class NodeAgent:
         if obj is not None:
             data = spec.decode_configmap(obj) if kind == "ConfigMap" else spec.decode_secret(obj)
         self.cache[(kind, namespace, name)] = data
-
-    async def prefetch_env(self, pod: Obj) -> None:
-        ns = pod["metadata"].get("namespace", "default")
-        for c in pod["spec"].get("containers", []):
-            for src in c.get("envFrom") or []:
-                if "configMapRef" in src:
-                    await self.fetch("ConfigMap", ns, src["configMapRef"].get("name", ""))
-                if "secretRef" in src:
-                    await self.fetch("Secret", ns, src["secretRef"].get("name", ""))
-            for var in c.get("env") or []:
-                vf = var.get("valueFrom") or {}
-                if "configMapKeyRef" in vf:
-                    await self.fetch("ConfigMap", ns, vf["configMapKeyRef"].get("name", ""))
-                if "secretKeyRef" in vf:
-                    await self.fetch("Secret", ns, vf["secretKeyRef"].get("name", ""))
 
     def services_of(self, namespace: str) -> list[Obj]:
         return [s for s in self.services.values()
@@ -972,7 +935,7 @@ class NodeAgent:
 
     def node_object(self) -> Obj:
         labels = {"kubernetes.io/hostname": self.cfg.name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64" if platform.machine() in ("x86_64", "amd64") else platform.machine(),
+                  "kubernetes.io/arch": _arch(),
                   "beta.kubernetes.io/os": "linux", **self.cfg.labels}
         return {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": self.cfg.name, "labels": labels},
@@ -1004,7 +967,7 @@ class NodeAgent:
                          "kernelVersion": platform.release(), "osImage": "clustermesh lab (Debian host)",
                          "containerRuntimeVersion": "clustermesh-lab://0.1", "kubeletVersion": "v1.20.2",
                          "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux",
-                         "architecture": "amd64" if platform.machine() == "x86_64" else platform.machine()},
+                         "architecture": _arch()},
         }
 
     async def register(self) -> None:
@@ -1090,7 +1053,7 @@ class NodeAgent:
                 self.finished.add(uid)
                 await self.final_delete(pod["metadata"]["namespace"], pod["metadata"]["name"], uid)
             return
-        await self.prefetch_env(pod)
+        await self.prefetch(pod)
         w = PodWorker(self, pod, record)
         self.workers[uid] = w
         w.update(pod)
@@ -1221,6 +1184,11 @@ class NodeAgent:
         if self._forwarder is not None:
             self._forwarder.close()
         await self.api.close()
+
+
+def _arch() -> str:
+    """GOARCH names, as a kubelet reports them."""
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 def _mem_kib() -> int:

@@ -654,3 +654,31 @@ def resolv_conf(namespace: str, domain: str = "cluster.local") -> str:
     # name that is not fails fast instead of waiting for a resolver that is not there.
     return (f"search {namespace}.svc.{domain} svc.{domain} {domain}\n"
             "nameserver 127.0.0.53\noptions ndots:5 timeout:1 attempts:1\n")
+
+
+def references(pod: Obj) -> set[tuple[str, str]]:
+    """(kind, name) of every ConfigMap and Secret the pod's volumes and containers' env name."""
+    refs: set[tuple[str, str]] = set()
+    for vol in pod.get("spec", {}).get("volumes") or []:
+        if "configMap" in vol:
+            refs.add(("ConfigMap", vol["configMap"].get("name", "")))
+        if "secret" in vol:
+            refs.add(("Secret", vol["secret"].get("secretName", "")))
+        for src in (vol.get("projected") or {}).get("sources", []):
+            if "configMap" in src:
+                refs.add(("ConfigMap", src["configMap"].get("name", "")))
+            if "secret" in src:
+                refs.add(("Secret", src["secret"].get("name", "")))
+    for c in [*(pod.get("spec", {}).get("initContainers") or []), *(pod.get("spec", {}).get("containers") or [])]:
+        for src in c.get("envFrom") or []:
+            if "configMapRef" in src:
+                refs.add(("ConfigMap", src["configMapRef"].get("name", "")))
+            if "secretRef" in src:
+                refs.add(("Secret", src["secretRef"].get("name", "")))
+        for var in c.get("env") or []:
+            vf = var.get("valueFrom") or {}
+            if "configMapKeyRef" in vf:
+                refs.add(("ConfigMap", vf["configMapKeyRef"].get("name", "")))
+            if "secretKeyRef" in vf:
+                refs.add(("Secret", vf["secretKeyRef"].get("name", "")))
+    return refs
