@@ -343,7 +343,7 @@ spec:
     args:
     - echo "msg=$(MSG) ip=$(POD_IP) node=$(NODE) token=$TOKEN";
       cat /etc/podinfo/labels; echo; cat {MADE_ON_HOST}/greeting; echo; ls -d /data; hostname;
-      getent hosts rebel-base.default.svc.cluster.local; sleep 3600
+      getent hosts rebel-base.default.svc.cluster.local; cut -c1-7 /var/run/secrets/tokens/api; echo; sleep 3600
     env:
     - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
     - {{name: POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
@@ -352,10 +352,12 @@ spec:
     - {{name: TOKEN, valueFrom: {{secretKeyRef: {{name: features, key: token}}}}}}
     - {{name: MSG, value: "$(GREETING) from $(POD_NAME)"}}
     volumeMounts:
+    - {{name: token, mountPath: /var/run/secrets/tokens}}
     - {{name: config, mountPath: {MADE_ON_HOST}}}
     - {{name: podinfo, mountPath: /etc/podinfo}}
     - {{name: data, mountPath: /data}}
   volumes:
+  - {{name: token, projected: {{sources: [{{serviceAccountToken: {{path: api, audience: lab}}}}]}}}}
   - {{name: config, configMap: {{name: features}}}}
   - {{name: podinfo, downwardAPI: {{items: [{{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}]}}}}
   - {{name: data, emptyDir: {{}}}}
@@ -371,7 +373,7 @@ def test_a_pod_gets_its_env_volumes_names_and_hostname(lab: Lab, tmp_path: Path)
 
     def logged() -> str:
         out = lab.kubectl("lab-1", "logs", "features")
-        assert "features" in out.splitlines()[-2:][0] or "rebel-base" in out, out
+        assert "eyJ" in out, out  # the last line the pod prints: a token's first characters
         return out
 
     out = eventually(logged, timeout=20, interval=0.5)
@@ -381,6 +383,7 @@ def test_a_pod_gets_its_env_volumes_names_and_hostname(lab: Lab, tmp_path: Path)
     assert "\nfeatures\n" in out  # the pod's own hostname
     cluster_ip = lab.json("lab-1", "get", "svc", "rebel-base")["spec"]["clusterIP"]
     assert f"{cluster_ip}" in out and "rebel-base.default.svc.cluster.local" in out
+    assert "eyJhbGc" in out, "a projected service-account token (a JWT) from the TokenRequest API"
 
 
 def test_an_image_outside_the_catalog_waits_with_err_image_pull(lab: Lab) -> None:

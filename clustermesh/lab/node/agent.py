@@ -93,6 +93,10 @@ async def _until_closed(fd: int) -> None:
         loop.remove_reader(fd)
 
 
+def _token_key(source: Obj) -> tuple[str, int]:
+    return str(source.get("audience") or ""), int(source.get("expirationSeconds", 3600))
+
+
 def remove_made_path(path: Path) -> None:
     """Remove a mount point the agent made on the host: empty files and folders only, so
     nothing anyone else put there since is lost."""
@@ -579,6 +583,7 @@ class PodWorker:
     async def _make_volumes(self) -> None:
         agent = self.agent
         await agent.prefetch(self.pod)
+        tokens = await self._service_account_tokens()
         for vol in self.pod["spec"].get("volumes") or []:
             target = self._volume_dir(vol["name"])
             if "hostPath" in vol:
@@ -586,7 +591,8 @@ class PodWorker:
                 if hp.get("type") == "DirectoryOrCreate":
                     Path(hp["path"]).mkdir(parents=True, exist_ok=True)
                 continue
-            files = spec.volume_files(vol, self.pod, agent.lookup_cached, token=None, capacity=agent.capacity)
+            files = spec.volume_files(vol, self.pod, agent.lookup_cached, capacity=agent.capacity,
+                                      token=lambda src: tokens[_token_key(src)])
             target.mkdir(parents=True, exist_ok=True)
             if files is None:
                 continue
@@ -596,6 +602,25 @@ class PodWorker:
                 path.write_bytes(content)
                 mode = (vol.get("configMap") or vol.get("secret") or {}).get("defaultMode", 0o644)
                 path.chmod(int(mode) & 0o777)
+
+    async def _service_account_tokens(self) -> dict[tuple[str, int], bytes]:
+        """A bound token from the API server's TokenRequest for every projected
+        ``serviceAccountToken`` source of the pod, by (audience, expiry)."""
+        tokens: dict[tuple[str, int], bytes] = {}
+        sa = self.pod["spec"].get("serviceAccountName") or "default"
+        for vol in self.pod["spec"].get("volumes") or []:
+            for src in (vol.get("projected") or {}).get("sources", []):
+                if "serviceAccountToken" not in src or _token_key(src["serviceAccountToken"]) in tokens:
+                    continue
+                sat = src["serviceAccountToken"]
+                request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+                    "audiences": [sat["audience"]] if sat.get("audience") else None,
+                    "expirationSeconds": int(sat.get("expirationSeconds", 3600)),
+                    "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.name, "uid": self.uid}}}
+                answer = await self.agent.api.request(
+                    "POST", f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{sa}/token", request)
+                tokens[_token_key(sat)] = str(answer["status"]["token"]).encode()
+        return tokens
 
     def mounts_for(self, container: Obj) -> list[Obj]:
         mounts = []
