@@ -19,6 +19,8 @@ def test_put_get_list_delete(kv: KVClient) -> None:
     listing = kv.list_prefix("cilium/state/")
     assert {k: v.value for k, v in listing.items.items()} == {"cilium/state/a": "1", "cilium/state/b": "2"}
     assert listing.revision >= max(v.mod_revision for v in listing.items.values())
+    assert kv.count_prefix("cilium/state/") == 2
+    assert kv.count_prefix("nothing/") == 0
     assert kv.delete("cilium/state/a") is True
     assert kv.delete("cilium/state/a") is False
     assert kv.delete_prefix("cilium/") == 1
