@@ -100,13 +100,16 @@ class KubeClient:
         return self._slice_version
 
     def watch_objects(
-        self, kind: str, resource_version: str | None, timeout_seconds: int = 300
+        self, kind: str, resource_version: str | None, timeout_seconds: int = 300, name: str | None = None
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Events (ADDED/MODIFIED/DELETED, object) of ``kind`` cluster-wide after
-        ``resource_version``. Ends after ``timeout_seconds``; raises :class:`KubeError`
-        when the version is too old (HTTP 410: list again)."""
+        ``resource_version`` (only the object called ``name`` when given). Ends after
+        ``timeout_seconds``; raises :class:`KubeError` when the version is too old (HTTP 410:
+        list again)."""
         if kind == "Node":
             base = "/api/v1/nodes"
+        elif kind == "ClusterMesh":
+            base = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
         elif kind == "Service":
             base = "/api/v1/services"
         else:
@@ -115,6 +118,8 @@ class KubeClient:
                                         ("allowWatchBookmarks", "true")]
         if resource_version:
             query.append(("resourceVersion", resource_version))
+        if name:
+            query.append(("fieldSelector", f"metadata.name={name}"))
         cfg = self.configuration
         headers = self._headers()
         # urllib3 directly: the generated clients differ across versions in how (and

@@ -1,15 +1,24 @@
 """``clustermesh agent``: one per node. Local global Services + every usable remote
 cluster -> the node's socket-LB maps.
 
-Threads: one watch per local resource kind (Services, EndpointSlices), the
-RemoteClusters' store readers, and the main loop, which wakes on any change
-(debounced) and once a second (a remote's grace period can run out with no
-event), merges, and reconciles the datapath only when the desired state moved.
-Stopping keeps the maps: traffic flows while the agent is down or restarting.
+Threads: one watch per local resource kind (Services, EndpointSlices), a watch of
+the ClusterMesh object and a periodic read of the remotes' Secrets (membership and
+credentials follow the object without a restart), the RemoteClusters' store
+readers, and the main loop, which wakes on any change (debounced) and once a second
+(a remote's grace period can run out with no event), merges, and reconciles the
+datapath only when the desired state moved.
+
+Stopping keeps the maps: traffic flows while the agent is down or restarting. A
+starting agent reads what the previous one programmed and keeps each remote's
+backends and routes until that remote has synced or its grace period (counted from
+the start) has run out, so a restart never withdraws a remote that serves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import logging
 import shutil
 import tempfile
@@ -27,7 +36,8 @@ from clustermesh.agent.merge import LocalService, local_service, merge
 from clustermesh.agent.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
 from clustermesh.agent.routes import RouteTable, RoutingError
 from clustermesh.agent.routing import plan_routes
-from clustermesh.datapath.model import ServiceSpec
+from clustermesh.datapath.model import Backend, Frontend, ServiceSpec
+from clustermesh.datapath.plan import specs_from_state
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import KVStoreError
 from clustermesh.operator.export import ClusterIdentity
@@ -46,10 +56,8 @@ class AgentConfig:
     """Seconds an unreachable remote's backends keep serving before they are withdrawn."""
     heartbeat_timeout: float = 180.0
     """Seconds without a remote heartbeat change before the remote counts as unreachable."""
-    remote_sync_timeout: float = 10.0
-    """Seconds a starting agent waits for every remote to be ready before it programs without
-    the ones that are not; meanwhile the maps keep what the previous agent wrote, so a restart
-    does not drop remote backends that were serving."""
+    secret_refresh: float = 10.0
+    """Seconds between two reads of the remotes' Secrets: new credentials are used without a restart."""
     debounce: float = 0.05
     tick: float = 1.0
     secrets_namespace: str = "kube-system"
@@ -65,6 +73,19 @@ class Agent:
         self.identity: ClusterIdentity | None = None
         self.remotes: dict[str, RemoteCluster] = {}
         self.refused: dict[str, str] = {}
+        self._remotes_lock = threading.RLock()  # membership changes come from their own threads
+        self._fingerprints: dict[str, str] = {}
+        # A remote whose settings changed keeps serving through its old connection until the
+        # new one is ready (or the grace period ends): rotating credentials drops nothing.
+        self._retiring: dict[str, tuple[RemoteCluster, float]] = {}
+        self._mesh_spec: dict[str, Any] = {}
+        self._generation = itertools.count()
+        self._logged_refusals: set[str] = set()
+        # What the previous agent programmed for remotes that have not been ready since we
+        # started: kept until they are, or until the grace period from our start ends.
+        self._inherited: dict[Frontend, frozenset[Backend]] = {}
+        self._inherited_routes: dict[str, str] = {}
+        self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._stop = threading.Event()
@@ -87,13 +108,9 @@ class Agent:
         # EndpointSlices would be written with no backends): wait for every first listing.
         self._listed: dict[str, threading.Event] = {}
         self._started_at = time.monotonic()
-        self._remotes_awaited = True  # until the first programming
         self._merge_problems: set[str] = set()
 
     # ------------------------------------------------------------ setup
-
-    def _remote_config(self, spec: dict[str, Any]) -> RemoteConfig:
-        return remote_config_from_spec(self.kube, spec, self._secrets_dir, self.config.secrets_namespace)
 
     def start(self) -> None:
         mesh = self.kube.get_mesh(self.config.mesh_name)
@@ -102,39 +119,184 @@ class Agent:
         spec = mesh.get("spec") or {}
         local = spec.get("localCluster") or {}
         self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)))
-        remotes = []
-        for entry in spec.get("clusters") or []:
-            try:
-                remotes.append(self._remote_config(entry))
-            except (KubeError, KeyError, ValueError, IndexError) as exc:
-                self.refused[str(entry.get("name"))] = f"cannot read its settings: {exc}"
-        self.refused.update(mesh_problems(self.identity.name, self.identity.id, remotes))
-        for name, why in self.refused.items():
-            log.error("remote %s refused: %s", name, why)
-            metrics.ERRORS.labels("agent", "bad-remote").inc()
         self._started_at = time.monotonic()
         self.lb = self._lb_factory(self.identity.id)
         self.lb.load()
-        for rc in remotes:
-            if rc.name in self.refused:
-                continue
-            try:
-                self.remotes[rc.name] = RemoteCluster(
-                    rc, self._on_remote_change, self.config.grace_period,
-                    heartbeat_timeout=self.config.heartbeat_timeout,
-                ).start()
-            except KVStoreError as exc:  # e.g. https without a CA: refuse this remote only
-                self.refused[rc.name] = str(exc)
-                log.error("remote %s refused: %s", rc.name, exc)
-                metrics.ERRORS.labels("agent", "bad-remote").inc()
+        self._inherit_previous()
+        self._apply_mesh(spec, first=True)
         kinds: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node") if self.routes else ("Service", "EndpointSlice")
         self._listed = {kind: threading.Event() for kind in kinds}
-        for kind in kinds:
-            t = threading.Thread(target=self._watch_local, args=(kind,), name=f"watch-{kind}", daemon=True)
+        targets: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
+            (f"watch-{kind}", self._watch_local, (kind,)) for kind in kinds
+        ]
+        targets += [("watch-clustermesh", self._watch_mesh, (str((mesh.get("metadata") or {}).get(
+                        "resourceVersion") or ""),)),
+                    ("refresh-secrets", self._refresh_secrets, ())]
+        for name, target, args in targets:
+            t = threading.Thread(target=target, args=args, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         log.info("agent on node %s of cluster %s (id %d): %d remotes", self.config.node, self.identity.name,
                  self.identity.id, len(self.remotes))
+
+    def _inherit_previous(self) -> None:
+        """Read the remote backends and routes the previous agent left in the maps."""
+        assert self.identity is not None
+        local_id = self.identity.id
+        for spec in specs_from_state(self.lb.read()):
+            remote = frozenset(b for b in spec.backends if b.cluster_id != local_id)
+            if remote:
+                self._inherited[spec.frontend] = remote
+        if self.routes is not None:
+            try:
+                self._inherited_routes = self.routes.current()
+            except RoutingError as exc:
+                log.warning("cannot read the routes of the previous agent: %s", exc)
+        if self._inherited or self._inherited_routes:
+            log.info("kept from the previous agent until the remotes sync: %d remote backends, %d routes",
+                     sum(len(b) for b in self._inherited.values()), len(self._inherited_routes))
+
+    # ------------------------------------------------------------ membership
+
+    def _apply_mesh(self, spec: dict[str, Any], first: bool = False) -> None:
+        """Make the running remotes what ``spec.clusters`` says: start the new ones, remove
+        the ones that left (only their backends leave), and switch a remote whose endpoint
+        or Secret changed to a new connection once that one is ready."""
+        assert self.identity is not None
+        with self._remotes_lock:
+            self._mesh_spec = spec
+            local = spec.get("localCluster") or {}
+            if (str(local.get("name", "")), int(local.get("id", 0) or 0)) != (self.identity.name, self.identity.id):
+                self._refuse_once("localCluster", f"localCluster changed to {local}; restart the agent to use it")
+            folder = self._secrets_dir / str(next(self._generation))
+            configs: dict[str, RemoteConfig] = {}
+            refused: dict[str, str] = {}
+            unreadable: set[str] = set()
+            for entry in spec.get("clusters") or []:
+                name = str(entry.get("name"))
+                try:
+                    configs[name] = remote_config_from_spec(self.kube, entry, folder, self.config.secrets_namespace)
+                except (KubeError, KeyError, ValueError, IndexError, TypeError) as exc:
+                    refused[name] = f"cannot read its settings: {exc}"
+                    unreadable.add(name)
+            refused.update(mesh_problems(self.identity.name, self.identity.id, configs.values()))
+            now = time.monotonic()
+            for name in list(self.remotes):
+                if name in unreadable:
+                    continue  # a Secret we cannot read right now: keep the connection we have
+                if name not in configs or name in refused:
+                    log.info("remote %s left the mesh: withdrawing its backends and routes", name)
+                    self._drop_remote(name)
+            for name, config in configs.items():
+                if name in refused:
+                    continue
+                fingerprint = _fingerprint(config)
+                if name in self.remotes and fingerprint == self._fingerprints.get(name):
+                    shutil.rmtree(folder / name, ignore_errors=True)  # the files in use stay
+                    continue
+                try:
+                    rc = RemoteCluster(config, self._on_remote_change, self.config.grace_period,
+                                       heartbeat_timeout=self.config.heartbeat_timeout).start()
+                except KVStoreError as exc:  # e.g. https without a CA: refuse this remote only
+                    refused[name] = str(exc)
+                    continue
+                old = self.remotes.get(name)
+                if old is not None:
+                    log.info("remote %s: new settings (endpoint or credentials); switching once connected", name)
+                    previous = self._retiring.pop(name, None)
+                    if previous is not None:
+                        previous[0].stop()
+                    self._retiring[name] = (old, now + self.config.grace_period)
+                elif not first:
+                    log.info("remote %s joined the mesh", name)
+                if first:
+                    self._pending[name] = config.id
+                self.remotes[name] = rc
+                self._fingerprints[name] = fingerprint
+            for name, why in refused.items():
+                self._refuse_once(name, why)
+            self.refused = refused
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # nothing new in it: every remote kept its settings
+        self._dirty.set()
+
+    def _drop_remote(self, name: str) -> None:
+        rc = self.remotes.pop(name)
+        self._fingerprints.pop(name, None)
+        self._pending.pop(name, None)
+        retiring = self._retiring.pop(name, None)
+        if retiring is not None:
+            retiring[0].stop()
+        # Off the lock's critical path would be nicer, but remove() only stops readers.
+        rc.remove()
+
+    def _refuse_once(self, name: str, why: str) -> None:
+        if f"{name}: {why}" in self._logged_refusals:
+            return
+        self._logged_refusals.add(f"{name}: {why}")
+        log.error("remote %s refused: %s", name, why)
+        metrics.ERRORS.labels("agent", "bad-remote").inc()
+
+    def _watch_mesh(self, resource_version: str) -> None:
+        """Follow the ClusterMesh object: list (get) and watch, again after any break."""
+        rv = resource_version
+        while not self._stop.is_set():
+            try:
+                if not rv:
+                    mesh = self.kube.get_mesh(self.config.mesh_name)
+                    if mesh is None:
+                        self._refuse_once("ClusterMesh", f"ClusterMesh {self.config.mesh_name} is gone; "
+                                          "keeping the last membership")
+                        self._stop.wait(5)
+                        continue
+                    self._apply_mesh(mesh.get("spec") or {})
+                    rv = str((mesh.get("metadata") or {}).get("resourceVersion") or "")
+                for event_type, obj in self.kube.watch_objects("ClusterMesh", rv, name=self.config.mesh_name):
+                    if self._stop.is_set():
+                        return
+                    rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+                    if event_type in ("ADDED", "MODIFIED"):
+                        self._apply_mesh(obj.get("spec") or {})
+            except Exception as exc:  # the watch ends, breaks or expires: read the object again
+                if self._stop.is_set():
+                    return
+                log.warning("watch of the ClusterMesh broke (%s); reading it again", exc)
+                rv = ""
+                self._stop.wait(1)
+
+    def _refresh_secrets(self) -> None:
+        """Read the remotes' Secrets again now and then: rotated credentials take effect."""
+        while not self._stop.wait(self.config.secret_refresh):
+            try:
+                with self._remotes_lock:
+                    spec = self._mesh_spec
+                self._apply_mesh(spec)
+            except Exception:
+                log.exception("re-reading the remotes' settings failed; trying again later")
+
+    def _remote_list(self) -> list[RemoteCluster]:
+        with self._remotes_lock:
+            return list(self.remotes.values())
+
+    def _sources(self, now: float) -> list[RemoteCluster]:
+        """The remote objects whose records count now: each remote, or the connection it
+        replaces while the new one is not ready yet. Also retires what is done."""
+        with self._remotes_lock:
+            for name, rc in self.remotes.items():
+                if rc.ready:
+                    self._pending.pop(name, None)
+            for name, (old, until) in list(self._retiring.items()):
+                if self.remotes[name].ready or now >= until:
+                    del self._retiring[name]
+                    old.stop()
+            return [self._retiring[name][0] if name in self._retiring else rc for name, rc in self.remotes.items()]
+
+    def _inheriting(self, now: float) -> frozenset[int]:
+        """IDs of the remotes whose previous backends and routes are still kept."""
+        if now - self._started_at >= self.config.grace_period:
+            return frozenset()
+        with self._remotes_lock:
+            return frozenset(self._pending.values())
 
     def _on_remote_change(self, name: str) -> None:
         self._dirty.set()
@@ -191,13 +353,21 @@ class Agent:
                     locals_[(ns, name)] = ls
             local_cidrs = self._local_pod_cidrs()
         now = time.monotonic()
-        records = [svc for rc in self.remotes.values() if rc.usable(now) for svc in rc.service_records()]
+        records = [svc for rc in self._sources(now) if rc.usable(now) for svc in rc.service_records()]
         result = merge(self.identity.id, locals_, records, exclude_remote_cidrs=local_cidrs)
         for problem in set(result.problems) - self._merge_problems:
             log.warning("merge: %s", problem)
             metrics.ERRORS.labels("agent", "merge").inc()
         self._merge_problems = set(result.problems)
-        return result.specs
+        inheriting = self._inheriting(now)
+        if not inheriting or not self._inherited:
+            return result.specs
+        return [
+            ServiceSpec(spec.frontend, spec.backends | {
+                b for b in self._inherited.get(spec.frontend, ()) if b.cluster_id in inheriting
+            }, spec.affinity)
+            for spec in result.specs
+        ]
 
     def _local_pod_cidrs(self) -> list[str]:
         cidrs: list[str] = []
@@ -207,17 +377,7 @@ class Agent:
         return cidrs
 
     def ready_to_program(self) -> bool:
-        if not (self._listed and all(e.is_set() for e in self._listed.values())):
-            return False
-        if self._remotes_awaited:
-            waiting = [name for name, rc in self.remotes.items() if not rc.ready]
-            if waiting and time.monotonic() - self._started_at < self.config.remote_sync_timeout:
-                return False
-            if waiting:
-                log.warning("programming without remotes that are not ready after %.0fs: %s",
-                            self.config.remote_sync_timeout, ", ".join(sorted(waiting)))
-            self._remotes_awaited = False
-        return True
+        return bool(self._listed) and all(e.is_set() for e in self._listed.values())
 
     def step(self) -> bool:
         """Merge and reconcile if anything changed; True when the maps were written."""
@@ -243,8 +403,12 @@ class Agent:
         with self._lock:
             local_cidrs = self._local_pod_cidrs()
         now = time.monotonic()
-        nodes = [node for rc in self.remotes.values() if rc.usable(now) for node in rc.node_records()]
+        nodes = [node for rc in self._sources(now) if rc.usable(now) for node in rc.node_records()]
         plan = plan_routes(local_cidrs, nodes)
+        if self._inheriting(now):
+            # Which remote a kept route belongs to is unknown until it syncs: keep them all.
+            for cidr, via in self._inherited_routes.items():
+                plan.routes.setdefault(cidr, via)
         for problem in set(plan.problems) - self._route_problems:
             log.warning("routes: %s", problem)
             metrics.ERRORS.labels("agent", "route").inc()
@@ -268,7 +432,7 @@ class Agent:
             log.info("routes: +%d ~%d -%d", len(changes.added), len(changes.replaced), len(changes.removed))
 
     def run(self) -> None:
-        last_usable: frozenset[str] | None = None
+        last_usable: tuple[frozenset[str], frozenset[int], frozenset[str]] | None = None
         while not self._stop.is_set():
             self._dirty.wait(self.config.tick)
             if self._stop.is_set():
@@ -279,7 +443,9 @@ class Agent:
                 self._dirty.clear()
             # The tick exists for grace periods running out: merge again only when an event
             # came in or the set of usable remotes moved, not every second.
-            usable = frozenset(name for name, rc in self.remotes.items() if rc.usable())
+            now = time.monotonic()
+            usable = (frozenset(rc.name for rc in self._sources(now) if rc.usable(now)), self._inheriting(now),
+                      frozenset(self._retiring))
             if not changed and usable == last_usable and self._last_specs is not None:
                 continue
             last_usable = usable
@@ -300,8 +466,9 @@ class Agent:
     def stop(self) -> None:
         """Stop watching and leave the maps as they are (no drain on restart)."""
         self.request_stop()
-        for rc in self.remotes.values():
-            rc.stop()
+        with self._remotes_lock:
+            for rc in [*self.remotes.values(), *(old for old, _ in self._retiring.values())]:
+                rc.stop()
         if self.lb is not None:
             self.lb.close()
         shutil.rmtree(self._secrets_dir, ignore_errors=True)
@@ -310,6 +477,15 @@ class Agent:
         return {
             "node": self.config.node,
             "cluster": self.identity.name if self.identity else None,
-            "remotes": [rc.status() for rc in self.remotes.values()],
+            "remotes": [rc.status() for rc in self._remote_list()],
             "refused": self.refused,
         }
+
+
+def _fingerprint(config: RemoteConfig) -> str:
+    """What identifies a remote's settings, Secret contents included (the file paths change
+    with every read)."""
+    digest = hashlib.sha256(repr((config.name, config.id, config.endpoint, config.user, config.password)).encode())
+    for path in (config.ca_cert, config.cert_file, config.key_file):
+        digest.update(Path(path).read_bytes() if path else b"-")
+    return digest.hexdigest()

@@ -227,6 +227,24 @@ def desired_state(
     return state
 
 
+def specs_from_state(state: MapState) -> list[ServiceSpec]:
+    """What the maps hold, as the specs that would program them: the inverse of
+    :func:`desired_state`. A restarted agent reads it to keep serving what the previous
+    one wrote while its remotes sync. Slots that are missing or name no backend are
+    left out (they cannot be reached either)."""
+    specs: list[ServiceSpec] = []
+    for key, master in sorted(state.services.items()):
+        if not key.is_master:
+            continue
+        backends: set[Backend] = set()
+        for slot in range(1, master.count + 1):
+            entry = state.services.get(SlotKey(key.frontend, slot))
+            if entry is not None and entry.backend_id in state.backends:
+                backends.add(state.backends[entry.backend_id].backend)
+        specs.append(ServiceSpec(key.frontend, frozenset(backends), Affinity.from_flags(master.flags)))
+    return specs
+
+
 # --- consistency ---------------------------------------------------------------------
 
 

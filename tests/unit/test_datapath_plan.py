@@ -36,6 +36,7 @@ from clustermesh.datapath.plan import (
     phase,
     plan,
     reconcile,
+    specs_from_state,
 )
 
 LOCAL = 1
@@ -285,6 +286,21 @@ def test_a_new_process_sees_an_empty_diff() -> None:
     reconcile(Maps(services, backends), specs, LOCAL)
     pinned = (copy.deepcopy(services), copy.deepcopy(backends))
     assert reconcile(Maps(*pinned), list(reversed(specs)), LOCAL) == []
+
+
+@pytest.mark.parametrize("services", STATES)
+def test_specs_read_back_from_the_maps_are_the_specs_written(services: list[ServiceSpec]) -> None:
+    """What a restarted agent reads from the pinned maps is exactly what was programmed."""
+    assert sorted(specs_from_state(desired_state(services, LOCAL)), key=lambda s: s.frontend) == sorted(
+        services, key=lambda s: s.frontend
+    )
+
+
+def test_specs_read_back_skip_slots_that_name_no_backend() -> None:
+    state = desired_state([svc(FE, L1, R1)], LOCAL)
+    assert slots(state, FE) == [L1, R1]
+    del state.backends[state.services[SlotKey(FE, 2)].backend_id]
+    assert specs_from_state(state) == [svc(FE, L1)]
 
 
 def test_reconcile_removes_leftovers_of_an_interrupted_run() -> None:
