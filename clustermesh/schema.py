@@ -21,7 +21,7 @@ import datetime as dt
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +31,20 @@ NODES_PREFIX = "cilium/state/nodes/v1"
 CLUSTER_CONFIG_PREFIX = "cilium/cluster-config"
 SYNCED_PREFIX = "cilium/synced"
 HEARTBEAT_KEY = "cilium/.heartbeat"
+# Cilium writes this key next to the cluster-config so that a reader knows a
+# cluster-config exists and can wait for it instead of assuming an old writer.
+HAS_CLUSTER_CONFIG_KEY = "cilium/.has-cluster-config"
 
 MAX_CLUSTER_NAME_LEN = 32
 MIN_CLUSTER_ID = 1
 MAX_CLUSTER_ID = 255
-PROTOCOLS = ("TCP", "UDP", "SCTP")
+# Cilium's max-connected-clusters: 255 (default) or 511 (fewer identity bits per cluster).
+MAX_CLUSTER_ID_EXTENDED = 511
+MAX_CONNECTED_CLUSTERS_CHOICES = (MAX_CLUSTER_ID, MAX_CLUSTER_ID_EXTENDED)
+KUBERNETES_PROTOCOLS = ("TCP", "UDP", "SCTP")
+# Cilium's L4Type wildcards (pkg/loadbalancer): both become protocol 0 in its maps, matching any protocol.
+WILDCARD_PROTOCOLS = ("ANY", "NONE")
+PROTOCOLS = (*KUBERNETES_PROTOCOLS, *WILDCARD_PROTOCOLS)
 
 _CLUSTER_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Kubernetes object names: namespaces are DNS labels, Services DNS-1035 labels,
@@ -63,29 +72,51 @@ def validate_cluster_name(name: object) -> str:
     return name
 
 
-def validate_cluster_id(cluster_id: object) -> int:
+def validate_max_connected_clusters(value: object) -> int:
+    if isinstance(value, bool) or value not in MAX_CONNECTED_CLUSTERS_CHOICES:
+        raise SchemaError(
+            f"max connected clusters must be one of {', '.join(map(str, MAX_CONNECTED_CLUSTERS_CHOICES))}, "
+            f"got {value!r}"
+        )
+    assert isinstance(value, int)
+    return value
+
+
+def validate_cluster_id(cluster_id: object, max_id: int = MAX_CLUSTER_ID) -> int:
+    """A cluster ID in 1..max_id; max_id is the mesh's max-connected-clusters (255 or 511)."""
+    validate_max_connected_clusters(max_id)
     if isinstance(cluster_id, bool) or not isinstance(cluster_id, int):
         raise SchemaError(f"cluster ID must be an integer, got {cluster_id!r}")
-    if not MIN_CLUSTER_ID <= cluster_id <= MAX_CLUSTER_ID:
-        raise SchemaError(f"cluster ID {cluster_id} is outside {MIN_CLUSTER_ID}..{MAX_CLUSTER_ID}")
+    if not MIN_CLUSTER_ID <= cluster_id <= max_id:
+        raise SchemaError(f"cluster ID {cluster_id} is outside {MIN_CLUSTER_ID}..{max_id}")
     return cluster_id
 
 
 def _validate_object_name(kind: str, name: object) -> str:
     if not isinstance(name, str) or not name:
-        raise SchemaError(f"{kind} must be a non-empty string")
+        raise SchemaError(f"{kind} must be a non-empty string, got {name!r}")
     if len(name) > 253 or not _OBJECT_NAME_RE.match(name):
         raise SchemaError(f"{kind} {name!r} is not a valid Kubernetes name")
     return name
 
 
 def _validate_ip(ip: object) -> str:
+    """An IP address in its canonical text form; zoned IPv6 (fe80::1%eth0) is refused as Cilium does."""
     if not isinstance(ip, str):
         raise SchemaError(f"IP address must be a string, got {ip!r}")
+    if "%" in ip:
+        # Python parses a scope ID; Go's net.IP cannot hold one and Cilium refuses zones.
+        raise SchemaError(f"{ip!r}: IPv6 zones are not supported in records")
     try:
         return str(ipaddress.ip_address(ip))
     except ValueError as exc:
         raise SchemaError(f"{ip!r} is not an IP address") from exc
+
+
+def _str(what: str, data: object) -> str:
+    if not isinstance(data, str):
+        raise SchemaError(f"{what} must be a string, got {data!r}")
+    return data
 
 
 # ---------------------------------------------------------------- keys
@@ -159,17 +190,25 @@ def _decode_object(raw: str | bytes) -> dict[str, Any]:
 
 @dataclass(frozen=True, order=True)
 class PortConfig:
-    """Cilium's L4Addr: ``{"Protocol": "TCP", "Port": 80}``."""
+    """Cilium's L4Addr: ``{"Protocol": "TCP", "Port": 80}``.
+
+    ``ANY`` and ``NONE`` are Cilium's protocol wildcards: its datapath stores
+    both as protocol 0, which matches every L4 protocol (pkg/u8proto).
+    """
 
     protocol: str
     port: int
 
     def validate(self) -> PortConfig:
-        if self.protocol not in PROTOCOLS:
+        if not isinstance(self.protocol, str) or self.protocol not in PROTOCOLS:
             raise SchemaError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise SchemaError(f"port {self.port!r} is outside 1..65535")
         return self
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.protocol in WILDCARD_PROTOCOLS
 
     def to_json(self) -> dict[str, Any]:
         return {"Protocol": self.protocol, "Port": self.port}
@@ -177,8 +216,14 @@ class PortConfig:
     @classmethod
     def from_json(cls, data: object) -> PortConfig:
         if not isinstance(data, dict):
-            raise SchemaError(f"port config must be an object, got {data!r}")
-        return cls(protocol=data.get("Protocol"), port=data.get("Port")).validate()  # type: ignore[arg-type]
+            raise SchemaError(f"port config must be an object like {{\"Protocol\": \"TCP\", \"Port\": 80}}, "
+                              f"got {data!r}")
+        protocol, port = data.get("Protocol"), data.get("Port")
+        if not isinstance(protocol, str):
+            raise SchemaError(f"Protocol must be a string, got {protocol!r}")
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise SchemaError(f"Port must be an integer, got {port!r}")
+        return cls(protocol=protocol, port=port).validate()
 
 
 # IP -> port name -> PortConfig. The port name is "" for an unnamed port.
@@ -193,24 +238,32 @@ def _ports_from_json(what: str, data: object) -> dict[str, dict[str, PortConfig]
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SchemaError(f"{what} must be an object")
+        raise SchemaError(f"{what} must be an object of IP -> port name -> port config, got {data!r}")
     out: dict[str, dict[str, PortConfig]] = {}
     for ip, by_name in data.items():
         ip_text = _validate_ip(ip)
         if not isinstance(by_name, dict):
-            raise SchemaError(f"{what}[{ip}] must be an object")
-        out[ip_text] = {str(name): PortConfig.from_json(pc) for name, pc in by_name.items()}
+            raise SchemaError(f"{what}[{ip}] must be an object of port name -> port config, got {by_name!r}")
+        try:
+            out[ip_text] = {name: PortConfig.from_json(pc) for name, pc in by_name.items()}
+        except SchemaError as exc:
+            raise SchemaError(f"{what}[{ip}]: {exc}") from exc
     return out
 
 
 def _str_map(what: str, data: object) -> dict[str, str]:
     if data is None:
         return {}
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-    ):
-        raise SchemaError(f"{what} must be an object of strings")
+    if not isinstance(data, dict):
+        raise SchemaError(f"{what} must be an object of strings, got {data!r}")
+    for k, v in data.items():
+        if not isinstance(v, str):
+            raise SchemaError(f"{what} must be an object of strings: {what}[{k}] is {v!r}")
     return dict(data)
+
+
+def _ip_str_map(what: str, data: object) -> dict[str, str]:
+    return {_validate_ip(ip): value for ip, value in _str_map(what, data).items()}
 
 
 def _bool(what: str, data: object) -> bool:
@@ -220,25 +273,42 @@ def _bool(what: str, data: object) -> bool:
     return data
 
 
+def _optional_bool(what: str, data: Mapping[str, Any], name: str) -> bool:
+    """A Go bool field: absent or null leaves it false (Go ignores a JSON null for a bool)."""
+    value = data.get(name)
+    return False if value is None else _bool(what, value)
+
+
 def _zones(data: object) -> dict[str, dict[str, Any]]:
-    """Cilium's zones: backend IP -> {"zone": str, "forZones": [{"name": str}, ...]}."""
+    """Cilium's zones: backend IP -> {"zone": str, "forZones": [{"name": str}, ...]}.
+
+    Kept as Cilium's JSON objects so a record re-encodes to the same bytes;
+    Go writes ``null`` for a missing forZones list, so that is accepted too.
+    """
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SchemaError("zones must be an object of backend IP -> zone object")
+        raise SchemaError(f"zones must be an object of backend IP -> zone object, got {data!r}")
     out: dict[str, dict[str, Any]] = {}
     for ip, zone in data.items():
-        _validate_ip(ip)
+        ip_text = _validate_ip(ip)
         if not isinstance(zone, dict):
-            raise SchemaError(f"zones[{ip}] must be an object like {{\"zone\": \"eu-1a\"}}")
-        if not isinstance(zone.get("zone", ""), str):
-            raise SchemaError(f"zones[{ip}].zone must be a string")
+            raise SchemaError(f"zones[{ip}] must be an object like {{\"zone\": \"eu-1a\"}}, got {zone!r}")
+        if zone.get("zone") is not None and not isinstance(zone["zone"], str):
+            raise SchemaError(f"zones[{ip}].zone must be a string, got {zone.get('zone')!r}")
         hints = zone.get("forZones", [])
-        if not isinstance(hints, list) or not all(isinstance(h, dict) and isinstance(h.get("name"), str)
-                                                  for h in hints):
-            raise SchemaError(f"zones[{ip}].forZones must be a list of {{\"name\": ...}}")
-        out[ip] = {k: v for k, v in zone.items() if k in ("zone", "forZones")}
+        if hints is not None and (
+            not isinstance(hints, list)
+            or not all(isinstance(h, dict) and isinstance(h.get("name"), str) for h in hints)
+        ):
+            raise SchemaError(f"zones[{ip}].forZones must be a list of {{\"name\": ...}}, got {hints!r}")
+        out[ip_text] = {k: v for k, v in zone.items() if k in ("zone", "forZones")}
     return out
+
+
+def backend_zone(zone: str, for_zones: Iterable[str] = ()) -> dict[str, Any]:
+    """One entry of ``zones`` as Cilium writes it: both keys, forZones ``[]`` when there are no hints."""
+    return {"zone": zone, "forZones": [{"name": name} for name in for_zones]}
 
 
 @dataclass(frozen=True)
@@ -255,17 +325,18 @@ class ClusterService:
     selector: Mapping[str, str] = field(default_factory=dict)
     include_external: bool = True
     shared: bool = True
+    # backend IP -> the endpoint's hostname (EndpointSlice ``hostname``); Cilium omits it when empty
     hostnames: Mapping[str, str] = field(default_factory=dict)
-    # Cilium's per-backend zone: IP -> {"zone": "eu-1a", "forZones": [{"name": "eu-1b"}]} (both optional)
+    # Cilium's per-backend zone: IP -> {"zone": "eu-1a", "forZones": [{"name": "eu-1b"}]}
     zones: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return service_key(self.cluster, self.namespace, self.name)
 
-    def validate(self) -> ClusterService:
+    def validate(self, max_cluster_id: int = MAX_CLUSTER_ID) -> ClusterService:
         validate_cluster_name(self.cluster)
-        validate_cluster_id(self.cluster_id)
+        validate_cluster_id(self.cluster_id, max_cluster_id)
         _validate_object_name("namespace", self.namespace)
         _validate_object_name("service name", self.name)
         for ports in (self.frontends, self.backends):
@@ -273,6 +344,8 @@ class ClusterService:
                 _validate_ip(ip)
                 for pc in by_name.values():
                     pc.validate()
+        for ip in (*self.hostnames, *self.zones):
+            _validate_ip(ip)
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -299,24 +372,31 @@ class ClusterService:
         return encode(self.to_json())
 
     @classmethod
-    def decode(cls, raw: str | bytes, key: str | None = None) -> ClusterService:
-        """Parse and validate; with ``key``, the payload must name the same service."""
+    def decode(
+        cls, raw: str | bytes, key: str | None = None, *, max_cluster_id: int = MAX_CLUSTER_ID
+    ) -> ClusterService:
+        """Parse and validate; with ``key``, the payload must name the same service.
+
+        ``max_cluster_id`` is the mesh's max-connected-clusters (255 or 511).
+        Types are as strict as Go's decoder: a number where a string belongs
+        is refused, never coerced.
+        """
         data = _decode_object(raw)
-        cluster_id = data.get("clusterID", 0)
         svc = cls(
-            cluster=data.get("cluster"),  # type: ignore[arg-type]
-            namespace=data.get("namespace"),  # type: ignore[arg-type]
-            name=data.get("name"),  # type: ignore[arg-type]
-            cluster_id=cluster_id,
+            cluster=_str("cluster name", data.get("cluster", "")),
+            namespace=_str("namespace", data.get("namespace", "")),
+            name=_str("service name", data.get("name", "")),
+            # Go writes 0 for an unset ID; validate() refuses it with the range in the message.
+            cluster_id=data.get("clusterID", 0),
             frontends=_ports_from_json("frontends", data.get("frontends")),
             backends=_ports_from_json("backends", data.get("backends")),
             labels=_str_map("labels", data.get("labels")),
             selector=_str_map("selector", data.get("selector")),
-            include_external=_bool("includeExternal", data.get("includeExternal", False)),
-            shared=_bool("shared", data.get("shared", False)),
-            hostnames=_str_map("hostnames", data.get("hostnames")),
+            include_external=_optional_bool("includeExternal", data, "includeExternal"),
+            shared=_optional_bool("shared", data, "shared"),
+            hostnames=_ip_str_map("hostnames", data.get("hostnames")),
             zones=_zones(data.get("zones")),
-        ).validate()
+        ).validate(max_cluster_id)
         if key is not None:
             parsed = parse_service_key(key)
             if (parsed.cluster, parsed.namespace, parsed.name) != (svc.cluster, svc.namespace, svc.name):
@@ -335,6 +415,14 @@ class NodeAddress:
     ip: str
 
 
+# Node fields this module reads; every other field of Cilium's Node (health and
+# ingress IPs, Source, EncryptionKey, Labels, NodeIdentity, ...) is kept as is.
+_NODE_FIELDS = (
+    "Name", "Cluster", "ClusterID", "IPAddresses",
+    "IPv4AllocCIDR", "IPv6AllocCIDR", "IPv4SecondaryAllocCIDRs", "IPv6SecondaryAllocCIDRs",
+)
+
+
 @dataclass(frozen=True)
 class Node:
     """A node of a cluster: its addresses and pod CIDRs, in Cilium's Go field names."""
@@ -345,6 +433,11 @@ class Node:
     addresses: tuple[NodeAddress, ...] = ()
     ipv4_pod_cidr: str | None = None
     ipv6_pod_cidr: str | None = None
+    # Cilium's IPv4SecondaryAllocCIDRs / IPv6SecondaryAllocCIDRs (multi-pool IPAM, ENI, ...)
+    ipv4_secondary_pod_cidrs: tuple[str, ...] = ()
+    ipv6_secondary_pod_cidrs: tuple[str, ...] = ()
+    # The rest of a Cilium-written record, verbatim, so that it re-encodes unchanged.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -356,89 +449,154 @@ class Node:
                 return addr.ip
         return None
 
-    def validate(self) -> Node:
+    def ipv4_pod_cidrs(self) -> tuple[str, ...]:
+        """Primary first, then the secondary ones."""
+        primary = (self.ipv4_pod_cidr,) if self.ipv4_pod_cidr else ()
+        return (*primary, *self.ipv4_secondary_pod_cidrs)
+
+    def validate(self, max_cluster_id: int = MAX_CLUSTER_ID) -> Node:
         validate_cluster_name(self.cluster)
-        validate_cluster_id(self.cluster_id)
+        validate_cluster_id(self.cluster_id, max_cluster_id)
         _validate_object_name("node name", self.name)
         for addr in self.addresses:
+            _str("address type", addr.type)
             _validate_ip(addr.ip)
-        for cidr, version in ((self.ipv4_pod_cidr, 4), (self.ipv6_pod_cidr, 6)):
-            if cidr is None:
-                continue
-            try:
-                net = ipaddress.ip_network(cidr)
-            except ValueError as exc:
-                raise SchemaError(f"pod CIDR {cidr!r} does not parse") from exc
-            if net.version != version:
-                raise SchemaError(f"pod CIDR {cidr!r} is not IPv{version}")
+        cidrs = [(self.ipv4_pod_cidr, 4), (self.ipv6_pod_cidr, 6)]
+        cidrs += [(c, 4) for c in self.ipv4_secondary_pod_cidrs] + [(c, 6) for c in self.ipv6_secondary_pod_cidrs]
+        for cidr, version in cidrs:
+            if cidr is not None:
+                _canonical_cidr(cidr, version)
         return self
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = dict(self.extra)
+        data.update({
             "Name": self.name,
             "Cluster": self.cluster,
             "ClusterID": self.cluster_id,
             "IPAddresses": [{"Type": a.type, "IP": a.ip} for a in self.addresses],
             "IPv4AllocCIDR": _ipnet_to_go(self.ipv4_pod_cidr),
             "IPv6AllocCIDR": _ipnet_to_go(self.ipv6_pod_cidr),
-        }
+        })
+        # Go writes null for a nil slice; keep an empty list written by a Cilium agent as it was.
+        for name, cidrs in (("IPv4SecondaryAllocCIDRs", self.ipv4_secondary_pod_cidrs),
+                            ("IPv6SecondaryAllocCIDRs", self.ipv6_secondary_pod_cidrs)):
+            if cidrs:
+                data[name] = [_ipnet_to_go(c) for c in cidrs]
+        return data
 
     def encode(self) -> str:
         return encode(self.to_json())
 
     @classmethod
-    def decode(cls, raw: str | bytes, key: str | None = None) -> Node:
+    def decode(cls, raw: str | bytes, key: str | None = None, *, max_cluster_id: int = MAX_CLUSTER_ID) -> Node:
         data = _decode_object(raw)
-        addrs = data.get("IPAddresses") or []
+        addrs = data.get("IPAddresses")
+        if addrs is None:
+            addrs = []
         if not isinstance(addrs, list):
-            raise SchemaError("IPAddresses must be a list")
+            raise SchemaError(f"IPAddresses must be a list, got {addrs!r}")
         addresses = []
         for a in addrs:
             if not isinstance(a, dict):
-                raise SchemaError("IPAddresses entries must be objects")
-            addresses.append(NodeAddress(type=str(a.get("Type", "")), ip=_validate_ip(a.get("IP"))))
+                raise SchemaError(f"IPAddresses entries must be objects like {{\"Type\": ..., \"IP\": ...}}, got {a!r}")
+            addresses.append(NodeAddress(type=_str("IPAddresses[].Type", a.get("Type", "")),
+                                         ip=_validate_ip(a.get("IP"))))
+        extra = {k: v for k, v in data.items() if k not in _NODE_FIELDS}
+        for name in ("IPv4SecondaryAllocCIDRs", "IPv6SecondaryAllocCIDRs"):
+            if name in data and not data[name]:
+                extra[name] = data[name]  # null or [] as written; to_json writes non-empty lists itself
         node = cls(
-            name=data.get("Name"),  # type: ignore[arg-type]
-            cluster=data.get("Cluster"),  # type: ignore[arg-type]
+            name=_str("node name", data.get("Name", "")),
+            cluster=_str("cluster name", data.get("Cluster", "")),
             cluster_id=data.get("ClusterID", 0),
             addresses=tuple(addresses),
-            ipv4_pod_cidr=_ipnet_from_go(data.get("IPv4AllocCIDR")),
-            ipv6_pod_cidr=_ipnet_from_go(data.get("IPv6AllocCIDR")),
-        ).validate()
+            ipv4_pod_cidr=_ipnet_from_go("IPv4AllocCIDR", data.get("IPv4AllocCIDR")),
+            ipv6_pod_cidr=_ipnet_from_go("IPv6AllocCIDR", data.get("IPv6AllocCIDR")),
+            ipv4_secondary_pod_cidrs=_ipnets_from_go("IPv4SecondaryAllocCIDRs", data.get("IPv4SecondaryAllocCIDRs")),
+            ipv6_secondary_pod_cidrs=_ipnets_from_go("IPv6SecondaryAllocCIDRs", data.get("IPv6SecondaryAllocCIDRs")),
+            extra=extra,
+        ).validate(max_cluster_id)
         if key is not None and parse_node_key(key) != (node.cluster, node.name):
             raise SchemaError(f"key {key!r} does not match payload {node.cluster}/{node.name}")
         return node
 
 
+def _canonical_cidr(cidr: str, version: int) -> str:
+    """A CIDR with no host bits set, of the given IP version, in canonical text."""
+    if not isinstance(cidr, str):
+        raise SchemaError(f"pod CIDR must be a string, got {cidr!r}")
+    if "%" in cidr:
+        raise SchemaError(f"pod CIDR {cidr!r}: IPv6 zones are not supported in records")
+    try:
+        net = ipaddress.ip_network(cidr)
+    except ValueError as exc:
+        raise SchemaError(f"pod CIDR {cidr!r} is not a canonical CIDR (no host bits set): {exc}") from exc
+    if net.version != version:
+        raise SchemaError(f"pod CIDR {cidr!r} is not IPv{version}")
+    return str(net)
+
+
 def _ipnet_to_go(cidr: str | None) -> dict[str, str] | None:
-    """Go's net.IPNet marshals as {"IP": "...", "Mask": base64(mask bytes)}."""
+    """Go's net.IPNet marshals as {"IP": "...", "Mask": base64(mask bytes)}; Cilium still writes this form."""
     if cidr is None:
         return None
-    net = ipaddress.ip_network(cidr, strict=False)
+    net = ipaddress.ip_network(cidr)
     return {
         "IP": str(net.network_address),
         "Mask": base64.b64encode(net.netmask.packed).decode("ascii"),
     }
 
 
-def _ipnet_from_go(data: object) -> str | None:
+def _ipnet_from_go(what: str, data: object) -> str | None:
+    """Both forms Cilium reads: the string "10.244.1.0/24" and Go's {"IP", "Mask"} object.
+
+    Stricter than Cilium on one point: a CIDR with host bits set is refused
+    rather than silently masked, since it means the writer is confused.
+    """
     if data is None:
         return None
-    if isinstance(data, str):  # the string form Cilium also reads (and plans to write)
+    if isinstance(data, str):
         try:
             net = ipaddress.ip_network(data)
         except ValueError as exc:
-            raise SchemaError(f"pod CIDR {data!r} does not parse (want a canonical CIDR)") from exc
+            raise SchemaError(f"{what} {data!r} is not a canonical CIDR (no host bits set): {exc}") from exc
         return str(net)
     if not isinstance(data, dict):
-        raise SchemaError("pod CIDR must be a CIDR string or an object with IP and Mask")
+        raise SchemaError(f"{what} must be a CIDR string or an object with IP and Mask, got {data!r}")
+    ip_text, mask_text = data.get("IP"), data.get("Mask")
+    if not isinstance(ip_text, str) or not isinstance(mask_text, str):
+        raise SchemaError(f"{what}: IP and Mask must be strings (Mask is base64), got {data!r}")
+    ip = ipaddress.ip_address(_validate_ip(ip_text))
     try:
-        ip = ipaddress.ip_address(data["IP"])
-        mask = base64.b64decode(data["Mask"], validate=True)
-        prefix = int.from_bytes(mask, "big").bit_count()
-        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise SchemaError(f"pod CIDR {data!r} does not parse") from exc
+        mask = base64.b64decode(mask_text, validate=True)
+    except ValueError as exc:
+        raise SchemaError(f"{what}: Mask {mask_text!r} is not base64") from exc
+    width = 4 if ip.version == 4 else 16
+    if len(mask) != width:
+        raise SchemaError(f"{what}: a {len(mask)}-byte Mask does not fit IPv{ip.version} {ip} (want {width} bytes)")
+    bits = int.from_bytes(mask, "big")
+    prefix = bits.bit_count()
+    # Canonical masks are ones then zeros, which is what Go's IPMask.Size() requires too.
+    if bits != ((1 << (8 * width)) - 1) ^ ((1 << (8 * width - prefix)) - 1):
+        raise SchemaError(f"{what}: Mask {mask_text!r} is not a canonical (contiguous) mask")
+    try:
+        return str(ipaddress.ip_network(f"{ip}/{prefix}"))
+    except ValueError as exc:
+        raise SchemaError(f"{what} {ip}/{prefix} has host bits set; want the network address") from exc
+
+
+def _ipnets_from_go(what: str, data: object) -> tuple[str, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise SchemaError(f"{what} must be a list of CIDRs, got {data!r}")
+    out = []
+    for item in data:
+        cidr = _ipnet_from_go(f"{what}[]", item)
+        if cidr is not None:
+            out.append(cidr)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- ClusterConfig
@@ -446,22 +604,40 @@ def _ipnet_from_go(data: object) -> str | None:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """Cilium's CiliumClusterConfig at ``cilium/cluster-config/<cluster>``.
+
+    Go writes it with ``omitempty`` on every field, so a false capability is
+    absent: ``synced_canaries`` False means the writer has no synced markers and
+    a reader trusts its records at once (as Cilium does) instead of waiting.
+    """
+
     cluster_id: int
     synced_canaries: bool = True
-    max_connected_clusters: int = 255
+    max_connected_clusters: int = MAX_CLUSTER_ID
+    # Records are cached by a kvstoremesh under cilium/cache/; kept for round trips.
+    cached: bool = False
+    # MCS-API ServiceExports: None when the writer does not know the capability.
+    service_exports_enabled: bool | None = None
 
     def validate(self) -> ClusterConfig:
-        validate_cluster_id(self.cluster_id)
+        validate_max_connected_clusters(self.max_connected_clusters)
+        validate_cluster_id(self.cluster_id, self.max_connected_clusters)
+        for what, value in (("syncedCanaries", self.synced_canaries), ("cached", self.cached)):
+            _bool(f"capabilities.{what}", value)
+        if self.service_exports_enabled is not None:
+            _bool("capabilities.serviceExportsEnabled", self.service_exports_enabled)
         return self
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.cluster_id,
-            "capabilities": {
-                "syncedCanaries": self.synced_canaries,
-                "maxConnectedClusters": self.max_connected_clusters,
-            },
-        }
+        caps: dict[str, Any] = {}
+        if self.synced_canaries:
+            caps["syncedCanaries"] = True
+        if self.cached:
+            caps["cached"] = True
+        caps["maxConnectedClusters"] = self.max_connected_clusters
+        if self.service_exports_enabled is not None:
+            caps["serviceExportsEnabled"] = self.service_exports_enabled
+        return {"id": self.cluster_id, "capabilities": caps}
 
     def encode(self) -> str:
         return encode(self.to_json())
@@ -469,13 +645,24 @@ class ClusterConfig:
     @classmethod
     def decode(cls, raw: str | bytes) -> ClusterConfig:
         data = _decode_object(raw)
-        caps = data.get("capabilities") or {}
+        caps = data.get("capabilities")
+        if caps is None:
+            caps = {}
         if not isinstance(caps, dict):
-            raise SchemaError("capabilities must be an object")
+            raise SchemaError(f"capabilities must be an object, got {caps!r}")
+        max_connected = caps.get("maxConnectedClusters")
+        if max_connected is None or (max_connected == 0 and not isinstance(max_connected, bool)):
+            max_connected = MAX_CLUSTER_ID  # absent (omitempty) or from writers older than it: Cilium's default
+        exports = caps.get("serviceExportsEnabled")
         return cls(
-            cluster_id=data.get("id"),  # type: ignore[arg-type]
-            synced_canaries=bool(caps.get("syncedCanaries", False)),
-            max_connected_clusters=int(caps.get("maxConnectedClusters", 255)),
+            # Go's omitempty drops a zero ID; 0 is reserved, so validate() refuses it with the range.
+            cluster_id=data.get("id", 0),
+            synced_canaries=_optional_bool("capabilities.syncedCanaries", caps, "syncedCanaries"),
+            max_connected_clusters=validate_max_connected_clusters(max_connected),
+            cached=_optional_bool("capabilities.cached", caps, "cached"),
+            service_exports_enabled=(
+                None if exports is None else _bool("capabilities.serviceExportsEnabled", exports)
+            ),
         ).validate()
 
 

@@ -23,11 +23,24 @@ from clustermesh.operator.export import (
     affinity,
     export_service,
 )
-from clustermesh.schema import PROTOCOLS, ClusterService, PortsByIP
+from clustermesh.schema import WILDCARD_PROTOCOLS, ClusterService, PortConfig, PortsByIP
 
 SHARED_ANNOTATIONS = (SHARED_ANNOTATION, LEGACY_SHARED_ANNOTATION)
 
 DATAPATH_PROTOCOLS = ("TCP", "UDP")  # SCTP is exported but not load-balanced yet
+
+
+def frontend_protocols(pc: PortConfig) -> tuple[str, ...]:
+    """The datapath protocols a port config asks for. Cilium stores ANY and NONE
+    as protocol 0, which its maps match for every protocol; our maps key on the
+    protocol, so a wildcard becomes one TCP and one UDP frontend."""
+    if pc.protocol in WILDCARD_PROTOCOLS:
+        return DATAPATH_PROTOCOLS
+    return (pc.protocol,) if pc.protocol in DATAPATH_PROTOCOLS else ()
+
+
+def _protocol_matches(backend: PortConfig, protocol: str) -> bool:
+    return backend.protocol == protocol or backend.protocol in WILDCARD_PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ def _backends_for(
     out = set()
     for ip, by_name in ports_by_ip.items():
         pc = by_name.get(port_name)
-        if pc is None or pc.protocol != protocol:
+        if pc is None or not _protocol_matches(pc, protocol):
             continue
         addr = ipaddress.ip_address(ip)
         if not isinstance(addr, ipaddress.IPv4Address):
@@ -89,23 +102,27 @@ def merge_service(
             continue
         if rec.shared:
             shared_remotes.append(rec)
-    specs = []
+    by_frontend: dict[Frontend, set[Backend]] = {}
     for ip, by_name in local.frontends.items():
         addr = ipaddress.ip_address(ip)
         if not isinstance(addr, ipaddress.IPv4Address):
             continue  # the IPv4 datapath leaves IPv6 frontends to whatever handles them today
         for port_name, pc in by_name.items():
-            if pc.protocol not in DATAPATH_PROTOCOLS:
-                if pc.protocol in PROTOCOLS:
-                    problems.append(f"{ip}:{pc.port}/{pc.protocol}: protocol not load-balanced yet")
+            protocols = frontend_protocols(pc)
+            if not protocols:
+                problems.append(f"{ip}:{pc.port}/{pc.protocol}: protocol not load-balanced yet")
                 continue
             where = f"{local.namespace}/{local.name}"
-            backends = _backends_for(port_name, pc.protocol, local.backends, local_cluster_id, problems, where)
-            for rec in shared_remotes:
-                backends |= _backends_for(port_name, pc.protocol, rec.backends, rec.cluster_id, problems,
-                                          f"{where} from {rec.cluster}", exclude)
-            frontend = Frontend(addr, pc.port, Proto.parse(pc.protocol))
-            specs.append(ServiceSpec(frontend, frozenset(backends), local.affinity))
+            for protocol in protocols:
+                backends = _backends_for(port_name, protocol, local.backends, local_cluster_id, problems, where)
+                for rec in shared_remotes:
+                    backends |= _backends_for(port_name, protocol, rec.backends, rec.cluster_id, problems,
+                                              f"{where} from {rec.cluster}", exclude)
+                frontend = Frontend(addr, pc.port, Proto.parse(protocol))
+                # A wildcard port may land on a frontend that an explicit port already asked for:
+                # one frontend, the backends of both (the datapath holds one entry per frontend).
+                by_frontend.setdefault(frontend, set()).update(backends)
+    specs = [ServiceSpec(frontend, frozenset(backends), local.affinity) for frontend, backends in by_frontend.items()]
     return MergeResult(specs, problems)
 
 

@@ -16,7 +16,8 @@ class RoutePlan:
 
 
 def plan_routes(local_pod_cidrs: Iterable[str], remote_nodes: Iterable[Node]) -> RoutePlan:
-    """One route per remote node with an IPv4 pod CIDR and an IPv4 InternalIP.
+    """One route per IPv4 pod CIDR (primary and secondary) of every remote node with an
+    IPv4 InternalIP.
 
     A CIDR that overlaps this cluster's own pod CIDRs, or another remote node's, is
     refused: the mesh needs distinct pod CIDRs, and a wrong route would steal traffic."""
@@ -25,21 +26,23 @@ def plan_routes(local_pod_cidrs: Iterable[str], remote_nodes: Iterable[Node]) ->
     plan = RoutePlan({})
     for node in sorted(remote_nodes, key=lambda n: (n.cluster, n.name)):
         where = f"node {node.cluster}/{node.name}"
-        if node.ipv4_pod_cidr is None:
+        cidrs = node.ipv4_pod_cidrs()  # the primary first, then Cilium's secondary pod CIDRs
+        if not cidrs:
             continue
         gateway = node.internal_ipv4()
         if gateway is None:
-            plan.problems.append(f"{where}: no IPv4 InternalIP to route {node.ipv4_pod_cidr} through")
+            plan.problems.append(f"{where}: no IPv4 InternalIP to route {', '.join(cidrs)} through")
             continue
-        cidr = ipaddress.ip_network(node.ipv4_pod_cidr, strict=False)
-        assert isinstance(cidr, ipaddress.IPv4Network)
-        if any(cidr.overlaps(n) for n in local):
-            plan.problems.append(f"{where}: pod CIDR {cidr} overlaps this cluster's pod CIDRs; not routed")
-            continue
-        clash = next((owner for net, owner in taken.items() if cidr.overlaps(net)), None)
-        if clash is not None:
-            plan.problems.append(f"{where}: pod CIDR {cidr} overlaps {clash}'s; not routed")
-            continue
-        taken[cidr] = where
-        plan.routes[str(cidr)] = gateway
+        for text in cidrs:
+            cidr = ipaddress.ip_network(text, strict=False)
+            assert isinstance(cidr, ipaddress.IPv4Network)
+            if any(cidr.overlaps(n) for n in local):
+                plan.problems.append(f"{where}: pod CIDR {cidr} overlaps this cluster's pod CIDRs; not routed")
+                continue
+            clash = next((owner for net, owner in taken.items() if cidr.overlaps(net)), None)
+            if clash is not None:
+                plan.problems.append(f"{where}: pod CIDR {cidr} overlaps {clash}'s; not routed")
+                continue
+            taken[cidr] = where
+            plan.routes[str(cidr)] = gateway
     return plan

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clustermesh.schema import (
-    PROTOCOLS,
+    KUBERNETES_PROTOCOLS,
+    MAX_CLUSTER_ID,
     ClusterService,
     Node,
     NodeAddress,
     PortConfig,
     SchemaError,
+    backend_zone,
     validate_cluster_id,
     validate_cluster_name,
 )
@@ -30,6 +32,7 @@ LEGACY_SHARED_ANNOTATION = "io.cilium/shared-service"
 AFFINITY_ANNOTATION = "service.cilium.io/affinity"
 AFFINITY_VALUES = ("local", "remote", "none")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 
 Body = Mapping[str, Any]
 
@@ -38,10 +41,12 @@ Body = Mapping[str, Any]
 class ClusterIdentity:
     name: str
     id: int
+    # The mesh's max-connected-clusters (255 or 511): the upper bound of every cluster ID in it.
+    max_connected_clusters: int = MAX_CLUSTER_ID
 
     def __post_init__(self) -> None:
         validate_cluster_name(self.name)
-        validate_cluster_id(self.id)
+        validate_cluster_id(self.id, self.max_connected_clusters)
 
 
 @dataclass
@@ -53,15 +58,21 @@ class Export:
 
 
 def _bool_annotation(annotations: Mapping[str, str], names: Iterable[str], default: bool) -> tuple[bool, str | None]:
-    """The first annotation present among ``names``; an unknown value is a problem and counts as default."""
+    """The first annotation present among ``names``, read as Cilium reads it.
+
+    Cilium compares the lowercased value with "true" and nothing else: "True"
+    is true, while "yes", "1" or "true " (with a space) are false. Such a
+    value is reported, because its author almost certainly meant true.
+    """
     for name in names:
         if name in annotations:
-            value = str(annotations[name]).strip().lower()
-            if value == "true":
+            value = str(annotations[name])
+            if value.lower() == "true":
                 return True, None
-            if value == "false":
+            if value.lower() == "false":
                 return False, None
-            return default, f"annotation {name}={annotations[name]!r} is neither 'true' nor 'false'"
+            return False, (f"annotation {name}={annotations[name]!r} is neither 'true' nor 'false'; "
+                           "read as false, as Cilium does")
     return default, None
 
 
@@ -74,15 +85,23 @@ def is_global(service: Body) -> bool:
     return global_flag(service)[0]
 
 
+def shared_flag(service: Body) -> tuple[bool, str | None]:
+    """``service.cilium.io/shared``: only read on a global Service, which is shared by default."""
+    annotations = (service.get("metadata") or {}).get("annotations") or {}
+    return _bool_annotation(annotations, (SHARED_ANNOTATION, LEGACY_SHARED_ANNOTATION), True)
+
+
 def affinity(service: Body) -> tuple[str, str | None]:
-    """``service.cilium.io/affinity``: local | remote | none (default none)."""
+    """``service.cilium.io/affinity``: local | remote | none, any case; empty or unset is none (Cilium's rule)."""
     annotations = (service.get("metadata") or {}).get("annotations") or {}
     value = annotations.get(AFFINITY_ANNOTATION)
     if value is None:
         return "none", None
-    normalized = str(value).strip().lower()
+    normalized = str(value).lower()
     if normalized in AFFINITY_VALUES:
         return normalized, None
+    if normalized == "":
+        return "none", None
     return "none", f"annotation {AFFINITY_ANNOTATION}={value!r} is not one of {', '.join(AFFINITY_VALUES)}"
 
 
@@ -102,11 +121,19 @@ def _protocol(raw: object) -> str:
 
 
 def endpoint_is_serving(endpoint: Body) -> bool:
-    """Ready and not terminating. An unset ``ready`` means ready (the API's own rule)."""
+    """Ready, or serving while terminating: what current Cilium exports.
+
+    A terminating endpoint that still serves keeps its established and new
+    connections until it stops serving (graceful termination); one that no
+    longer serves is dropped. Unset ``ready`` means ready (the API's rule).
+    Unset ``serving`` (Kubernetes before 1.22, or 1.20's v1beta1 without the
+    feature gate) defers to ``ready`` as the API documents; Cilium reads it
+    as serving, which would export not-ready endpoints of such clusters.
+    """
     conditions = endpoint.get("conditions") or {}
-    if conditions.get("terminating") is True:
-        return False
-    return conditions.get("ready") is not False
+    ready = conditions.get("ready") is not False
+    serving = conditions.get("serving")
+    return ready or serving is True
 
 
 def slices_for(service_name: str, slices: Iterable[Body]) -> list[Body]:
@@ -131,8 +158,7 @@ def export_service(cluster: ClusterIdentity, service: Body, slices: Iterable[Bod
         problems.append(problem)
     if not is_glob:
         return Export(None, problems)
-    annotations = meta.get("annotations") or {}
-    shared, problem = _bool_annotation(annotations, (SHARED_ANNOTATION, LEGACY_SHARED_ANNOTATION), True)
+    shared, problem = shared_flag(service)
     if problem:
         problems.append(problem)
     _aff, problem = affinity(service)
@@ -146,7 +172,7 @@ def export_service(cluster: ClusterIdentity, service: Body, slices: Iterable[Bod
     service_ports: dict[str, PortConfig] = {}
     for port in spec.get("ports") or []:
         proto = _protocol(port.get("protocol"))
-        if proto not in PROTOCOLS:
+        if proto not in KUBERNETES_PROTOCOLS:
             problems.append(f"port {_port_name(port)!r}: protocol {proto} is not supported; skipped")
             continue
         try:
@@ -163,9 +189,11 @@ def export_service(cluster: ClusterIdentity, service: Body, slices: Iterable[Bod
             frontends[ip] = dict(service_ports)
 
     backends: dict[str, dict[str, PortConfig]] = {}
+    hostnames: dict[str, str] = {}
+    zones: dict[str, dict[str, Any]] = {}
     if shared:
         for es in slices_for(name, slices):
-            _add_slice_backends(es, backends, problems)
+            _add_slice_backends(es, backends, hostnames, zones, problems)
 
     record = ClusterService(
         cluster=cluster.name,
@@ -178,16 +206,43 @@ def export_service(cluster: ClusterIdentity, service: Body, slices: Iterable[Bod
         selector=dict(spec.get("selector") or {}),
         include_external=True,
         shared=shared,
+        hostnames=hostnames,
+        zones=zones,
     )
     try:
-        record.validate()
+        record.validate(cluster.max_connected_clusters)
     except SchemaError as exc:
         problems.append(f"cannot be exported: {exc}")
         return Export(None, problems)
     return Export(record, problems)
 
 
-def _add_slice_backends(es: Body, backends: dict[str, dict[str, PortConfig]], problems: list[str]) -> None:
+def _endpoint_zone(endpoint: Body) -> tuple[str, list[str]]:
+    """The endpoint's zone and topology hints, from either API version.
+
+    discovery/v1 has ``zone`` (and ``deprecatedTopology`` from older writers);
+    v1beta1 (Kubernetes 1.20) has only the ``topology`` map.
+    """
+    zone = endpoint.get("zone")
+    if not isinstance(zone, str) or not zone:
+        for legacy in ("deprecatedTopology", "topology"):
+            value = (endpoint.get(legacy) or {}).get(ZONE_LABEL)
+            if isinstance(value, str) and value:
+                zone = value
+                break
+        else:
+            zone = ""
+    hints = (endpoint.get("hints") or {}).get("forZones") or []
+    return zone, [h["name"] for h in hints if isinstance(h, Mapping) and isinstance(h.get("name"), str)]
+
+
+def _add_slice_backends(
+    es: Body,
+    backends: dict[str, dict[str, PortConfig]],
+    hostnames: dict[str, str],
+    zones: dict[str, dict[str, Any]],
+    problems: list[str],
+) -> None:
     slice_name = (es.get("metadata") or {}).get("name", "?")
     family = es.get("addressType", "IPv4")
     if family not in ("IPv4", "IPv6"):
@@ -200,6 +255,10 @@ def _add_slice_backends(es: Body, backends: dict[str, dict[str, PortConfig]], pr
         if number is None:
             problems.append(f"EndpointSlice {slice_name}: port {_port_name(port)!r} has no number; skipped")
             continue
+        if proto not in KUBERNETES_PROTOCOLS:
+            problems.append(f"EndpointSlice {slice_name}: port {_port_name(port)!r}: protocol {proto} "
+                            "is not supported; skipped")
+            continue
         try:
             ports[_port_name(port)] = PortConfig(proto, number).validate()
         except SchemaError as exc:
@@ -209,6 +268,8 @@ def _add_slice_backends(es: Body, backends: dict[str, dict[str, PortConfig]], pr
     for endpoint in es.get("endpoints") or []:
         if not endpoint_is_serving(endpoint):
             continue
+        hostname = endpoint.get("hostname")
+        zone, for_zones = _endpoint_zone(endpoint)
         for address in endpoint.get("addresses") or []:
             try:
                 ip = ipaddress.ip_address(address)
@@ -219,6 +280,11 @@ def _add_slice_backends(es: Body, backends: dict[str, dict[str, PortConfig]], pr
                 problems.append(f"EndpointSlice {slice_name}: {address} is not {family}; skipped")
                 continue
             backends.setdefault(str(ip), {}).update(ports)
+            # Cilium writes both only when set (a zone entry needs a zone; hints alone are dropped).
+            if isinstance(hostname, str) and hostname:
+                hostnames[str(ip)] = hostname
+            if zone:
+                zones[str(ip)] = backend_zone(zone, for_zones)
 
 
 def _node_addresses(node: Body) -> tuple[NodeAddress, ...]:
@@ -241,17 +307,18 @@ def export_node(cluster: ClusterIdentity, node: Body) -> NodeExport:
     spec = node.get("spec") or {}
     problems: list[str] = []
     cidrs = list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
-    v4 = v6 = None
+    # The first CIDR of each family is the primary one, the rest secondary (Cilium's ParseCiliumNode rule).
+    by_family: dict[int, list[str]] = {4: [], 6: []}
     for cidr in cidrs:
         try:
             net = ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             problems.append(f"pod CIDR {cidr!r} does not parse; skipped")
             continue
-        if net.version == 4 and v4 is None:
-            v4 = str(net)
-        elif net.version == 6 and v6 is None:
-            v6 = str(net)
+        if str(net) not in by_family[net.version]:
+            by_family[net.version].append(str(net))
+    v4 = by_family[4][0] if by_family[4] else None
+    v6 = by_family[6][0] if by_family[6] else None
     record = Node(
         name=meta.get("name") or "",
         cluster=cluster.name,
@@ -259,9 +326,11 @@ def export_node(cluster: ClusterIdentity, node: Body) -> NodeExport:
         addresses=_node_addresses(node),
         ipv4_pod_cidr=v4,
         ipv6_pod_cidr=v6,
+        ipv4_secondary_pod_cidrs=tuple(by_family[4][1:]),
+        ipv6_secondary_pod_cidrs=tuple(by_family[6][1:]),
     )
     try:
-        record.validate()
+        record.validate(cluster.max_connected_clusters)
     except SchemaError as exc:
         return NodeExport(None, [*problems, f"cannot be exported: {exc}"])
     return NodeExport(record, problems)

@@ -58,13 +58,18 @@ def slim_service(body: Body) -> dict[str, Any]:
     }
 
 
+# What export reads of an endpoint: conditions, and the hostname and zone it
+# copies into records (``topology`` is discovery/v1beta1's zone, Kubernetes 1.20).
+_ENDPOINT_FIELDS = ("addresses", "conditions", "hostname", "zone", "hints", "deprecatedTopology", "topology")
+
+
 def slim_slice(body: Body) -> dict[str, Any]:
     return {
         "metadata": _meta(body, "labels"),
         "addressType": body.get("addressType"),
         "ports": _plain(body.get("ports")),
         "endpoints": [
-            {"addresses": _plain(ep.get("addresses")), "conditions": _plain(ep.get("conditions"))}
+            {f: _plain(ep.get(f)) for f in _ENDPOINT_FIELDS if f == "addresses" or ep.get(f) is not None}
             for ep in body.get("endpoints") or []
         ],
     }

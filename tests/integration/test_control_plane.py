@@ -61,7 +61,7 @@ def test_valid_clustermesh_round_trips(crd: str) -> None:
 
 INVALID = {
     "id 0": mesh("bad", local={"name": "cluster-1", "id": 0}),
-    "id 256": mesh("bad", local={"name": "cluster-1", "id": 256}),
+    "id 512": mesh("bad", local={"name": "cluster-1", "id": 512}),
     "uppercase name": mesh("bad", local={"name": "Cluster1", "id": 1}),
     "name ends with dash": mesh("bad", local={"name": "cluster-", "id": 1}),
     "name too long": mesh("bad", local={"name": "c" * 33, "id": 1}),
@@ -71,7 +71,7 @@ INVALID = {
     "remote without endpoints": mesh("bad", clusters=[{"name": "c2", "id": 2}]),
     "remote with empty endpoints": mesh("bad", clusters=[{"name": "c2", "id": 2, "endpoints": []}]),
     "remote with bad endpoint": mesh("bad", clusters=[{"name": "c2", "id": 2, "endpoints": ["etcd:2379"]}]),
-    "remote id 300": mesh("bad", clusters=[{"name": "c2", "id": 300, "endpoints": ["http://a:1"]}]),
+    "remote id 600": mesh("bad", clusters=[{"name": "c2", "id": 600, "endpoints": ["http://a:1"]}]),
     "duplicate remote name": mesh("bad", clusters=[
         {"name": "c2", "id": 2, "endpoints": ["http://a:1"]},
         {"name": "c2", "id": 3, "endpoints": ["http://b:1"]},

@@ -13,7 +13,7 @@ from clustermesh.operator.export import (
     export_service,
     service_records,
 )
-from clustermesh.schema import PortConfig, SchemaError
+from clustermesh.schema import ClusterService, PortConfig, SchemaError
 
 C1 = ClusterIdentity("cluster-1", 1)
 TCP80 = PortConfig("TCP", 80)
@@ -49,11 +49,16 @@ GLOBAL = {"service.cilium.io/global": "true"}
         ({}, False, 0),
         ({"service.cilium.io/global": "false"}, False, 0),
         ({"service.cilium.io/global": "true"}, True, 0),
-        ({"service.cilium.io/global": "True "}, True, 0),
+        ({"service.cilium.io/global": "TRUE"}, True, 0),
+        # Cilium compares the lowercased value with "true", without trimming: not global.
+        ({"service.cilium.io/global": "True "}, False, 1),
         ({"io.cilium/global-service": "true"}, True, 0),
         ({"service.cilium.io/global": "yes"}, False, 1),
+        ({"service.cilium.io/global": "1"}, False, 1),
         ({"service.cilium.io/global": "false", "io.cilium/global-service": "true"}, False, 0),
         ({**GLOBAL, "service.cilium.io/affinity": "local"}, True, 0),
+        ({**GLOBAL, "service.cilium.io/affinity": "Remote"}, True, 0),
+        ({**GLOBAL, "service.cilium.io/affinity": ""}, True, 0),
         ({**GLOBAL, "service.cilium.io/affinity": "closest"}, True, 1),
         ({**GLOBAL, "service.cilium.io/shared": "maybe"}, True, 1),
     ],
@@ -62,6 +67,28 @@ def test_annotations(annotations: dict[str, str], exported: bool, problems: int)
     result = export_service(C1, svc(annotations), [])
     assert (result.record is not None) == exported
     assert len(result.problems) == problems
+    assert all("neither 'true' nor 'false'" in p or "affinity" in p for p in result.problems)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "shared"),
+    [
+        (GLOBAL, True),  # a global Service is shared by default
+        ({**GLOBAL, "service.cilium.io/shared": "false"}, False),
+        ({**GLOBAL, "service.cilium.io/shared": "FALSE"}, False),
+        ({**GLOBAL, "service.cilium.io/shared": "True"}, True),
+        ({**GLOBAL, "io.cilium/shared-service": "false"}, False),
+        ({**GLOBAL, "service.cilium.io/shared": "true", "io.cilium/shared-service": "false"}, True),
+        # Cilium reads anything but "true" as false, so an unknown value unshares (and is reported).
+        ({**GLOBAL, "service.cilium.io/shared": "maybe"}, False),
+        ({**GLOBAL, "service.cilium.io/shared": "yes"}, False),
+    ],
+)
+def test_shared_annotation_as_cilium_reads_it(annotations: dict[str, str], shared: bool) -> None:
+    rec = export_service(C1, svc(annotations), [es([ep("10.0.0.1")])]).record
+    assert rec is not None
+    assert rec.shared is shared
+    assert (rec.backends != {}) is shared
 
 
 def test_full_record() -> None:
@@ -82,8 +109,16 @@ def test_full_record() -> None:
         (ep("10.0.0.1", ready=True), True),
         (ep("10.0.0.1"), True),  # unset ready means ready
         (ep("10.0.0.1", ready=False), False),
-        (ep("10.0.0.1", ready=True, terminating=True), False),
+        (ep("10.0.0.1", ready=False, serving=False, terminating=False), False),
         (ep("10.0.0.1", ready=True, serving=True, terminating=False), True),
+        # Terminating but still serving: kept, as current Cilium does (graceful termination).
+        (ep("10.0.0.1", ready=False, serving=True, terminating=True), True),
+        # Terminating and no longer serving: dropped.
+        (ep("10.0.0.1", ready=False, serving=False, terminating=True), False),
+        # Ready while terminating (publishNotReadyAddresses): ready wins, as in Cilium.
+        (ep("10.0.0.1", ready=True, terminating=True), True),
+        # No serving condition (before 1.22, or v1beta1 on 1.20): defer to ready.
+        (ep("10.0.0.1", ready=False, terminating=True), False),
     ],
 )
 def test_endpoint_conditions(endpoint: dict[str, Any], serving: bool) -> None:
@@ -199,3 +234,80 @@ def test_node_with_bad_cidr_keeps_the_rest() -> None:
 def test_identity_is_validated(name: str, cid: int) -> None:
     with pytest.raises(SchemaError):
         ClusterIdentity(name, cid)
+
+
+def _zoned(ip: str, **fields: Any) -> dict[str, Any]:
+    return {"addresses": [ip], "conditions": {"ready": True}, **fields}
+
+
+def test_hostnames_and_zones_as_current_cilium_writes_them() -> None:
+    endpoints = [
+        _zoned("10.0.0.1", hostname="echo-0", zone="eu-1a", hints={"forZones": [{"name": "eu-1a"}]}),
+        _zoned("10.0.0.2", zone="eu-1b"),  # no hints: forZones is [], not missing
+        _zoned("10.0.0.3", hostname="echo-2"),  # no zone: no zone entry
+        _zoned("10.0.0.4", hints={"forZones": [{"name": "eu-1c"}]}),  # hints without a zone are dropped
+    ]
+    rec = export_service(C1, svc(GLOBAL), [es(endpoints)]).record
+    assert rec is not None
+    data = rec.to_json()
+    assert data["hostnames"] == {"10.0.0.1": "echo-0", "10.0.0.3": "echo-2"}
+    assert data["zones"] == {
+        "10.0.0.1": {"zone": "eu-1a", "forZones": [{"name": "eu-1a"}]},
+        "10.0.0.2": {"zone": "eu-1b", "forZones": []},
+    }
+    assert set(rec.backends) == {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"}
+
+
+def test_zone_from_discovery_v1beta1_topology_and_v1_deprecated_topology() -> None:
+    zone_label = "topology.kubernetes.io/zone"
+    endpoints = [
+        _zoned("10.0.0.1", topology={zone_label: "z-old", "kubernetes.io/hostname": "node-1"}),  # 1.20
+        _zoned("10.0.0.2", deprecatedTopology={zone_label: "z-dep"}),
+        _zoned("10.0.0.3", zone="z-new", deprecatedTopology={zone_label: "ignored"}),
+    ]
+    rec = export_service(C1, svc(GLOBAL), [es(endpoints)]).record
+    assert rec is not None
+    assert {ip: z["zone"] for ip, z in rec.zones.items()} == {"10.0.0.1": "z-old", "10.0.0.2": "z-dep",
+                                                              "10.0.0.3": "z-new"}
+
+
+def test_without_hostnames_or_zones_the_record_omits_them() -> None:
+    rec = export_service(C1, svc(GLOBAL), [es([ep("10.0.0.1")])]).record
+    assert rec is not None
+    assert "hostnames" not in rec.to_json() and "zones" not in rec.to_json()
+
+
+def test_terminating_endpoint_keeps_its_hostname_and_zone() -> None:
+    endpoint = {"addresses": ["10.0.0.1"], "conditions": {"ready": False, "serving": True, "terminating": True},
+                "hostname": "echo-0", "zone": "eu-1a"}
+    rec = export_service(C1, svc(GLOBAL), [es([endpoint])]).record
+    assert rec is not None
+    assert rec.hostnames == {"10.0.0.1": "echo-0"} and set(rec.zones) == {"10.0.0.1"}
+
+
+def test_export_round_trips_through_the_schema() -> None:
+    endpoints = [_zoned("10.0.0.1", hostname="echo-0", zone="eu-1a", hints={"forZones": [{"name": "eu-1b"}]})]
+    rec = export_service(C1, svc(GLOBAL), [es(endpoints)]).record
+    assert rec is not None
+    assert ClusterService.decode(rec.encode(), key=rec.key) == rec
+
+
+def test_a_511_mesh_exports_ids_above_255() -> None:
+    wide = ClusterIdentity("cluster-300", 300, max_connected_clusters=511)
+    rec = export_service(wide, svc(GLOBAL), [es([ep("10.0.0.1")])]).record
+    assert rec is not None and rec.cluster_id == 300
+    node = export_node(wide, {"metadata": {"name": "n1"}, "spec": {}, "status": {}}).record
+    assert node is not None and node.cluster_id == 300
+    with pytest.raises(SchemaError, match="outside"):
+        ClusterIdentity("cluster-300", 300)
+    with pytest.raises(SchemaError, match="255, 511"):
+        ClusterIdentity("cluster-3", 3, max_connected_clusters=300)
+
+
+def test_node_export_keeps_extra_pod_cidrs_as_secondary() -> None:
+    node = {"metadata": {"name": "n1"},
+            "spec": {"podCIDRs": ["10.244.3.0/24", "fd00:3::/64", "10.250.0.0/26"]}, "status": {}}
+    rec = export_node(C1, node).record
+    assert rec is not None
+    assert (rec.ipv4_pod_cidr, rec.ipv4_secondary_pod_cidrs) == ("10.244.3.0/24", ("10.250.0.0/26",))
+    assert rec.to_json()["IPv4SecondaryAllocCIDRs"] == [{"IP": "10.250.0.0", "Mask": "////wA=="}]

@@ -82,3 +82,47 @@ def test_remote_backends_inside_local_pod_cidrs_are_refused() -> None:
                    exclude_remote_cidrs=["10.244.0.0/16"])
     assert {str(b) for b in result.specs[0].backends} == {"10.245.1.1:80@2"}
     assert any("inside this cluster's pod CIDRs" in p for p in result.problems)
+
+
+def test_wildcard_frontend_becomes_tcp_and_udp_frontends() -> None:
+    # Cilium's ANY/NONE are protocol 0 in its maps, which match every protocol.
+    for wildcard in ("ANY", "NONE"):
+        result = merge_service(
+            1,
+            local({"10.244.1.1": {"dns": PortConfig(wildcard, 5353)}},
+                  frontends={"10.96.0.10": {"dns": PortConfig(wildcard, 53)}}),
+            [remote("c2", 2, {"10.245.1.1": {"dns": PortConfig("UDP", 5353)},
+                              "10.245.1.2": {"dns": PortConfig("TCP", 5353)}})],
+        )
+        by_frontend = {str(s.frontend): {str(b) for b in s.backends} for s in result.specs}
+        assert by_frontend == {
+            "10.96.0.10:53/TCP": {"10.244.1.1:5353@1", "10.245.1.2:5353@2"},
+            "10.96.0.10:53/UDP": {"10.244.1.1:5353@1", "10.245.1.1:5353@2"},
+        }, wildcard
+        assert result.problems == []
+
+
+def test_wildcard_backend_serves_a_frontend_of_any_protocol() -> None:
+    result = merge_service(
+        1, local(frontends={"10.96.0.10": DNS}),
+        [remote("c2", 2, {"10.245.1.1": {"dns": PortConfig("ANY", 5353), "dns-tcp": PortConfig("NONE", 5353)}})],
+    )
+    by_frontend = {str(s.frontend): {str(b) for b in s.backends} for s in result.specs}
+    assert by_frontend == {"10.96.0.10:53/UDP": {"10.245.1.1:5353@2"}, "10.96.0.10:53/TCP": {"10.245.1.1:5353@2"}}
+
+
+def test_sctp_frontend_is_reported_and_the_rest_is_merged() -> None:
+    frontends = {"10.96.0.10": {"sig": PortConfig("SCTP", 3868), **HTTP}}
+    result = merge_service(1, local({"10.244.1.1": {"http": PortConfig("TCP", 8080)}}, frontends=frontends), [])
+    assert [str(s.frontend) for s in result.specs] == ["10.96.0.10:80/TCP"]
+    assert result.problems == ["10.96.0.10:3868/SCTP: protocol not load-balanced yet"]
+
+
+def test_a_wildcard_port_on_an_explicit_frontend_gives_one_frontend() -> None:
+    frontends = {"10.96.0.10": {"dns": PortConfig("UDP", 53), "any": PortConfig("ANY", 53)}}
+    backends = {"10.244.1.1": {"dns": PortConfig("UDP", 5353), "any": PortConfig("ANY", 5354)}}
+    result = merge_service(1, local(backends, frontends=frontends), [])
+    by_frontend = {str(s.frontend): {str(b) for b in s.backends} for s in result.specs}
+    assert by_frontend == {"10.96.0.10:53/UDP": {"10.244.1.1:5353@1", "10.244.1.1:5354@1"},
+                           "10.96.0.10:53/TCP": {"10.244.1.1:5354@1"}}
+    assert len(result.specs) == 2

@@ -28,3 +28,11 @@ def test_overlaps_and_missing_addresses_are_refused() -> None:
     assert len(plan.problems) == 3
     assert any("overlaps this cluster" in p for p in plan.problems)
     assert any("overlaps node c2/a" in p for p in plan.problems)
+
+
+def test_secondary_pod_cidrs_are_routed_through_the_same_node() -> None:
+    multi = Node("m", "c2", 2, (NodeAddress("InternalIP", "192.168.2.9"),), "10.245.8.0/24",
+                 ipv4_secondary_pod_cidrs=("10.246.8.0/24", "10.244.8.0/24"))
+    plan = plan_routes(["10.244.0.0/16"], [multi])
+    assert plan.routes == {"10.245.8.0/24": "192.168.2.9", "10.246.8.0/24": "192.168.2.9"}
+    assert plan.problems == ["node c2/m: pod CIDR 10.244.8.0/24 overlaps this cluster's pod CIDRs; not routed"]

@@ -147,3 +147,53 @@ def test_cluster_config() -> None:
     assert ClusterConfig.decode(cfg.encode()) == cfg
     with pytest.raises(SchemaError):
         ClusterConfig.decode('{"id": 0}')
+
+
+@pytest.mark.parametrize(("cluster_id", "max_id"), [(1, 255), (255, 255), (256, 511), (511, 511)])
+def test_cluster_ids_up_to_the_mesh_maximum(cluster_id: int, max_id: int) -> None:
+    assert schema.validate_cluster_id(cluster_id, max_id) == cluster_id
+
+
+@pytest.mark.parametrize(("cluster_id", "max_id", "message"), [
+    (256, 255, "outside 1..255"),
+    (512, 511, "outside 1..511"),
+    (0, 511, "outside 1..511"),
+    (3, 300, "max connected clusters must be one of 255, 511"),
+])
+def test_cluster_ids_beyond_the_mesh_maximum(cluster_id: int, max_id: int, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        schema.validate_cluster_id(cluster_id, max_id)
+
+
+def test_records_with_ids_above_255_decode_only_in_a_511_mesh() -> None:
+    data = json.loads(CILIUM_EXAMPLE)
+    data["clusterID"] = 300
+    assert ClusterService.decode(json.dumps(data), max_cluster_id=511).cluster_id == 300
+    with pytest.raises(SchemaError, match=r"outside 1\.\.255"):
+        ClusterService.decode(json.dumps(data))
+    node = Node("n", "c1", 300).to_json()
+    assert Node.decode(json.dumps(node), max_cluster_id=511).cluster_id == 300
+    with pytest.raises(SchemaError, match=r"outside 1\.\.255"):
+        Node.decode(json.dumps(node))
+
+
+def test_cluster_config_bounds_its_id_by_its_own_max_connected_clusters() -> None:
+    cfg = ClusterConfig.decode('{"id": 300, "capabilities": {"syncedCanaries": true, "maxConnectedClusters": 511}}')
+    assert (cfg.cluster_id, cfg.max_connected_clusters) == (300, 511)
+    with pytest.raises(SchemaError, match=r"outside 1\.\.255"):
+        ClusterConfig.decode('{"id": 300, "capabilities": {"maxConnectedClusters": 255}}')
+    with pytest.raises(SchemaError, match="must be one of 255, 511"):
+        ClusterConfig.decode('{"id": 3, "capabilities": {"maxConnectedClusters": 300}}')
+
+
+def test_cluster_config_without_synced_canaries_as_cilium_operator_writes_it() -> None:
+    # Go's omitempty: a false capability and a zero max-connected-clusters are absent.
+    cfg = ClusterConfig.decode('{"id": 7}')
+    assert cfg == ClusterConfig(7, synced_canaries=False, max_connected_clusters=255)
+    assert ClusterConfig.decode('{"id": 7, "capabilities": {}}').synced_canaries is False
+    assert json.loads(ClusterConfig(7, synced_canaries=False).encode()) == {
+        "id": 7, "capabilities": {"maxConnectedClusters": 255}}
+
+
+def test_has_cluster_config_key_is_ciliums() -> None:
+    assert schema.HAS_CLUSTER_CONFIG_KEY == "cilium/.has-cluster-config"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clustermesh.operator.export import ClusterIdentity, export_service
 from clustermesh.operator.state import ClusterState, NodeRef, ServiceRef
 
 
@@ -113,3 +114,25 @@ def test_outranked_by_counts_only_live_higher_peers() -> None:
     }}
     assert op.outranked_by(peering, now) == ["higher-live"]
     assert op.outranked_by(None, now) == []
+
+
+def test_slim_slices_keep_what_export_copies_into_records() -> None:
+    body = es("a-1", "a", 1)
+    body["endpoints"] = [
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": False, "serving": True, "terminating": True},
+         "hostname": "a-0", "zone": "eu-1a", "hints": {"forZones": [{"name": "eu-1a"}]},
+         "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "a-0", "uid": "x" * 36}},
+        {"addresses": ["10.0.0.2"], "conditions": {"ready": True},
+         "topology": {"topology.kubernetes.io/zone": "eu-1b"}},  # discovery/v1beta1 (Kubernetes 1.20)
+    ]
+    st = ClusterState()
+    st.upsert("EndpointSlice", body)
+    kept = st.slices_of("ns", "a")[0]["endpoints"]
+    assert "targetRef" not in kept[0] and "nodeName" not in kept[0]
+    service = svc("a", 2)
+    service["metadata"]["annotations"] = {"service.cilium.io/global": "true"}
+    rec = export_service(ClusterIdentity("c1", 1), service, st.slices_of("ns", "a")).record
+    assert rec is not None
+    assert rec.hostnames == {"10.0.0.1": "a-0"}
+    assert rec.to_json()["zones"] == {"10.0.0.1": {"zone": "eu-1a", "forZones": [{"name": "eu-1a"}]},
+                                      "10.0.0.2": {"zone": "eu-1b", "forZones": []}}
