@@ -35,7 +35,7 @@ from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
 from clustermesh.kube import KubeClient
 from clustermesh.lab.kubeapi import KubeAPI
-from clustermesh.lab.netns import LabNode, NetnsError, Underlay, delete_netns, ip, kill_cgroup, remove_cgroup
+from clustermesh.lab.netns import API_VIP, LabNode, NetnsError, Underlay, delete_netns, ip, kill_cgroup, remove_cgroup
 from clustermesh.lab.pki import CertificateAuthority
 from clustermesh.lab.servers import (
     ControlPlane,
@@ -60,14 +60,20 @@ def cgroup2_root() -> Path:
 
 
 class Supervised:
-    """A lab process that is restarted with backoff when it dies (1, 2, 4 .. 30 s)."""
+    """A lab process that is restarted with backoff when it dies (1, 2, 4 .. 30 s).
 
-    def __init__(self, process: Process, report: Callable[[str], None]) -> None:
+    While a file named like the process exists in ``hold_dir``, a dead process stays dead:
+    chaos tests (and users) keep a component down for as long as they like with
+    ``touch <lab>/hold/<name>; kill -9 <pid>``, and remove the file to get it back."""
+
+    def __init__(self, process: Process, report: Callable[[str], None], hold_dir: Path | None = None) -> None:
         self.process = process
         self.report = report
+        self.hold_dir = hold_dir
         self.restarts = 0
         self._restart_at: float | None = None
         self._started_at = 0.0
+        self._held = False
 
     @property
     def name(self) -> str:
@@ -83,6 +89,16 @@ class Supervised:
             if time.monotonic() - self._started_at > 60:
                 self.restarts = 0  # ran a minute: the next failure starts the backoff afresh
             return
+        if self.hold_dir is not None and (self.hold_dir / self.name).exists():
+            if not self._held:
+                self._held = True
+                self.report(f"{self.name} exited with {self.process.returncode}; held down while "
+                            f"{self.hold_dir / self.name} exists")
+            return
+        if self._held:
+            self._held = False
+            self.restarts = 0
+            self._restart_at = time.monotonic()  # released: back at once
         now = time.monotonic()
         if self._restart_at is None:
             delay = min(30.0, 2.0 ** self.restarts) if self.restarts else 0.5
@@ -193,10 +209,17 @@ class LabMesh:
                                 "controller-manager, scheduler)")
         for c in self.clusters:
             c.cp = ControlPlane(c.directory / "control-plane", name=c.name, pod_cidr=c.pod_cidr,
-                                service_cidr=c.service_cidr, scheduler=True, cgroup=self.system_cgroup)
+                                service_cidr=c.service_cidr, scheduler=True, cgroup=self.system_cgroup,
+                                advertise_address=API_VIP)
             c.cp.start()
             self._supervise(*c.cp.processes())
             c.kubectl("apply", "-f", str(REPO / "crds"))
+            # The API server's endpoint reconciler is off (it would advertise an address it does not
+            # listen on): the `kubernetes` Service's endpoint is the forwarder on every node.
+            c.kubectl("apply", "-f", "-", stdin=json.dumps({
+                "apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "kubernetes", "namespace": "default"},
+                "subsets": [{"addresses": [{"ip": API_VIP}],
+                             "ports": [{"name": "https", "port": c.cp.port, "protocol": "TCP"}]}]}))
         for c in self.clusters:
             c.kubectl("wait", "--for=condition=Established", "crd/clustermeshes.clustermesh.io", "--timeout=60s")
         self.write_kubeconfig()
@@ -208,7 +231,8 @@ class LabMesh:
             c.store.start()
             c.password = secrets.token_urlsafe(18)
             c.store.enable_auth({"remote": (c.password, ["cilium/"])})
-            c.proxy = EtcdGrpcProxy(c.directory / "store", c.store.url, namespace="", pki=c.pki,
+            c.proxy = EtcdGrpcProxy(c.directory / "store", c.store.url, namespace="", name=f"{c.name}-proxy",
+                                    pki=c.pki,
                                     backend_cert=c.pki.issue("proxy-backend", "", server=False),
                                     cgroup=self.system_cgroup)
             c.proxy.start()
@@ -250,11 +274,11 @@ class LabMesh:
 
     def _supervise(self, *processes: Process) -> None:
         for p in processes:
-            self.supervised.append(Supervised(p, self.report))
+            self.supervised.append(Supervised(p, self.report, self.hold_dir))
 
     def _start(self, name: str, argv: list[str], log: Path) -> None:
         proc = Process(name, argv, log, cgroup=self.system_cgroup)
-        sup = Supervised(proc, self.report)
+        sup = Supervised(proc, self.report, self.hold_dir)
         sup.start()
         self.supervised.append(sup)
 
@@ -303,6 +327,10 @@ class LabMesh:
             for other in c.nodes:
                 if other is not node:
                     ip("route", "replace", other.pod_cidr, "via", other.netns.address, netns=node.netns.netns)
+            # A node has no default route (nothing may leave the lab), so the node's own processes
+            # (hostNetwork pods) need one for ClusterIPs to get as far as kube-proxy's DNAT; what
+            # no rule rewrites dies on lo instead of leaving.
+            ip("route", "replace", c.service_cidr, "dev", "lo", netns=node.netns.netns)
 
     def _start_node_agent(self, node: LabNodeInfo) -> None:
         c = node.cluster
@@ -391,6 +419,10 @@ class LabMesh:
         return list(self.supervised)
 
     # ------------------------------------------------------------ state and down
+
+    @property
+    def hold_dir(self) -> Path:
+        return self.directory / "hold"
 
     def state(self) -> dict[str, Any]:
         return {

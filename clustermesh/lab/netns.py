@@ -25,6 +25,12 @@ from pathlib import Path
 
 UNDERLAY_CIDR = "192.168.100.0/24"
 POD_GATEWAY = "169.254.1.1"
+# Every node namespace has this address on lo, with the node agent's API forwarder behind it:
+# the lab's API servers advertise it as the `kubernetes` Service's endpoint, so pods (through
+# kube-proxy's DNAT of the ClusterIP in their node) reach their cluster's API server, which
+# itself listens on the host's 127.0.0.1 only. Off the underlay's subnet, so no node asks
+# another for it.
+API_VIP = "192.168.99.1"
 
 
 class NetnsError(RuntimeError):
@@ -118,6 +124,8 @@ class LabNode:
     def create(self) -> LabNode:
         _namespace_with_eth0(self.netns, self.port, self.underlay.netns)
         ip("addr", "add", f"{self.address}/24", "dev", "eth0", netns=self.netns)
+        ip("addr", "add", f"{API_VIP}/32", "dev", "lo", netns=self.netns)
+        ip("link", "set", "lo", "up", netns=self.netns)
         ip("link", "set", "eth0", "up", netns=self.netns)
         ip("link", "set", self.port, "master", "br0", netns=self.underlay.netns)
         ip("link", "set", self.port, "up", netns=self.underlay.netns)

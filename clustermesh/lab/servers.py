@@ -8,6 +8,7 @@ with its process group. Nothing here connects anywhere but 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -333,16 +334,23 @@ class ControlPlane:
         controller_manager: bool = True,
         scheduler: bool = False,
         cgroup: Path | None = None,
+        advertise_address: str = "127.0.0.1",
     ) -> None:
+        """``advertise_address`` is the `kubernetes` Service's endpoint (the lab's nodes forward it
+        to 127.0.0.1); the API server itself listens on 127.0.0.1 only."""
         self.directory = directory
+        self.advertise_address = advertise_address
         self.name = name
         self.service_cidr = service_cidr
         self.pod_cidr = pod_cidr
         directory.mkdir(parents=True, exist_ok=True)
         self.pki = CertificateAuthority(directory / "pki")
+        # In-cluster clients reach it as the `kubernetes` Service (its ClusterIP) or its endpoint.
+        first_service_ip = str(next(ipaddress.ip_network(service_cidr).hosts()))
         self.serving = self.pki.issue(
-            "apiserver", "kube-apiserver",
-            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+            "apiserver", "kube-apiserver", ips=tuple(dict.fromkeys(("127.0.0.1", first_service_ip, advertise_address))),
+            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                 "kubernetes.default.svc.cluster.local"),
         )
         self.sa = service_account_keys(directory / "pki")
         # The API server's identity towards node agents (logs, exec); they trust this CA.
@@ -364,7 +372,7 @@ class ControlPlane:
                 find_binary("kube-apiserver"),
                 f"--etcd-servers={self.etcd.url}",
                 "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--advertise-address={advertise_address}",
                 f"--secure-port={self.port}",
                 "--insecure-port=0",
                 f"--tls-cert-file={self.serving.cert}",

@@ -1,25 +1,23 @@
 """The three parts together: a real operator exports a global Service from a real
-kube-apiserver into etcd; an agent (played by this test) reads it through the
-grpc-proxy, merges it with its local backends, and programs the real socket-LB.
+kube-apiserver into etcd; an agent (played by this test, with the agent's own
+RemoteCluster: readiness from the cluster-config and the synced markers) reads it
+through the grpc-proxy, merges it with its local backends, and programs the real socket-LB.
 Clients in a test netns then fail over from the local backend to the exported one,
 and are refused once the exporting cluster has no backend left either."""
 
 from __future__ import annotations
 
 import errno
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
-from clustermesh import schema
 from clustermesh.agent.merge import LocalService, merge
+from clustermesh.agent.remote import RemoteCluster, RemoteConfig
 from clustermesh.datapath import Affinity, SocketLB
-from clustermesh.kvstore import KVClient
 from clustermesh.lab.kubeapi import KubeAPI, eventually
-from clustermesh.schema import ClusterService, PortConfig
-from clustermesh.store.watch import CallbackObserver, WatchStore
+from clustermesh.schema import PortConfig
 from tests.datapath.conftest import Topology
 from tests.integration.test_operator import OperatorProcess, endpoint_slice, service
 from tests.kubectl import apply_crds
@@ -42,7 +40,7 @@ def test_exported_backends_take_over_when_local_ones_are_gone(
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     operator = None
     lb = SocketLB(cgroup, pin_dir, LOCAL_ID)
-    store = None
+    remote = None
     try:
         # The exporting cluster: one ready backend, 10.245.1.10, behind a global Service.
         api.create(service(ns, "echo", {"service.cilium.io/global": "true"}))
@@ -54,33 +52,23 @@ def test_exported_backends_take_over_when_local_ones_are_gone(
         # The consuming cluster's node: a local backend and the datapath.
         topology.add_backends({"local-a": "10.244.1.10", "exported-b": "10.245.1.10"})
         lb.load()
-        records: dict[str, ClusterService] = {}
-        lock = threading.Lock()
-
-        def upsert(key: str, value: str) -> None:
-            with lock:
-                records[key] = ClusterService.decode(value, key=key)
-
-        def delete(key: str) -> None:
-            with lock:
-                records.pop(key, None)
-
-        store = WatchStore(KVClient(proxy.url), schema.services_cluster_prefix(EXPORTING),
-                           CallbackObserver(upsert, delete), name=EXPORTING).start()
+        remote = RemoteCluster(RemoteConfig(EXPORTING, EXPORTING_ID, proxy.url)).start()
 
         def program(local_backends: dict[str, dict[str, PortConfig]]) -> None:
             local = LocalService(ns, "echo", {CLUSTER_IP: HTTP}, local_backends, Affinity.LOCAL)
-            with lock:
-                result = merge(LOCAL_ID, {(ns, "echo"): local}, list(records.values()))
+            assert remote is not None
+            result = merge(LOCAL_ID, {(ns, "echo"): local}, remote.service_records() if remote.usable() else [])
             assert result.problems == []
             lb.reconcile(result.specs)
 
         def exported_backends() -> set[str]:
-            with lock:
-                rec = records.get(schema.service_key(EXPORTING, ns, "echo"))
+            assert remote is not None
+            rec = next((r for r in remote.service_records() if (r.namespace, r.name) == (ns, "echo")), None)
             return set(rec.backends) if rec else set()
 
-        eventually(lambda: _eq(exported_backends(), {"10.245.1.10"}), timeout=20)
+        # Ready only once the operator's first full export is in (its synced markers).
+        eventually(lambda: _eq(remote is not None and remote.ready, True), timeout=20)
+        assert exported_backends() == {"10.245.1.10"}
 
         program({"10.244.1.10": {"http": PortConfig("TCP", 8080)}})
         assert _names(topology.client("tcp", CLUSTER_IP, "80", "10")) == {"local-a"}
@@ -94,8 +82,8 @@ def test_exported_backends_take_over_when_local_ones_are_gone(
         refused = topology.client("tcp", CLUSTER_IP, "80", "1")
         assert refused[0]["ok"] is False and refused[0]["errno"] == errno.ECONNREFUSED
     finally:
-        if store is not None:
-            store.stop()
+        if remote is not None:
+            remote.stop()
         if operator is not None:
             operator.kill()
         lb.destroy()

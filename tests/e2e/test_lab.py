@@ -386,6 +386,64 @@ def test_a_pod_gets_its_env_volumes_names_and_hostname(lab: Lab, tmp_path: Path)
     assert "eyJhbGc" in out, "a projected service-account token (a JWT) from the TokenRequest API"
 
 
+API_CLIENT = """
+apiVersion: v1
+kind: Pod
+metadata: {name: __NAME__}
+spec:
+  hostNetwork: __HOSTNET__
+  restartPolicy: Never
+  initContainers:
+  - name: first
+    image: busybox:1.36
+    command: [sh, -c, "echo init-ran > /work/init"]
+    volumeMounts: [{name: work, mountPath: /work}]
+  containers:
+  - name: main
+    image: debian
+    command: [bash, -c]
+    args:
+    - |
+      cat /work/init; hostname; sa=/var/run/secrets/kubernetes.io/serviceaccount
+      curl -s --max-time 10 --cacert $sa/ca.crt -H "Authorization: Bearer $(cat $sa/token)" \\
+        https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/default/pods
+      echo; sleep 3600
+    volumeMounts: [{name: work, mountPath: /work}]
+  volumes: [{name: work, emptyDir: {}}]
+"""
+
+
+@pytest.mark.parametrize("host_network", [False, True])
+def test_pods_reach_their_api_server_in_cluster_after_their_init_containers(
+    lab: Lab, tmp_path: Path, host_network: bool
+) -> None:
+    """What the operator and agent pods need: an init container runs to completion first, and a pod
+    (in its own network namespace or the node's) reaches the API server through the `kubernetes`
+    Service with its service-account token, verifying the server's certificate."""
+    name = "api-host" if host_network else "api-pod"
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(API_CLIENT.replace("__NAME__", name).replace("__HOSTNET__", str(host_network).lower()))
+    lab.kubectl("lab-1", "apply", "-f", str(manifest))
+
+    def answered() -> str:
+        out = lab.kubectl("lab-1", "logs", name)
+        assert '"kind": "Status"' in out, out
+        return out
+
+    out = eventually(answered, timeout=60, interval=0.5)
+    pod = lab.json("lab-1", "get", "pod", name)
+    assert out.startswith("init-ran\n"), out
+    # Authenticated as the pod's service account (which may not list pods: 403 is the proof).
+    assert "system:serviceaccount:default:default" in out and '"code": 403' in out, out
+    assert [c["state"]["terminated"]["exitCode"] for c in pod["status"]["initContainerStatuses"]] == [0]
+    if host_network:
+        assert pod["status"]["podIP"] == pod["status"]["hostIP"]
+        assert out.splitlines()[1] == pod["spec"]["nodeName"]
+    else:
+        assert pod["status"]["podIP"] != pod["status"]["hostIP"]
+    lab.kubectl("lab-1", "delete", "pod", name, "--wait=true", "--timeout=30s", timeout=60)
+
+
 def test_an_image_outside_the_catalog_waits_with_err_image_pull(lab: Lab) -> None:
     lab.kubectl("lab-1", "run", "nope", "--image=registry.example/nope:1", "--restart=Never")
 

@@ -575,6 +575,24 @@ def test_phase_pending_while_initializing() -> None:
     assert spec.phase(make_pod(), PodState(containers=[waiting()], init_done=False)) == "Pending"
 
 
+@pytest.mark.parametrize(("policy", "want"), [("Never", "Failed"), ("OnFailure", "Pending"), ("Always", "Pending")])
+def test_a_failed_init_container_fails_the_pod_only_without_restarts(policy: str, want: str) -> None:
+    state = PodState(containers=[waiting("main")], init_containers=[terminated(1, "init")], init_done=False)
+    assert spec.phase(make_pod(restartPolicy=policy), state) == want
+
+
+def test_pod_status_reports_init_containers() -> None:
+    state = PodState(containers=[waiting("main")], init_containers=[terminated(0, "a"), running("b")],
+                     init_done=False)
+    status = spec.pod_status(make_pod(), state, {}, NOW)
+    init = conditions(status)["Initialized"]
+    assert (init["status"], init["reason"]) == ("False", "ContainersNotInitialized")
+    assert init["message"] == "containers with incomplete status: [b]"
+    assert [(c["name"], list(c["state"])) for c in status["initContainerStatuses"]] == [
+        ("a", ["terminated"]), ("b", ["running"])]
+    assert "initContainerStatuses" not in spec.pod_status(make_pod(), PodState(containers=[running()]), {}, NOW)
+
+
 # ------------------------------------------------------------------ pod status
 
 

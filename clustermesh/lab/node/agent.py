@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from clustermesh.lab.netns import (
+    API_VIP,
     LabPod,
     NetnsError,
     delete_netns,
@@ -174,8 +175,9 @@ class PodRecord:
 class Container:
     """One container of a pod: its process, probes, restarts and status."""
 
-    def __init__(self, worker: PodWorker, spec_: Obj, record: ContainerRecord) -> None:
+    def __init__(self, worker: PodWorker, spec_: Obj, record: ContainerRecord, init: bool = False) -> None:
         self.worker = worker
+        self.init = init  # an init container: runs to completion before the others start
         self.spec = spec_
         self.name: str = spec_["name"]
         self.record = record
@@ -242,9 +244,10 @@ class Container:
         kill_cgroup(self.cgroup)  # a copy an earlier agent started but did not record must not serve twice
         ready_r, ready_w = os.pipe()
         os.set_inheritable(ready_w, True)
+        worker = self.worker
         launch = {"ready_fd": ready_w,
-            "cgroup": str(self.cgroup), "netns": self.worker.record.netns,
-            "hostname": spec.pod_hostname(self.worker.pod)[0],
+            "cgroup": str(self.cgroup), "netns": worker.record.netns,
+            "hostname": worker.agent.cfg.name if worker.host_network else spec.pod_hostname(worker.pod)[0],
             "mounts": mounts, "etc": self.worker.etc_files(), "argv": argv, "env": self.env, "workdir": self.workdir,
         }
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -318,6 +321,8 @@ class Container:
 
     async def _run(self, adopt: bool) -> None:
         policy = self.worker.pod["spec"].get("restartPolicy", "Always")
+        if self.init:  # a kubelet retries a failed init container unless the pod says Never
+            policy = "Never" if policy == "Never" else "OnFailure"
         if self.record.finished is not None:  # done before a node agent restart: it stays done
             self.state.terminated, self.state.waiting = self.record.finished, None
             self._changed()
@@ -498,12 +503,19 @@ class PodWorker:
         self.namespace: str = meta.get("namespace", "default")
         self.key = f"{self.namespace}/{self.name}"
         self.adopted = record is not None
+        # hostNetwork: the node's own namespace and address, as a kubelet gives them.
+        self.host_network = bool(pod["spec"].get("hostNetwork"))
         self.record = record or PodRecord(
             uid=self.uid, namespace=self.namespace, name=self.name,
-            netns=f"{agent.cfg.pod_prefix}-{self.uid[:8]}", veth=f"cm{self.uid[:8]}", ip="",
+            netns=agent.cfg.netns if self.host_network else f"{agent.cfg.pod_prefix}-{self.uid[:8]}",
+            veth="" if self.host_network else f"cm{self.uid[:8]}", ip="",
         )
+        self.init_containers = [
+            Container(self, c, self.record.containers.setdefault(c["name"], ContainerRecord()), init=True)
+            for c in pod["spec"].get("initContainers") or []]
         self.containers = [Container(self, c, self.record.containers.setdefault(c["name"], ContainerRecord()))
                            for c in pod["spec"].get("containers", [])]
+        self.init_done = not self.init_containers
         self.status_dirty = asyncio.Event()
         self.deleting = asyncio.Event()
         self.gone = False
@@ -537,6 +549,8 @@ class PodWorker:
         self.server_status = pod.get("status", {})
         for c in self.containers:
             c.spec = next((s for s in pod["spec"]["containers"] if s["name"] == c.name), c.spec)
+        for c in self.init_containers:
+            c.spec = next((s for s in pod["spec"].get("initContainers") or [] if s["name"] == c.name), c.spec)
         if pod["metadata"].get("deletionTimestamp"):
             self.deleting.set()
 
@@ -562,7 +576,7 @@ class PodWorker:
     def _make_sandbox(self) -> None:
         cfg = self.agent.cfg
         self.save()
-        if not Path(f"/run/netns/{self.record.netns}").exists():
+        if not self.host_network and not Path(f"/run/netns/{self.record.netns}").exists():
             try:
                 LabPod(self.record.netns, cfg.netns, self.record.ip, self.record.veth).create()
             except (NetnsError, OSError, subprocess.SubprocessError):
@@ -642,6 +656,8 @@ class PodWorker:
         return mounts
 
     def _remove_network(self) -> None:
+        if self.host_network or self.record.netns == self.agent.cfg.netns:
+            return  # the node's namespace is not the pod's to remove (also for a hostNetwork orphan)
         delete_netns(self.record.netns)
         with contextlib.suppress(NetnsError):
             ip("link", "del", self.record.veth, netns=self.agent.cfg.netns)
@@ -657,8 +673,9 @@ class PodWorker:
             if await self._prepare():
                 self.sandbox_ready = True
                 self.status_dirty.set()
-                for c in self.containers:
-                    c.task = asyncio.create_task(c.run(self.adopted), name=f"{self.key}/{c.name}")
+                if await self._run_init_containers():
+                    for c in self.containers:
+                        c.task = asyncio.create_task(c.run(self.adopted), name=f"{self.key}/{c.name}")
         except asyncio.CancelledError:
             raise
         except Exception:  # the pod stays deletable whatever went wrong
@@ -666,13 +683,31 @@ class PodWorker:
         await self.deleting.wait()
         await self.terminate()
 
+    async def _run_init_containers(self) -> bool:
+        """Each init container in order, to a successful exit; False when one failed for good
+        (restartPolicy Never: the pod fails) or the pod is deleted first."""
+        for c in self.init_containers:
+            c.task = asyncio.create_task(c.run(self.adopted), name=f"{self.key}/{c.name}")
+            deleted = asyncio.ensure_future(self.deleting.wait())
+            await asyncio.wait({c.task, deleted}, return_when=asyncio.FIRST_COMPLETED)
+            deleted.cancel()
+            if self.deleting.is_set():
+                return False
+            finished = c.record.finished
+            if finished is None or finished.get("exitCode") != 0:
+                return False
+            c.state.ready = True  # a completed init container is reported ready, as a kubelet does
+        self.init_done = True
+        self.status_dirty.set()
+        return True
+
     async def _prepare(self) -> bool:
         """Sandbox and volumes, retried every 5 s (a ConfigMap may appear later); False when
         the pod is deleted first."""
         while not self.deleting.is_set():
             try:
                 if not self.record.ip:  # on the loop: two pods starting together get two addresses
-                    self.record.ip = self.agent.allocate_ip()
+                    self.record.ip = self.agent.cfg.address if self.host_network else self.agent.allocate_ip()
                 await asyncio.to_thread(self._make_sandbox)
                 await self._make_volumes()
                 return True
@@ -691,7 +726,8 @@ class PodWorker:
         signal, SIGKILL after the grace period, sandbox removed, then the final DELETE."""
         grace = self.grace_period()
         deadline = time.monotonic() + grace
-        for c in self.containers:
+        everyone = [*self.init_containers, *self.containers]
+        for c in everyone:
             c.stopping = True
             c.state.ready = False
         await self.push_status()
@@ -707,8 +743,8 @@ class PodWorker:
             else:
                 await asyncio.sleep(min(self.agent.cfg.drain_delay, grace))
         remaining = max(0.0, deadline - time.monotonic())
-        for c, result in zip(self.containers, await asyncio.gather(*(c.stop(remaining) for c in self.containers),
-                                                                  return_exceptions=True), strict=True):
+        for c, result in zip(everyone, await asyncio.gather(*(c.stop(remaining) for c in everyone),
+                                                             return_exceptions=True), strict=True):
             if isinstance(result, BaseException):
                 log.error("[%s] stopping %s: %s; killing its cgroup", self.key, c.name, result)
             kill_cgroup(c.cgroup)
@@ -726,7 +762,9 @@ class PodWorker:
         log.info("[%s] deleted", self.key)
 
     def status(self) -> Obj:
-        state = spec.PodState(containers=[c.state for c in self.containers], pod_ip=self.record.ip,
+        state = spec.PodState(containers=[c.state for c in self.containers],
+                              init_containers=[c.state for c in self.init_containers], init_done=self.init_done,
+                              pod_ip=self.record.ip,
                               host_ip=self.agent.cfg.address, start_time=self.record.start_time)
         return spec.pod_status(self.pod, state, self.server_status, now())
 
@@ -774,7 +812,7 @@ class NodeAgent:
         self.server = NodeServer(self, cfg.port, cfg.tls_cert, cfg.tls_key, cfg.client_ca)
         self._tasks: list[asyncio.Task[Any]] = []
         self._hosts_dirty = asyncio.Event()
-        self._forwarder: asyncio.AbstractServer | None = None
+        self._forwarders: list[asyncio.AbstractServer] = []
 
     # -------------------------------------------------------------- Containers (server.py)
 
@@ -787,7 +825,7 @@ class NodeAgent:
                 names = ", ".join(c.name for c in worker.containers)
                 raise ContainerNotFound(f"pod {namespace}/{pod} has several containers: choose one of {names}")
             return worker.containers[0]
-        for c in worker.containers:
+        for c in [*worker.containers, *worker.init_containers]:
             if c.name == container:
                 return c
         raise ContainerNotFound(f"container {container} is not valid for pod {pod}")
@@ -871,7 +909,7 @@ class NodeAgent:
 
     def allocate_ip(self) -> str:
         net = ipaddress.ip_network(self.cfg.pod_cidr)
-        used = {w.record.ip for w in self.workers.values()}
+        used = {w.record.ip for w in self.workers.values() if not w.host_network}
         for host in list(net.hosts())[1:]:
             if str(host) not in used:
                 return str(host)
@@ -1142,11 +1180,14 @@ class NodeAgent:
     # -------------------------------------------------------------- API forwarder in the node namespace
 
     async def _start_forwarder(self) -> None:
-        listener = socket_in_netns(self.cfg.netns)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.cfg.api_port))
-        listener.listen(64)
-        listener.setblocking(False)
+        listeners = []
+        for address in ("127.0.0.1", API_VIP):  # kube-proxy's kubeconfig; pods via the kubernetes Service
+            listener = socket_in_netns(self.cfg.netns)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((address, self.cfg.api_port))
+            listener.listen(64)
+            listener.setblocking(False)
+            listeners.append(listener)
 
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -1171,7 +1212,7 @@ class NodeAgent:
                     with contextlib.suppress(OSError):
                         w.close()
 
-        self._forwarder = await asyncio.start_server(handle, sock=listener)
+        self._forwarders = [await asyncio.start_server(handle, sock=listener) for listener in listeners]
 
     # -------------------------------------------------------------- main
 
@@ -1206,8 +1247,8 @@ class NodeAgent:
             if w.task:
                 w.task.cancel()
         await self.server.stop()
-        if self._forwarder is not None:
-            self._forwarder.close()
+        for forwarder in self._forwarders:
+            forwarder.close()
         await self.api.close()
 
 

@@ -487,6 +487,7 @@ class ContainerState:
 @dataclass
 class PodState:
     containers: list[ContainerState] = field(default_factory=list)
+    init_containers: list[ContainerState] = field(default_factory=list)
     init_done: bool = True
     pod_ip: str = ""
     host_ip: str = ""
@@ -507,6 +508,9 @@ def phase(pod: Obj, state: PodState) -> str:
     """Pending until every container has started; Running while one runs, or while all have
     exited and will be restarted; Succeeded/Failed once all have exited for good."""
     policy = pod.get("spec", {}).get("restartPolicy") or "Always"
+    if policy == "Never" and any(c.terminated is not None and c.terminated.get("exitCode") != 0
+                                 for c in state.init_containers):
+        return "Failed"  # an init container failed and will not be retried
     progress = [_progress(c) for c in state.containers]
     if not state.init_done or "waiting" in progress or not progress:
         return "Pending"
@@ -569,8 +573,11 @@ def pod_status(pod: Obj, state: PodState, previous: Obj, now: str) -> Obj:
     ready, why, message = _readiness(state, current)
     initialized = state.init_done or current == "Succeeded"
     init_reason = "PodCompleted" if current == "Succeeded" else "" if initialized else "ContainersNotInitialized"
+    pending = [c.name for c in state.init_containers
+               if c.terminated is None or c.terminated.get("exitCode") != 0]
+    init_message = "" if initialized else f"containers with incomplete status: [{' '.join(pending)}]"
     conditions = []
-    for kind, ok, reason, text in (("Initialized", initialized, init_reason, ""),
+    for kind, ok, reason, text in (("Initialized", initialized, init_reason, init_message),
                                    ("Ready", ready, why, message), ("ContainersReady", ready, why, message)):
         since = now
         if kind in old and old[kind].get("status") == ("True" if ok else "False"):
@@ -578,6 +585,8 @@ def pod_status(pod: Obj, state: PodState, previous: Obj, now: str) -> Obj:
         conditions.append(_condition(kind, ok, since, reason, text))
     status: Obj = {"phase": current, "conditions": conditions,
                    "containerStatuses": [container_status(c) for c in state.containers]}
+    if state.init_containers:
+        status["initContainerStatuses"] = [container_status(c) for c in state.init_containers]
     if state.pod_ip:
         status["podIP"] = state.pod_ip
         status["podIPs"] = [{"ip": state.pod_ip}]
