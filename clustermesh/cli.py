@@ -44,6 +44,18 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return run_connect(args)
 
 
+def cmd_disconnect(args: argparse.Namespace) -> int:
+    from clustermesh.connect import run_disconnect
+
+    return run_disconnect(args)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from clustermesh.certs import run_certs
+
+    return run_certs(args)
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from clustermesh.lab.run import run_lab
 
@@ -89,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-name", default=os.environ.get("CLUSTERMESH_CLUSTER_NAME"))
     p.add_argument("--cluster-id", type=int, default=_env_int("CLUSTERMESH_CLUSTER_ID"))
     p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
-    p.add_argument("--lease-ttl", type=int, default=15, help="seconds; records vanish this long after a crash")
+    p.add_argument("--lease-ttl", type=int, default=900,
+                   help="seconds (Cilium: 15 minutes); records of a crashed operator vanish this long after its "
+                   "last keep-alive, unless a new operator takes them over first")
     p.add_argument(
         "--resync-interval", type=float, default=300.0,
         help="seconds between full listings that catch missed deletions",
@@ -132,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routes", default="off",
                    help="routes to remote pod CIDRs via remote node IPs: off (default), host, or netns:NAME")
     p.add_argument("--heartbeat-timeout", type=float, default=180.0,
-                   help="seconds without a remote heartbeat before that remote counts as unreachable")
+                   help="seconds without a remote heartbeat before that remote is listed again (its backends "
+                   "stay: only a store that stops answering withdraws them, after --grace-period)")
     p.add_argument("--metrics-port", type=int, default=9964, help="Prometheus /metrics and /healthz; -1: off")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.set_defaults(func=cmd_agent)
@@ -140,22 +155,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     p.add_argument("--context", default=None)
     p.add_argument("--clustermesh", default="default", help="name of the ClusterMesh resource")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for remotes to be ready")
-    p.add_argument("--secrets-namespace", default="kube-system", help="where remote TLS Secrets live by default")
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table",
+                   help="json: a stable document (format 1) for scripts; stdout holds nothing else")
+    p.add_argument("--wait", action="store_true", help="poll until every remote is ready (exit 1 at --timeout)")
+    p.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds before giving up")
+    p.add_argument("--secrets-namespace", default="clustermesh-remotes",
+                   help="where remote TLS Secrets live when spec.clusters names no namespace")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser(
         "connect", help="make two clusters remotes of each other",
         description="Copy each cluster's access Secret (spec.access) into the other and add each to the "
         "other's ClusterMesh spec.clusters.",
     )
-    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
-    p.add_argument("--context", default=None, help="the source cluster's context")
-    p.add_argument("--destination-kubeconfig", default=None, help="default: --kubeconfig")
-    p.add_argument("--destination-context", default=None, help="the destination cluster's context")
-    p.add_argument("--clustermesh", default="default")
-    p.add_argument("--destination-clustermesh", default="default")
-    p.add_argument("--one-way", action="store_true", help="only the source learns about the destination")
+    _add_pair_flags(p, "only the source learns about the destination")
     p.set_defaults(func=cmd_connect)
+    p = sub.add_parser(
+        "certs", help="make a cluster's store certificates and remote reader identities (Secrets)",
+        description="One CA per cluster (kept in --pki-dir, never in the cluster) signs the store's etcd, "
+        "operator and grpc-proxy certificates and one identity per remote reader; written as the Secrets "
+        "deploy/ mounts and spec.access names. Re-running keeps what exists; --rotate issues new ones.",
+    )
+    p.add_argument("--cluster", required=True, help="this cluster's name in the mesh")
+    p.add_argument("--reader", action="append", default=None,
+                   help="a remote reader (etcd user, Secret clustermesh-access-NAME); repeatable; default: remote")
+    p.add_argument("--ip", action="append", default=None,
+                   help="extra IP of the grpc-proxy certificate: node (NodePort) or load-balancer address")
+    p.add_argument("--dns", action="append", default=None, help="extra DNS name of the grpc-proxy certificate")
+    p.add_argument("--namespace", default="clustermesh-system", help="where the store runs and the Secrets go")
+    p.add_argument("--cluster-domain", default="cluster.local")
+    p.add_argument("--pki-dir", default=None, help="CA and keys (default ~/.config/clustermesh/pki/CLUSTER)")
+    p.add_argument("--rotate", action="store_true", help="new certificates and passwords (same CA)")
+    p.add_argument("--output-dir", default=None, help="write the Secrets as YAML files here instead of applying")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--context", default=None)
+    p.set_defaults(func=cmd_certs)
+    p = sub.add_parser(
+        "disconnect", help="undo connect: remove each cluster from the other",
+        description="Remove each cluster from the other's ClusterMesh spec.clusters and delete the access "
+        "Secret connect copied. Disconnecting clusters that are not connected changes nothing.",
+    )
+    _add_pair_flags(p, "only the source forgets the destination")
+    p.set_defaults(func=cmd_disconnect)
 
     p = sub.add_parser("lab", help="small real Kubernetes clusters on this machine (no Docker), meshed, and the "
                        "Star Wars demo")
@@ -166,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, choices=range(1, 10), metavar="M", help="nodes per cluster")
     up.add_argument("--demo", action="store_true", help="run the Star Wars failover demo once the lab is up")
     up.add_argument("--no-wait", action="store_true", help="tear down right after (with --demo: a smoke test)")
+    up.add_argument("--from-manifests", action="store_true",
+                    help="install the mesh with deploy/ (kubectl apply -k; the store and the agents run as Pods) "
+                    "instead of starting its components as processes")
     for action, text in (("down", "remove the lab (also after its supervisor died)"),
                          ("status", "clusters, nodes, pods and processes of the lab"),
                          ("xwing", "x-wing asks rebel-base through kubectl exec")):
@@ -182,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     datapath_parser(p)
     p.set_defaults(func=cmd_datapath)
     return parser
+
+
+def _add_pair_flags(p: argparse.ArgumentParser, one_way: str) -> None:
+    """The two sides of connect and disconnect (the same flags, so one undoes the other)."""
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--context", default=None, help="the source cluster's context")
+    p.add_argument("--destination-kubeconfig", default=None, help="default: --kubeconfig")
+    p.add_argument("--destination-context", default=None, help="the destination cluster's context")
+    p.add_argument("--clustermesh", default="default")
+    p.add_argument("--destination-clustermesh", default="default")
+    p.add_argument("--one-way", action="store_true", help=one_way)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -1,23 +1,34 @@
-"""``clustermesh connect``: make two clusters remotes of each other.
+"""``clustermesh connect`` / ``disconnect``: make two clusters remotes of each other, or undo it.
 
 Each cluster publishes how others reach it in its ClusterMesh ``spec.access``
 (grpc-proxy endpoints, and a Secret with ca.crt, tls.crt, tls.key, username and
 password). Connecting A and B copies B's access Secret into A as
-``kube-system/clustermesh-remote-B`` and adds B to A's ``spec.clusters``, and
-the other way round. Names and IDs must not collide anywhere in either mesh.
+``clustermesh-remotes/clustermesh-remote-B`` (a namespace holding only such copies)
+and adds B to A's ``spec.clusters``, and the other way round. Names and IDs must not collide anywhere in either mesh.
+
+Connect is all or nothing: when a write fails, every write made before it is
+undone (each ClusterMesh patch carries the resourceVersion it was computed
+from, and nothing someone else changed meanwhile is overwritten). Disconnect
+removes the ``spec.clusters`` entries and the Secrets connect copied; run twice,
+the second run finds nothing to do.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from clustermesh.agent.remote import RemoteConfig, mesh_problems
-from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeConflict, KubeError
+from clustermesh.schema import MAX_CLUSTER_ID
 
-SECRETS_NAMESPACE = "kube-system"
+SECRETS_NAMESPACE = REMOTE_SECRETS_NAMESPACE
+ACCESS_NAMESPACE = "kube-system"  # where spec.access.tls points when it names no namespace
+REMOTE_LABEL = "clustermesh.io/remote"
+CONFLICT_RETRIES = 5  # the operator's status updates bump resourceVersion too; a retry re-reads
 
 
 class ConnectError(Exception):
@@ -42,12 +53,21 @@ class Side:
     def id(self) -> int:
         return int((self.spec.get("localCluster") or {}).get("id") or 0)
 
+    @property
+    def max_cluster_id(self) -> int:
+        """spec.maxConnectedClusters: 255 unless the mesh is configured for 511."""
+        return int(self.spec.get("maxConnectedClusters") or MAX_CLUSTER_ID)
+
 
 def load_side(kube: KubeClient, mesh_name: str) -> Side:
     mesh = kube.get_mesh(mesh_name)
     if mesh is None:
         raise ConnectError(f"no ClusterMesh {mesh_name!r} there; apply one with localCluster and access first")
     return Side(kube, mesh_name, mesh)
+
+
+def copied_secret_name(remote: str) -> str:
+    return f"clustermesh-remote-{remote}"
 
 
 def remote_entry(remote: Side) -> tuple[dict[str, Any], dict[str, bytes] | None]:
@@ -60,13 +80,29 @@ def remote_entry(remote: Side) -> tuple[dict[str, Any], dict[str, bytes] | None]
     tls = access.get("tls") or {}
     if not tls.get("secretName"):
         return entry, None
-    namespace = tls.get("secretNamespace") or SECRETS_NAMESPACE
+    namespace = tls.get("secretNamespace") or ACCESS_NAMESPACE
     try:
         data = remote.kube.get_secret(namespace, tls["secretName"])
     except KubeError as exc:
         raise ConnectError(f"cluster {remote.name}'s access Secret {namespace}/{tls['secretName']}: {exc}") from exc
-    entry["tls"] = {"secretName": f"clustermesh-remote-{remote.name}", "secretNamespace": SECRETS_NAMESPACE}
+    entry["tls"] = {"secretName": copied_secret_name(remote.name), "secretNamespace": SECRETS_NAMESPACE}
     return entry, data
+
+
+def _clusters(mesh: dict[str, Any]) -> list[dict[str, Any]]:
+    return list((mesh.get("spec") or {}).get("clusters") or [])
+
+
+def _entry_of(mesh: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((c for c in _clusters(mesh) if c.get("name") == name), None)
+
+
+def _with_entry(clusters: list[dict[str, Any]], name: str, entry: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``clusters`` with ``name``'s entry replaced in place, added at the end, or (None) removed."""
+    out = [entry if c.get("name") == name else c for c in clusters]
+    if entry is not None and not any(c.get("name") == name for c in clusters):
+        out.append(entry)
+    return [c for c in out if c is not None]
 
 
 def _others(into: Side, remote: Side) -> list[dict[str, Any]]:
@@ -77,23 +113,105 @@ def check_remote(into: Side, remote: Side) -> tuple[dict[str, Any], dict[str, by
     """Everything that can refuse the connection, before anything is written."""
     configs = [RemoteConfig(str(c["name"]), int(c["id"]), str(c["endpoints"][0])) for c in _others(into, remote)]
     configs.append(RemoteConfig(remote.name, remote.id, "-"))
-    refused = mesh_problems(into.name, into.id, configs)
+    if into.max_cluster_id != remote.max_cluster_id:
+        raise ConnectError(f"{into.name} allows cluster IDs up to {into.max_cluster_id}, {remote.name} up to "
+                           f"{remote.max_cluster_id}: set the same spec.maxConnectedClusters on both")
+    refused = mesh_problems(into.name, into.id, configs, into.max_cluster_id)
     if remote.name in refused:
         raise ConnectError(f"cannot add {remote.name} to {into.name}: {refused[remote.name]}")
     return remote_entry(remote)
 
 
-def copy_secret(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> None:
+# ------------------------------------------------------------ writes, each with its undo
+
+Undo = Callable[[], None]
+
+
+def _set_entry(side: Side, remote: str, new: dict[str, Any] | None, still: Callable[[dict[str, Any]], bool],
+               changed: str, mesh: dict[str, Any] | None = None) -> bool:
+    """Set ``remote``'s spec.clusters entry of ``side`` to ``new`` (None: remove it).
+
+    Every patch carries the resourceVersion of the state it was computed from. The
+    operator's status updates bump that version too, so a conflict reads the object
+    again and retries, as long as ``still(mesh)`` says the spec is what the change was
+    decided on; otherwise nothing is written and ``changed`` is the error. ``mesh``: the
+    state already read (default: read now). Returns whether anything was written."""
+    for attempt in range(CONFLICT_RETRIES):
+        if mesh is None:
+            mesh = side.kube.get_mesh(side.mesh_name)
+            if mesh is None:
+                raise KubeError(f"ClusterMesh {side.mesh_name} of {side.name} is gone")
+        if not still(mesh):
+            raise KubeError(changed)
+        if _entry_of(mesh, remote) == new:
+            return False
+        rv = (mesh.get("metadata") or {}).get("resourceVersion")
+        try:
+            side.kube.patch_mesh_spec(side.mesh_name, {"clusters": _with_entry(_clusters(mesh), remote, new)}, rv)
+        except KubeError as exc:
+            # kube.py reports a failed resourceVersion precondition (HTTP 409) with this text.
+            if isinstance(exc, KubeConflict) and attempt + 1 < CONFLICT_RETRIES:
+                mesh = None
+                continue
+            raise
+        return True
+    raise AssertionError("unreachable")
+
+
+def copy_secret(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> Undo | None:
+    """Write ``remote``'s access Secret into ``into``; return how to put back what was there."""
     entry, secret = checked
-    if secret is not None:
-        into.kube.put_secret(SECRETS_NAMESPACE, entry["tls"]["secretName"], secret,
-                             labels={"clustermesh.io/remote": remote.name})
+    if secret is None:
+        return None
+    name = entry["tls"]["secretName"]
+    labels = {REMOTE_LABEL: remote.name}
+    before = into.kube.read_secret(SECRETS_NAMESPACE, name)
+    if before is not None and before.data == secret and before.labels == labels:
+        return None
+    into.kube.ensure_namespace(SECRETS_NAMESPACE)  # deploy/ makes it; left in place by a rollback
+    into.kube.put_secret(SECRETS_NAMESPACE, name, secret, labels=labels)
+
+    def undo() -> None:
+        now = into.kube.read_secret(SECRETS_NAMESPACE, name)
+        if now is None or now.data != secret:
+            raise KubeError(f"Secret {SECRETS_NAMESPACE}/{name} in {into.name} was changed by someone else "
+                            "meanwhile; left as it is now")
+        if before is None:
+            into.kube.delete_secret(SECRETS_NAMESPACE, name, now.resource_version)
+        else:
+            into.kube.put_secret(SECRETS_NAMESPACE, name, before.data, labels=before.labels)
+
+    return undo
 
 
-def add_remote(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> None:
+def add_remote(into: Side, remote: Side, checked: tuple[dict[str, Any], dict[str, bytes] | None]) -> Undo | None:
+    """Put ``remote``'s entry into ``into``'s spec.clusters, only while the list is the one
+    the checks ran on; return how to put back the old entry."""
     entry, _secret = checked
-    rv = (into.mesh.get("metadata") or {}).get("resourceVersion")
-    into.kube.patch_mesh_spec(into.mesh_name, {"clusters": [*_others(into, remote), entry]}, rv)
+    before = _entry_of(into.mesh, remote.name)
+    checked_list = _clusters(into.mesh)
+    if not _set_entry(into, remote.name, entry, lambda mesh: _clusters(mesh) == checked_list,
+                      f"ClusterMesh {into.mesh_name} ({into.name}) changed while connecting: its spec.clusters "
+                      "is not the one checked; run the command again", mesh=into.mesh):
+        return None
+
+    def undo() -> None:
+        _set_entry(into, remote.name, before, lambda mesh: _entry_of(mesh, remote.name) == entry,
+                   f"{remote.name}'s entry in {into.name}'s spec.clusters was changed by someone else meanwhile; "
+                   "left as it is now")
+
+    return undo
+
+
+def _roll_back(undos: list[tuple[str, Undo]]) -> list[str]:
+    """Undo in reverse order; every undo is tried. Returns what could not be undone."""
+    failed = []
+    for what, undo in reversed(undos):
+        try:
+            undo()
+        except KubeError as exc:
+            failed.append(f"{what}: {exc}")
+    return failed
 
 
 def connect(source: Side, destination: Side, both_ways: bool = True) -> None:
@@ -104,26 +222,101 @@ def connect(source: Side, destination: Side, both_ways: bool = True) -> None:
     # Check both directions first: a refused connect changes nothing on either side.
     forward = check_remote(source, destination)
     backward = check_remote(destination, source) if both_ways else None
-    # Secrets first (harmless alone), then the two spec changes back to back.
-    copy_secret(source, destination, forward)
+    plan = [(source, destination, forward)]
     if backward is not None:
-        copy_secret(destination, source, backward)
-    add_remote(source, destination, forward)
-    if backward is not None:
-        add_remote(destination, source, backward)
+        plan.append((destination, source, backward))
+    # Secrets first (harmless alone), then the spec changes back to back.
+    steps = [("secret", into, remote, checked) for into, remote, checked in plan]
+    steps += [("entry", into, remote, checked) for into, remote, checked in plan]
+    done: list[tuple[str, Undo]] = []
+    for kind, into, remote, checked in steps:
+        if kind == "secret":
+            what = f"Secret {SECRETS_NAMESPACE}/{copied_secret_name(remote.name)} in {into.name}"
+        else:
+            what = f"{remote.name} in {into.name}'s spec.clusters"
+        try:
+            undo = copy_secret(into, remote, checked) if kind == "secret" else add_remote(into, remote, checked)
+        except KubeError as exc:
+            failed = _roll_back(done)
+            if failed:
+                raise ConnectError(
+                    f"writing {what} failed ({exc}); undoing the earlier writes failed too: "
+                    f"{'; '.join(failed)}. Fix these by hand (kubectl get clustermesh,secret -o yaml), "
+                    "or run `clustermesh disconnect` with the same flags, then connect again"
+                ) from exc
+            left = "both sides are" if both_ways else f"{source.name} is"
+            raise ConnectError(
+                f"writing {what} failed ({exc}); {left} as before. Fix the cause and run connect again"
+            ) from exc
+        if undo is not None:
+            done.append((what, undo))
+
+
+def forget_remote(into: Side, remote: str) -> list[str]:
+    """Remove ``remote`` from ``into``: its spec.clusters entry first (agents stop using it),
+    then the access Secret connect copied (only ours: named and labelled by connect).
+    Returns what was changed."""
+    changed = []
+    if _set_entry(into, remote, None, lambda mesh: True, ""):
+        changed.append(f"removed {remote} from {into.name}'s spec.clusters")
+    name = copied_secret_name(remote)
+    secret = into.kube.read_secret(SECRETS_NAMESPACE, name)
+    if secret is not None and secret.labels.get(REMOTE_LABEL) == remote:
+        into.kube.delete_secret(SECRETS_NAMESPACE, name, secret.resource_version)
+        changed.append(f"deleted Secret {SECRETS_NAMESPACE}/{name} in {into.name}")
+    return changed
+
+
+def disconnect(source: Side, destination: Side, both_ways: bool = True) -> list[str]:
+    """Undo :func:`connect`; returns what was changed (empty: they were not connected).
+
+    Not all or nothing: every step is safe to repeat, so after a failure the same
+    command finishes the job."""
+    if source.name == destination.name:
+        raise ConnectError(f"both sides are cluster {source.name}: nothing to disconnect")
+    changed = forget_remote(source, destination.name)
+    if both_ways:
+        try:
+            changed += forget_remote(destination, source.name)
+        except KubeError as exc:
+            done = f"{'; '.join(changed)}; " if changed else ""
+            raise ConnectError(f"{done}{destination.name} failed: {exc}; run disconnect again") from exc
+    return changed
+
+
+def _load_pair(args: argparse.Namespace) -> tuple[Side, Side]:
+    source = load_side(KubeClient(args.kubeconfig, args.context), args.clustermesh)
+    destination = load_side(
+        KubeClient(args.destination_kubeconfig or args.kubeconfig, args.destination_context),
+        args.destination_clustermesh,
+    )
+    return source, destination
 
 
 def run_connect(args: argparse.Namespace) -> int:
     try:
-        source = load_side(KubeClient(args.kubeconfig, args.context), args.clustermesh)
-        destination = load_side(
-            KubeClient(args.destination_kubeconfig or args.kubeconfig, args.destination_context),
-            args.destination_clustermesh,
-        )
+        source, destination = _load_pair(args)
         connect(source, destination, both_ways=not args.one_way)
     except (KubeError, ConnectError) as exc:
         print(f"clustermesh connect: {exc}", file=sys.stderr)
         return 1
     arrow = "->" if args.one_way else "<->"
-    print(f"connected {source.name} {arrow} {destination.name}; agents pick the change up on restart")
+    print(f"connected {source.name} {arrow} {destination.name}")
+    return 0
+
+
+def run_disconnect(args: argparse.Namespace) -> int:
+    try:
+        source, destination = _load_pair(args)
+        changed = disconnect(source, destination, both_ways=not args.one_way)
+    except (KubeError, ConnectError) as exc:
+        print(f"clustermesh disconnect: {exc}", file=sys.stderr)
+        return 1
+    arrow = "->" if args.one_way else "<->"
+    if not changed:
+        print(f"{source.name} {arrow} {destination.name} is not connected; nothing to do")
+        return 0
+    for line in changed:
+        print(line)
+    print(f"disconnected {source.name} {arrow} {destination.name}")
     return 0

@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlencode
 
@@ -22,8 +23,27 @@ VERSION = "v1alpha1"
 PLURAL = "clustermeshes"
 
 
+# Copies of remote clusters' access Secrets (`clustermesh connect` writes them): a namespace with
+# nothing else, so the operator and agents may read Secrets there and nowhere else (deploy/).
+REMOTE_SECRETS_NAMESPACE = "clustermesh-remotes"
+
+
+@dataclass(frozen=True)
+class SecretState:
+    """A Secret as connect/disconnect need it: data, labels, and the version to write against."""
+
+    data: dict[str, bytes]
+    labels: dict[str, str]
+    resource_version: str
+
+
 class KubeError(Exception):
     pass
+
+
+
+class KubeConflict(KubeError):
+    """The object changed since it was read (HTTP 409): read it again and retry."""
 
 
 class KubeClient:
@@ -187,6 +207,48 @@ class KubeClient:
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise KubeError(f"writing Secret {namespace}/{name}: {exc}") from exc
 
+    def ensure_namespace(self, name: str) -> None:
+        """Create the namespace unless it exists (deploy/ makes it; a bare cluster may not have it)."""
+        core = kubernetes.client.CoreV1Api(self.api)
+        try:
+            core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=name)))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise KubeError(f"creating namespace {name}: {exc.status} {exc.reason}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"creating namespace {name}: {exc}; is the API server reachable?") from exc
+
+    def read_secret(self, namespace: str, name: str) -> SecretState | None:
+        """The Secret's data, labels and resourceVersion; None when there is none."""
+        core = kubernetes.client.CoreV1Api(self.api)
+        try:
+            obj = core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise KubeError(f"reading Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"reading Secret {namespace}/{name}: {exc}; is the API server reachable?") from exc
+        data = {k: base64.b64decode(v) for k, v in (obj.data or {}).items()}
+        meta = obj.metadata or kubernetes.client.V1ObjectMeta()
+        return SecretState(data, dict(meta.labels or {}), str(meta.resource_version or ""))
+
+    def delete_secret(self, namespace: str, name: str, resource_version: str) -> None:
+        """Delete the Secret only if it is still at ``resource_version``; already gone is fine."""
+        core = kubernetes.client.CoreV1Api(self.api)
+        options = kubernetes.client.V1DeleteOptions(
+            preconditions=kubernetes.client.V1Preconditions(resource_version=resource_version))
+        try:
+            core.delete_namespaced_secret(name, namespace, body=options)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            if exc.status == 409:
+                raise KubeConflict(f"Secret {namespace}/{name} changed meanwhile; left as it is now") from exc
+            raise KubeError(f"deleting Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"deleting Secret {namespace}/{name}: {exc}; is the API server reachable?") from exc
+
     def patch_mesh_spec(self, name: str, spec: dict[str, Any], resource_version: str | None = None) -> None:
         """Merge-patch the spec; with ``resource_version``, only if nobody changed the object since."""
         body: dict[str, Any] = {"spec": spec}
@@ -196,7 +258,7 @@ class KubeClient:
             self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, body)
         except ApiException as exc:
             if exc.status == 409:
-                raise KubeError(f"ClusterMesh {name} changed while connecting; run the command again") from exc
+                raise KubeConflict(f"ClusterMesh {name} changed while connecting; run the command again") from exc
             raise KubeError(f"updating ClusterMesh {name}: {exc.status} {exc.reason}: {exc.body}") from exc
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise KubeError(f"updating ClusterMesh {name}: {exc}") from exc

@@ -36,6 +36,11 @@ class KVUnavailable(KVStoreError):
     """etcd could not be reached (down, wrong address, network cut). Retry later."""
 
 
+class LeaseNotFound(KVStoreError):
+    """A write named a lease that etcd no longer has (expired, revoked, or the store was
+    wiped): grant a new one and write again."""
+
+
 class RevisionCompacted(KVStoreError):
     """A watch asked for a revision that etcd has compacted away: list again."""
 
@@ -115,6 +120,9 @@ def _translate(exc: BaseException, what: str, endpoint: Endpoint) -> KVStoreErro
         return KVUnavailable(f"{where}: etcd unreachable ({exc.__class__.__name__}); is it running?")
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else ""
+        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in str(details):
+            return LeaseNotFound(f"{where}: {details}")
         if code in _TRANSIENT_GRPC:
             return KVUnavailable(f"{where}: {code}")
         return KVStoreError(f"{where}: {code}: {exc.details() if hasattr(exc, 'details') else exc}")
@@ -255,6 +263,19 @@ class KVClient:
                           count_only=True)
         return int(resp.count)
 
+    def probe(self, key: str, timeout: float) -> int:
+        """Is the store answering? One linearizable count of ``key`` with its own deadline
+        (a frozen proxy keeps TCP up and answers nothing, so only a deadline tells).
+        Returns the store's revision: lower than one seen before means the store behind a
+        proxy was replaced."""
+        def call() -> Any:
+            client = self._client
+            request = client._build_get_range_request(self.prefix + key, count_only=True)
+            return client.kvstub.Range(request, timeout, credentials=client.call_credentials,
+                                       metadata=client.metadata)
+        resp = self._call(f"probe {key}", call)
+        return int(resp.header.revision)
+
     def put(self, key: str, value: str, lease: int | None = None) -> None:
         self._call(f"put {key}", self._client.put, self.prefix + key, value, lease=lease)
 
@@ -386,8 +407,12 @@ class LeaseKeeper:
         )
         self._thread.start()
 
+    KEEPALIVE_MAX_INTERVAL = 30.0
+    """Seconds. A third of the TTL (Cilium's factor), but at most this: with a 15-minute
+    lease, a lease lost to a wiped store is noticed in half a minute, not five."""
+
     def _run(self) -> None:
-        interval = max(self.ttl / 3.0, 0.5)
+        interval = min(max(self.ttl / 3.0, 0.5), self.KEEPALIVE_MAX_INTERVAL)
         wait = interval
         failures = 0
         while not self._stop.wait(wait):

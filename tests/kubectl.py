@@ -27,4 +27,4 @@ def apply_object(kubeconfig: str, obj: dict[str, Any]) -> None:
 
 
 def apply_peering(kubeconfig: str) -> None:
-    kubectl(kubeconfig, "apply", "-f", str(REPO / "deploy" / "peering.yaml"))
+    kubectl(kubeconfig, "apply", "-f", str(REPO / "deploy" / "base" / "peering.yaml"))

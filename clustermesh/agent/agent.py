@@ -38,10 +38,11 @@ from clustermesh.agent.routes import RouteTable, RoutingError
 from clustermesh.agent.routing import plan_routes
 from clustermesh.datapath.model import Backend, Frontend, ServiceSpec
 from clustermesh.datapath.plan import specs_from_state
-from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVStoreError
 from clustermesh.operator.export import ClusterIdentity
 from clustermesh.operator.state import ClusterState, Kind
+from clustermesh.schema import MAX_CLUSTER_ID
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class AgentConfig:
     """Seconds between two reads of the remotes' Secrets: new credentials are used without a restart."""
     debounce: float = 0.05
     tick: float = 1.0
-    secrets_namespace: str = "kube-system"
+    secrets_namespace: str = REMOTE_SECRETS_NAMESPACE
     routes: str = "off"
     """Routes to remote pod CIDRs: "off", "host" (the agent's own netns) or "netns:NAME"."""
 
@@ -118,7 +119,8 @@ class Agent:
             raise KubeError(f"no ClusterMesh {self.config.mesh_name!r}: apply one (see README) before the agent")
         spec = mesh.get("spec") or {}
         local = spec.get("localCluster") or {}
-        self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)))
+        self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)),
+                                        int(spec.get("maxConnectedClusters") or MAX_CLUSTER_ID))
         self._started_at = time.monotonic()
         self.lb = self._lb_factory(self.identity.id)
         self.lb.load()
@@ -179,7 +181,10 @@ class Agent:
                 except (KubeError, KeyError, ValueError, IndexError, TypeError) as exc:
                     refused[name] = f"cannot read its settings: {exc}"
                     unreadable.add(name)
-            refused.update(mesh_problems(self.identity.name, self.identity.id, configs.values()))
+            max_id = self.identity.max_connected_clusters
+            if int(spec.get("maxConnectedClusters") or MAX_CLUSTER_ID) != max_id:
+                self._refuse_once("maxConnectedClusters", "maxConnectedClusters changed; restart the agent to use it")
+            refused.update(mesh_problems(self.identity.name, self.identity.id, configs.values(), max_id))
             now = time.monotonic()
             for name in list(self.remotes):
                 if name in unreadable:
@@ -196,7 +201,8 @@ class Agent:
                     continue
                 try:
                     rc = RemoteCluster(config, self._on_remote_change, self.config.grace_period,
-                                       heartbeat_timeout=self.config.heartbeat_timeout).start()
+                                       heartbeat_timeout=self.config.heartbeat_timeout,
+                                       max_cluster_id=max_id).start()
                 except KVStoreError as exc:  # e.g. https without a CA: refuse this remote only
                     refused[name] = str(exc)
                     continue

@@ -1,28 +1,37 @@
 """One object per remote cluster: its connection, its validated cache, its readiness.
 
 The shape of Cilium's remote cluster handling, with our difference on purpose:
-a remote that becomes unreachable keeps serving its cached backends only for a
-grace period, then is withdrawn (Cilium keeps them forever by default, and its
-users see traffic sent to dead clusters). Records that expire with the remote
+a remote whose store stops answering keeps serving its cached backends only for
+a grace period, then is withdrawn (Cilium keeps them forever by default, and its
+users see traffic sent to dead clusters). "Stops answering" is decided by a
+probe with a deadline (a frozen grpc-proxy keeps TCP up and answers nothing) and
+by the watch streams, never by the remote's operator: its records sit on a
+15-minute lease, so a paused or restarting operator changes nothing here, and a
+stale heartbeat only makes us list again. Records that expire with the remote
 operator's lease are deleted from the store and so leave the cache at once.
 
-A remote is *ready* once its cluster-config matches what our ClusterMesh says
-(name and ID) and the "synced" markers of its services and nodes are in: before
-that its store may hold a half-written export, and nothing of it is used.
+A remote is *ready* (:func:`not_ready_reason`) once its cluster-config matches
+what our ClusterMesh says and, when it announces the ``syncedCanaries``
+capability, the "synced" markers of its services and nodes are in: before that
+its store may hold a half-written export, and nothing of it is used. Without the
+capability (cilium-operator in kvstore mode) it is trusted once listed, as Cilium
+does. A store replaced behind its proxy (its revision goes back) and a
+cluster-config whose ID changes make every prefix list again.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clustermesh import metrics, schema
-from clustermesh.kvstore import Endpoint, KVClient
+from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
 from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError
 from clustermesh.store.watch import WatchStore
 
@@ -65,15 +74,18 @@ def remote_config_from_spec(kube: Any, spec: dict[str, Any], secrets_dir: Path, 
     return RemoteConfig(spec["name"], int(spec["id"]), spec["endpoints"][0], ca, cert, key, user, password)
 
 
-def mesh_problems(local_name: str, local_id: int, remotes: Iterable[RemoteConfig]) -> dict[str, str]:
-    """Remotes that must be refused (name -> why): bad or colliding names and IDs. Pure."""
+def mesh_problems(
+    local_name: str, local_id: int, remotes: Iterable[RemoteConfig], max_cluster_id: int = schema.MAX_CLUSTER_ID
+) -> dict[str, str]:
+    """Remotes that must be refused (name -> why): bad or colliding names and IDs, IDs above
+    what this mesh allows (``max_cluster_id``: 255, or 511 when configured so). Pure."""
     refused: dict[str, str] = {}
     seen_ids: dict[int, str] = {local_id: local_name}
     seen_names = {local_name}
     for remote in remotes:
         try:
             schema.validate_cluster_name(remote.name)
-            schema.validate_cluster_id(remote.id)
+            schema.validate_cluster_id(remote.id, max_cluster_id)
         except SchemaError as exc:
             refused[remote.name] = str(exc)
             continue
@@ -85,6 +97,40 @@ def mesh_problems(local_name: str, local_id: int, remotes: Iterable[RemoteConfig
             seen_ids[remote.id] = remote.name
             seen_names.add(remote.name)
     return refused
+
+
+# What a reader must have seen of a remote before trusting it: the synced marker of each prefix.
+REQUIRED_SYNCED = {schema.SERVICES_PREFIX: "services", schema.NODES_PREFIX: "nodes"}
+
+
+def not_ready_reason(
+    name: str,
+    expected_id: int,
+    config_value: str | None,
+    synced: Collection[str],
+    max_cluster_id: int = schema.MAX_CLUSTER_ID,
+) -> str | None:
+    """Why a remote is not to be trusted yet, or None when it is ready. Pure.
+
+    ``config_value`` is the raw ``cilium/cluster-config/<name>`` (None when absent);
+    ``synced`` the prefixes whose synced marker the remote wrote (``cilium/state/services/v1``...).
+    A remote whose cluster-config does not announce the ``syncedCanaries`` capability
+    never writes markers (cilium-operator in kvstore mode): like Cilium, trust it at once."""
+    if config_value is None:
+        return "no cluster-config"
+    try:
+        config = ClusterConfig.decode(config_value)
+        schema.validate_cluster_id(config.cluster_id, max_cluster_id)
+    except SchemaError as exc:
+        return f"cluster-config does not parse: {exc}"
+    if config.cluster_id != expected_id:
+        return f"says its ID is {config.cluster_id}, the ClusterMesh says {expected_id}"
+    if not config.synced_canaries:
+        return None
+    missing = [what for prefix, what in REQUIRED_SYNCED.items() if prefix not in synced]
+    if missing:
+        return f"waiting for synced markers of {' and '.join(missing)}"
+    return None
 
 
 class _Prefix:
@@ -105,6 +151,16 @@ class _Prefix:
 
 
 class RemoteCluster:
+    """One remote cluster: five watched prefixes, a liveness probe, validated caches.
+
+    Reachability is decided by the remote's store answering, never by its operator:
+    a probe (one cheap read with its own deadline) every ``probe_interval`` seconds,
+    plus the watch streams. A frozen grpc-proxy keeps its TCP connections up and
+    answers nothing, so without the probe a watch would just wait. The grace period
+    runs from the first failed probe (or broken watch); a stale heartbeat only makes
+    us list again (its operator may be paused or restarting while its records, on a
+    long lease, are still right)."""
+
     def __init__(
         self,
         config: RemoteConfig,
@@ -112,11 +168,18 @@ class RemoteCluster:
         grace_period: float = 60.0,
         client: KVClient | None = None,
         heartbeat_timeout: float = 180.0,
+        *,
+        max_cluster_id: int = schema.MAX_CLUSTER_ID,
+        probe_interval: float = 2.0,
+        probe_timeout: float = 3.0,
     ) -> None:
         self.config = config
         self.name = config.name
         self.grace_period = grace_period
         self.heartbeat_timeout = heartbeat_timeout
+        self.max_cluster_id = max_cluster_id
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
         self.on_change = on_change
         self.client = client or KVClient(
             Endpoint.parse(config.endpoint, config.ca_cert, config.cert_file, config.key_file),
@@ -127,12 +190,19 @@ class RemoteCluster:
         self.config_error: str | None = None
         self._lock = threading.RLock()
         self._problems: dict[str, str] = {}
-        self._synced: dict[str, bool] = {}
-        self._config_ok = False
+        self._synced: set[str] = set()
+        self._config_value: str | None = None
+        self._config_id: int | None = None
         self._stores: list[WatchStore] = []
-        self._disconnected_since: float | None = None
+        self._probe_ok: bool | None = None
+        self._probe_error: str | None = None
+        self._unreachable_since: float | None = None
+        self._unreachable_wall: dt.datetime | None = None
         self._heartbeat_at = time.monotonic()
         self._resynced_stale = False
+        self.heartbeat_relists = 0
+        self._stop = threading.Event()
+        self._prober: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -151,12 +221,17 @@ class RemoteCluster:
         ]
         for store in self._stores:
             store.start()
+        self._prober = threading.Thread(target=self._probe_loop, name=f"remote-probe-{self.name}", daemon=True)
+        self._prober.start()
         return self
 
     def stop(self) -> None:
         """Stop watching; keep the cache (an agent restart must not drain the datapath)."""
+        self._stop.set()
         for store in self._stores:
             store.stop()
+        if self._prober is not None:
+            self._prober.join(timeout=self.probe_timeout + 5)
         self.client.close()
 
     def service_records(self) -> list[ClusterService]:
@@ -174,58 +249,128 @@ class RemoteCluster:
             self.services.clear()
             self.nodes.clear()
             self._synced.clear()
-            self._config_ok = False
+            self._config_value = None
         self._changed()
 
-    # ------------------------------------------------------------ state
+    # ------------------------------------------------------------ liveness
+
+    def _probe_loop(self) -> None:
+        try:
+            while not self._stop.wait(self.probe_interval):
+                self.probe()
+        except Exception:  # a bug here must be visible, not a silently dead thread
+            log.exception("[remote %s] liveness probe stopped by an unexpected error", self.name)
+            raise
+
+    def probe(self) -> bool:
+        """Ask the remote's store once, with a deadline. Returns whether it answered.
+
+        Also catches a store that was replaced behind its proxy (wiped and restarted:
+        its revision went backwards) and a stale heartbeat: both make every prefix list
+        again, neither counts as unreachable."""
+        seen = max((s.max_revision for s in self._stores), default=0)  # before asking: see WatchStore
+        try:
+            revision = self.client.probe(schema.HEARTBEAT_KEY, self.probe_timeout)
+        except KVStoreError as exc:
+            first = self._probe_ok is not False
+            if first:
+                log.warning("[remote %s] store does not answer (%s); its backends serve for %.0fs more",
+                            self.name, exc, self.grace_period)
+                metrics.ERRORS.labels("agent", "remote-unreachable").inc()
+                # Watches on a frozen proxy wait forever: make them reconnect, and fail, now.
+                for store in self._stores:
+                    store.resync()
+            self._probe_ok, self._probe_error = False, str(exc)
+            self._track_reachability(time.monotonic())  # the grace period runs from the notice
+            if first:
+                self._changed()
+            return False
+        was = self._probe_ok
+        self._probe_ok, self._probe_error = True, None
+        if was is False:
+            log.info("[remote %s] store answers again", self.name)
+        if revision < seen:
+            log.warning("[remote %s] store revision went back from %d to %d: the store behind the proxy "
+                        "was replaced; listing everything again", self.name, seen, revision)
+            metrics.ERRORS.labels("agent", "store-replaced").inc()
+            for store in self._stores:
+                store.resync()
+        self.check_heartbeat()
+        if self._track_reachability(time.monotonic()) or was is False:
+            self._changed()
+        return True
+
+    def _track_reachability(self, now: float) -> bool:
+        """Start or end the unreachable period; returns whether it changed."""
+        ok = self.connected
+        if ok and self._unreachable_since is not None:
+            self._unreachable_since = self._unreachable_wall = None
+            return True
+        if not ok and self._unreachable_since is None:
+            self._unreachable_since = now
+            self._unreachable_wall = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=time.monotonic() - now)
+            return True
+        return False
 
     @property
     def heartbeat_stale(self) -> bool:
-        """No heartbeat change for ``heartbeat_timeout``: the remote's operator is gone, or
-        we read a frozen view (a grpc-proxy still watching an etcd that was wiped)."""
+        """No heartbeat change for ``heartbeat_timeout``: the remote's operator is paused or
+        gone, or we read a frozen view. Not a reason to withdraw anything by itself."""
         return time.monotonic() - self._heartbeat_at > self.heartbeat_timeout
 
     @property
     def connected(self) -> bool:
-        return bool(self._stores) and all(s.connected for s in self._stores) and not self.heartbeat_stale
+        return bool(self._stores) and self._probe_ok is not False and all(s.connected for s in self._stores)
+
+    @property
+    def unreachable_since(self) -> float | None:
+        """``time.monotonic()`` when the remote's store stopped answering (None: it answers)."""
+        return self._unreachable_since
 
     def check_heartbeat(self) -> None:
-        """Called periodically: when the heartbeat is stale, list everything again once."""
+        """When the heartbeat is stale, list everything again once (a frozen view would show)."""
         if self.heartbeat_stale and not self._resynced_stale:
-            log.warning("[remote %s] no heartbeat for %.0fs; listing again", self.name, self.heartbeat_timeout)
+            log.warning("[remote %s] no heartbeat for %.0fs; listing again (its backends stay)", self.name,
+                        self.heartbeat_timeout)
             metrics.ERRORS.labels("agent", "stale-remote").inc()
             self._resynced_stale = True
+            self.heartbeat_relists += 1
             for store in self._stores:
                 store.resync()
 
+    def not_ready_reason(self) -> str | None:
+        with self._lock:
+            reason = not_ready_reason(self.name, self.config.id, self._config_value, self._synced,
+                                      self.max_cluster_id)
+        if reason is None and not all(s.synced.is_set() for s in self._stores[:2]):
+            return "listing services and nodes"  # a marker may arrive before our own first listing
+        return reason
+
     @property
     def ready(self) -> bool:
-        with self._lock:
-            return self._config_ok and self._synced.get(schema.SERVICES_PREFIX, False) and self._synced.get(
-                schema.NODES_PREFIX, False
-            )
+        return bool(self._stores) and self.not_ready_reason() is None
 
     def usable(self, now: float | None = None) -> bool:
-        """Whether the merge may use this remote's backends right now."""
+        """Whether the merge may use this remote's backends right now (``now``: time.monotonic())."""
         if not self.ready:
             return False
-        self.check_heartbeat()
         now = time.monotonic() if now is None else now
-        if self.connected:
-            self._disconnected_since = None
-            return True
-        if self._disconnected_since is None:
-            self._disconnected_since = now
-        return now - self._disconnected_since < self.grace_period
+        self._track_reachability(now)
+        since = self._unreachable_since
+        return since is None or now - since < self.grace_period
 
     def status(self) -> dict[str, Any]:
-        last = next((s.last_error for s in self._stores if s.last_error), None)
+        last = self._probe_error or next((s.last_error for s in self._stores if s.last_error), None)
+        reason = self.not_ready_reason() if self._stores else "not started"
         out: dict[str, Any] = {
-            "name": self.name, "connected": self.connected, "ready": self.ready,
+            "name": self.name, "connected": self.connected, "ready": reason is None,
             "services": len(self.services), "nodes": len(self.nodes),
         }
-        if self.config_error or last:
-            out["lastFailure"] = self.config_error or last
+        if self.config_error or last or reason:
+            out["lastFailure"] = self.config_error or last or reason
+        wall = self._unreachable_wall
+        if wall is not None and not out["connected"]:
+            out["unreachableSince"] = wall.strftime("%Y-%m-%dT%H:%M:%SZ")
         return out
 
     # ------------------------------------------------------------ records
@@ -251,10 +396,10 @@ class RemoteCluster:
             if kind == "config":
                 self._check_config(value)
             elif kind == "synced":
-                self._synced[key.removeprefix(f"{schema.SYNCED_PREFIX}/{self.name}/")] = True
+                self._synced.add(key.removeprefix(f"{schema.SYNCED_PREFIX}/{self.name}/"))
             elif kind == "service":
                 try:
-                    svc = ClusterService.decode(value, key=key)
+                    svc = ClusterService.decode(value, key=key, max_cluster_id=self.max_cluster_id)
                     if svc.cluster_id != self.config.id:
                         raise SchemaError(f"clusterID {svc.cluster_id} is not {self.name}'s ID {self.config.id}")
                 except SchemaError as exc:
@@ -265,7 +410,9 @@ class RemoteCluster:
                     self.services[(svc.namespace, svc.name)] = svc
             else:
                 try:
-                    node = Node.decode(value, key=key)
+                    node = Node.decode(value, key=key, max_cluster_id=self.max_cluster_id)
+                    if node.cluster_id != self.config.id:
+                        raise SchemaError(f"ClusterID {node.cluster_id} is not {self.name}'s ID {self.config.id}")
                 except SchemaError as exc:
                     self._problem(key, str(exc))
                     self.nodes.pop(key.rsplit("/", 1)[-1], None)
@@ -287,9 +434,10 @@ class RemoteCluster:
         with self._lock:
             self._problem(key, None)
             if kind == "config":
-                self._config_ok = False
+                self._config_value = None
+                self.config_error = None
             elif kind == "synced":
-                self._synced.pop(key.removeprefix(f"{schema.SYNCED_PREFIX}/{self.name}/"), None)
+                self._synced.discard(key.removeprefix(f"{schema.SYNCED_PREFIX}/{self.name}/"))
             elif kind == "service":
                 self._drop_service(key)
             else:
@@ -297,21 +445,30 @@ class RemoteCluster:
         self._changed()
 
     def _check_config(self, value: str) -> None:
-        try:
-            config = ClusterConfig.decode(value)
-        except SchemaError as exc:
-            self.config_error = f"cluster-config does not parse: {exc}"
-        else:
-            if config.cluster_id != self.config.id:
-                self.config_error = (
-                    f"{self.name} says its ID is {config.cluster_id}, the ClusterMesh says {self.config.id}: "
-                    "fix one of them; the remote is not used until they agree"
-                )
-            else:
-                self.config_error = None
-        if self.config_error:
+        self._config_value = value
+        reason = not_ready_reason(self.name, self.config.id, value, self._synced, self.max_cluster_id)
+        if reason is not None and not reason.startswith("waiting"):
+            self.config_error = f"{self.name} {reason}" if reason.startswith("says") else reason
+            if reason.startswith("says"):
+                self.config_error += ": fix one of them; the remote is not used until they agree"
             self._problem(schema.cluster_config_key(self.name), self.config_error)
-        self._config_ok = self.config_error is None
+        else:
+            self.config_error = None
+            self._problem(schema.cluster_config_key(self.name), None)
+        try:
+            new_id: int | None = ClusterConfig.decode(value).cluster_id
+        except SchemaError:
+            new_id = None
+        if new_id is not None and self._config_id is not None and new_id != self._config_id:
+            # Another cluster now answers at this address (or the store was rebuilt): what we
+            # cached may be from the old one.
+            log.warning("[remote %s] cluster ID changed from %d to %d; listing everything again",
+                        self.name, self._config_id, new_id)
+            for store in self._stores:
+                if store.prefix != schema.cluster_config_key(self.name):
+                    store.resync()
+        if new_id is not None:
+            self._config_id = new_id
 
     def _changed(self) -> None:
         try:

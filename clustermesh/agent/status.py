@@ -1,80 +1,128 @@
 """``clustermesh status``: the mesh as this cluster sees it, checked live.
 
-Reads the ClusterMesh object (identity, the operator's conditions), then
-connects to every remote the way an agent would and reports whether it is
-reachable and ready. Exit code 0 only when every remote is ready.
+Reads the ClusterMesh object (identity, the operator's conditions), then looks
+at every remote store once, the way an agent judges it but without reading
+record values: the cluster-config, the synced markers, and key counts (etcd's
+count_only). That keeps it quick against remotes with 10,000 services, and
+never prints a remote's record problems (the agent and operator log those).
+
+stdout holds only the table or the JSON document (shape in ``status_view``);
+logs go to stderr. Exit code 0 only when every remote is ready; with
+``--wait``, after polling until they are or ``--timeout`` runs out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from clustermesh.agent.remote import RemoteCluster, mesh_problems, remote_config_from_spec
+from clustermesh import schema
+from clustermesh.agent import remote
+from clustermesh.agent.remote import RemoteConfig, mesh_problems, remote_config_from_spec
+from clustermesh.agent.status_view import RemoteFinding, not_ready, render_text, status_document
 from clustermesh.kube import KubeClient, KubeError
-from clustermesh.kvstore import KVStoreError
+from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 5.0  # seconds per etcd request: a dead remote must not hold up the others for long
+POLL_INTERVAL = 1.0
+MAX_PARALLEL_PROBES = 16
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+def probe_remote(config: RemoteConfig, timeout: float = PROBE_TIMEOUT,
+                 max_cluster_id: int = schema.MAX_CLUSTER_ID) -> RemoteFinding:
+    """One look at a remote store: what an agent needs to call it ready, and key counts.
+
+    Three small reads and two counts; no record value is fetched."""
+    name = config.name
+    try:
+        endpoint = Endpoint.parse(config.endpoint, config.ca_cert, config.cert_file, config.key_file)
+        with KVClient(endpoint, timeout=timeout, user=config.user, password=config.password) as client:
+            config_value = client.get(schema.cluster_config_key(name))
+            marker_prefix = f"{schema.SYNCED_PREFIX}/{name}/"
+            synced = [key.removeprefix(marker_prefix) for key in client.list_prefix(marker_prefix).items]
+            services = client.count_prefix(schema.services_cluster_prefix(name))
+            nodes = client.count_prefix(schema.nodes_cluster_prefix(name))
+    except KVStoreError as exc:
+        return RemoteFinding(name, config.id, config.endpoint, error=str(exc))
+    reason = remote.not_ready_reason(name, config.id, config_value, synced, max_cluster_id)
+    return RemoteFinding(name, config.id, config.endpoint, not_ready=reason, services=services, nodes=nodes)
+
+
+def collect(kube: KubeClient, mesh: Mapping[str, Any], secrets_dir: Path, secrets_namespace: str) -> dict[str, Any]:
+    """The status document for ``mesh``: every ``spec.clusters`` entry looked at once (in parallel)."""
+    spec: Mapping[str, Any] = mesh.get("spec") or {}
+    local = spec.get("localCluster") or {}
+    findings: list[RemoteFinding] = []
+    configs: list[RemoteConfig] = []
+    for entry in spec.get("clusters") or []:
+        try:
+            configs.append(remote_config_from_spec(kube, entry, secrets_dir, secrets_namespace))
+        except (KubeError, KeyError, ValueError, IndexError, OSError) as exc:
+            findings.append(RemoteFinding(str(entry.get("name")), _int(entry.get("id")), None,
+                                          error=f"cannot read its connection settings: {exc}"))
+    max_id = int(spec.get("maxConnectedClusters") or schema.MAX_CLUSTER_ID)
+    refused = mesh_problems(str(local.get("name")), int(local.get("id") or 0), configs, max_id)
+    usable = []
+    for rc in configs:
+        if rc.name in refused:
+            findings.append(RemoteFinding(rc.name, rc.id, rc.endpoint, error=f"refused: {refused[rc.name]}"))
+        else:
+            usable.append(rc)
+    if usable:
+        with ThreadPoolExecutor(min(MAX_PARALLEL_PROBES, len(usable)), thread_name_prefix="status-probe") as pool:
+            findings += pool.map(lambda rc: probe_remote(rc, max_cluster_id=max_id), usable)
+    return status_document(mesh, findings)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def run_status(args: argparse.Namespace) -> int:
     try:
         kube = KubeClient(args.kubeconfig, args.context)
-        mesh = kube.get_mesh(args.clustermesh)
     except KubeError as exc:
         print(f"clustermesh status: {exc}", file=sys.stderr)
         return 1
-    if mesh is None:
-        print(f"clustermesh status: no ClusterMesh {args.clustermesh!r}; apply one first", file=sys.stderr)
-        return 1
-    spec: dict[str, Any] = mesh.get("spec") or {}
-    status: dict[str, Any] = mesh.get("status") or {}
-    local = spec.get("localCluster") or {}
-    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-    print(f"cluster {local.get('name')} (id {local.get('id')}): "
-          f"store reachable={conditions.get('StoreReachable', 'Unknown')}, "
-          f"synced={conditions.get('Synced', 'Unknown')}, "
-          f"exported {status.get('exportedServices', 0)} services and {status.get('exportedNodes', 0)} nodes")
-    clusters = spec.get("clusters") or []
-    if not clusters:
-        print("no remote clusters in the ClusterMesh")
-        return 0
+    deadline = time.monotonic() + args.timeout
+    reported: list[str] = []
     with tempfile.TemporaryDirectory(prefix="clustermesh-status-") as tmp:
-        configs = []
-        rows = [["REMOTE", "ID", "ENDPOINT", "CONNECTED", "READY", "SERVICES", "NODES", "PROBLEM"]]
-        for c in clusters:
+        while True:
+            # Read the ClusterMesh again on every round: a --wait may be waiting for a connect.
             try:
-                configs.append(remote_config_from_spec(kube, c, Path(tmp), args.secrets_namespace))
+                mesh = kube.get_mesh(args.clustermesh)
             except KubeError as exc:
-                rows.append([str(c.get("name")), str(c.get("id")), "-", "no", "no", "-", "-", str(exc)])
-        refused = mesh_problems(str(local.get("name")), int(local.get("id") or 0), configs)
-        remotes = []
-        for rc in configs:
-            if rc.name in refused:
-                continue
-            try:
-                remotes.append(RemoteCluster(rc).start())
-            except KVStoreError as exc:
-                refused[rc.name] = str(exc)
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline and not all(r.ready for r in remotes):
-            time.sleep(0.1)
-        for rc in configs:
-            if rc.name in refused:
-                rows.append([rc.name, str(rc.id), rc.endpoint, "-", "no", "-", "-", refused[rc.name]])
-        for r in remotes:
-            st = r.status()
-            rows.append([r.name, str(r.config.id), r.config.endpoint, "yes" if st["connected"] else "no",
-                         "yes" if st["ready"] else "no", str(st["services"]), str(st["nodes"]),
-                         str(st.get("lastFailure", "") or ("" if st["ready"] else "no synced marker yet"))])
-            r.stop()
-    print(_table(rows))
-    ok = not refused and len(remotes) == len(clusters) and all(r.ready for r in remotes)
-    return 0 if ok else 1
+                print(f"clustermesh status: {exc}", file=sys.stderr)
+                return 1
+            if mesh is None:
+                print(f"clustermesh status: no ClusterMesh {args.clustermesh!r}; apply one first", file=sys.stderr)
+                return 1
+            doc = collect(kube, mesh, Path(tmp), args.secrets_namespace)
+            if doc["ready"] or not args.wait or time.monotonic() >= deadline:
+                break
+            if not_ready(doc) != reported:  # progress on stderr, once per change
+                reported = not_ready(doc)
+                log.info("waiting for %s", "; ".join(reported))
+            time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_text(doc))
+    if doc["ready"]:
+        return 0
+    waiting = "; ".join(not_ready(doc))
+    if args.wait:
+        print(f"clustermesh status: not ready after {args.timeout:g}s: {waiting}", file=sys.stderr)
+    else:
+        print(f"clustermesh status: not ready: {waiting} (--wait polls until ready)", file=sys.stderr)
+    return 1

@@ -48,6 +48,7 @@ from clustermesh.lab.servers import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+STORE_NODE_PORT = 32379  # deploy/base/store.yaml: the store Service's NodePort
 Say = Callable[[int, int, str], None]
 
 
@@ -178,8 +179,11 @@ class LabCluster:
 
 class LabMesh:
     def __init__(self, directory: Path, clusters: int = 2, nodes: int = 2, say: Say | None = None,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None, from_manifests: bool = False) -> None:
         self.directory = directory
+        # The mesh's own components as users install them (deploy/ applied with kubectl, run by the
+        # node agents as Pods), instead of processes the lab starts and supervises.
+        self.from_manifests = from_manifests
         self.tag = uuid.uuid4().hex[:5]
         self.clusters = [LabCluster(self, i) for i in range(1, clusters + 1)]
         self.nodes_per_cluster = nodes
@@ -224,27 +228,55 @@ class LabMesh:
             c.kubectl("wait", "--for=condition=Established", "crd/clustermeshes.clustermesh.io", "--timeout=60s")
         self.write_kubeconfig()
 
-        self.say(2, self.STEPS, "state stores (etcd, TLS, auth) and read-only grpc-proxies")
+        if self.from_manifests:
+            self.say(2, self.STEPS, f"{self.nodes_per_cluster} nodes per cluster: network namespaces on one "
+                                    "underlay, node agents (the lab's kubelet), kube-proxy")
+            self._make_nodes()
+            self.say(3, self.STEPS, "deploy/ in every cluster: clustermesh certs, then kubectl apply -k "
+                                    "deploy/overlays/lab (store Deployment, agent DaemonSet, RBAC)")
+            for c in self.clusters:
+                self._deploy(c)
+            self.say(4, self.STEPS, "ClusterMesh objects (remotes reach the store's NodePort), "
+                                    "clustermesh connect between every pair")
+            for c in self.clusters:
+                self._mesh_object_for_deploy(c)
+            self._connect_all()
+            self.say(5, self.STEPS, "waiting for the store and agent Pods (kubectl -n clustermesh-system get pods)")
+            for c in self.clusters:
+                self._wait_deployed(c)
+        else:
+            self.say(2, self.STEPS, "state stores (etcd, TLS, auth) and read-only grpc-proxies")
+            for c in self.clusters:
+                self._start_store(c)
+            self.say(3, self.STEPS, "ClusterMesh objects, access Secrets, clustermesh connect between every pair")
+            for c in self.clusters:
+                self._mesh_objects(c)
+            self._connect_all()
+            self.say(4, self.STEPS, f"{self.nodes_per_cluster} nodes per cluster: network namespaces on one "
+                                    "underlay, node agents (the lab's kubelet), kube-proxy")
+            self._make_nodes()
+            self.say(5, self.STEPS, "clustermesh operators and agents")
+            for c in self.clusters:
+                self._start_operator(c)
+                for node in c.nodes:
+                    self._start_agent(node)
+        self.say(6, self.STEPS, "waiting for every operator to export and every agent to connect")
         for c in self.clusters:
-            c.pki = CertificateAuthority(c.directory / "store-pki")
-            c.store = EtcdServer(c.directory / "store", name=f"{c.name}-store", pki=c.pki, cgroup=self.system_cgroup)
-            c.store.start()
-            c.password = secrets.token_urlsafe(18)
-            c.store.enable_auth({"remote": (c.password, ["cilium/"])})
-            c.proxy = EtcdGrpcProxy(c.directory / "store", c.store.url, namespace="", name=f"{c.name}-proxy",
-                                    pki=c.pki,
-                                    backend_cert=c.pki.issue("proxy-backend", "", server=False),
-                                    cgroup=self.system_cgroup)
-            c.proxy.start()
-            self._supervise(c.store.process, c.proxy.process)
+            self._wait_synced(c)
 
-        self.say(3, self.STEPS, "ClusterMesh objects, access Secrets, clustermesh connect between every pair")
-        for c in self.clusters:
-            self._mesh_objects(c)
-        self._connect_all()
+    def _start_store(self, c: LabCluster) -> None:
+        c.pki = CertificateAuthority(c.directory / "store-pki")
+        c.store = EtcdServer(c.directory / "store", name=f"{c.name}-store", pki=c.pki, cgroup=self.system_cgroup)
+        c.store.start()
+        c.password = secrets.token_urlsafe(18)
+        c.store.enable_auth({"remote": (c.password, ["cilium/"])})
+        c.proxy = EtcdGrpcProxy(c.directory / "store", c.store.url, namespace="", name=f"{c.name}-proxy",
+                                pki=c.pki, backend_cert=c.pki.issue("proxy-backend", "", server=False),
+                                cgroup=self.system_cgroup)
+        c.proxy.start()
+        self._supervise(c.store.process, c.proxy.process)
 
-        self.say(4, self.STEPS, f"{self.nodes_per_cluster} nodes per cluster: network namespaces on one underlay, "
-                                "node agents (the lab's kubelet), kube-proxy")
+    def _make_nodes(self) -> None:
         self.underlay.create()
         for c in self.clusters:
             for j in range(1, self.nodes_per_cluster + 1):
@@ -263,14 +295,53 @@ class LabMesh:
         for c in self.clusters:
             self._wait_nodes_ready(c)
 
-        self.say(5, self.STEPS, "clustermesh operators and agents")
-        for c in self.clusters:
-            self._start_operator(c)
-            for node in c.nodes:
-                self._start_agent(node)
-        self.say(6, self.STEPS, "waiting for every operator to export and every agent to connect")
-        for c in self.clusters:
-            self._wait_synced(c)
+    # ------------------------------------------------------------ deploy/ (--from-manifests)
+
+    def _deploy(self, c: LabCluster) -> None:
+        """What a user does on a cluster: make the store's Secrets with `clustermesh certs`, then
+        `kubectl apply -k` an overlay of deploy/overlays/lab that only says which lab this is."""
+        assert c.cp is not None
+        overlay = c.directory / "deploy"
+        secrets_dir = overlay / "secrets"
+        addresses = [f"--ip={n.netns.address}" for n in c.nodes]
+        res = subprocess.run([sys.executable, "-m", "clustermesh.cli", "certs", "--cluster", c.name, *addresses,
+                              "--pki-dir", str(c.directory / "store-pki"), "--output-dir", str(secrets_dir)],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+        if res.returncode != 0:
+            raise ServerError(f"clustermesh certs for {c.name}: {res.stderr.strip()}")
+        base = os.path.relpath(REPO / "deploy" / "overlays" / "lab", overlay)
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [base, *sorted(f"secrets/{p.name}" for p in secrets_dir.glob("*.yaml"))],
+            "configMapGenerator": [{"name": "clustermesh-lab", "namespace": "clustermesh-system",
+                                    "behavior": "merge", "literals": [f"tag={self.tag}"]}],
+            # This machine's cgroup v2 mount and the source tree's BPF programs.
+            "patches": [{"patch": json.dumps({
+                "apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": "clustermesh-agent", "namespace": "clustermesh-system"},
+                "spec": {"template": {"spec": {
+                    "containers": [{"name": "agent", "env": [{"name": "CLUSTERMESH_BPF_DIR",
+                                                              "value": str(REPO / "bpf")}]}],
+                    "volumes": [{"name": "cgroup", "hostPath": {"path": str(cgroup2_root()),
+                                                                "type": "Directory"}}]}}}})}],
+        }
+        (overlay / "kustomization.yaml").write_text(json.dumps(kustomization, indent=2))
+        c.kubectl("apply", "-k", str(overlay), timeout=180)
+
+    def _mesh_object_for_deploy(self, c: LabCluster) -> None:
+        access = {"endpoints": [f"https://{c.nodes[0].netns.address}:{STORE_NODE_PORT}"],
+                  "tls": {"secretName": "clustermesh-access-remote", "secretNamespace": "clustermesh-system"}}
+        mesh = {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": "default"},
+                "spec": {"localCluster": {"name": c.name, "id": c.index}, "access": access}}
+        c.kubectl("apply", "-f", "-", stdin=json.dumps(mesh))
+
+    def _wait_deployed(self, c: LabCluster) -> None:
+        for what in ("deployment/clustermesh-store", "daemonset/clustermesh-agent"):
+            try:
+                c.kubectl("-n", "clustermesh-system", "rollout", "status", what, "--timeout=240s", timeout=260)
+            except ServerError as exc:
+                raise ServerError(f"{exc}; see kubectl --context {c.name} -n clustermesh-system get pods, "
+                                  f"and logs under {c.directory / 'nodes'}/<node>/pods") from exc
 
     def _supervise(self, *processes: Process) -> None:
         for p in processes:
@@ -429,7 +500,7 @@ class LabMesh:
             "tag": self.tag, "supervisor": os.getpid(), "supervisor_start": process_start(os.getpid()),
             "directory": str(self.directory),
             "kubeconfig": str(self.kubeconfig), "cgroup_root": str(self.cgroup_root),
-            "netns_prefix": f"cml-{self.tag}-",
+            "netns_prefix": f"cml-{self.tag}-", "from_manifests": self.from_manifests,
             "nodes": {n.name: {"cluster": c.name, "netns": n.netns.netns, "cgroup": str(n.cgroup),
                                "pin_dir": str(n.pin_dir), "address": n.netns.address, "pod_cidr": n.pod_cidr}
                       for c in self.clusters for n in c.nodes},

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from clustermesh import metrics, schema
 from clustermesh.agent.remote import RemoteCluster, remote_config_from_spec
-from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVClient, KVStoreError
 from clustermesh.operator.export import ClusterIdentity, export_node, export_service
 from clustermesh.operator.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
@@ -52,6 +54,9 @@ class OperatorConfig:
     """Seconds between full listings that remove objects whose deletion event was missed."""
     watch_remotes: bool = True
     """Connect to every remote of spec.clusters and report its readiness in status.remotes."""
+    secret_refresh: float = 10.0
+    """Seconds between two reads of the remotes' Secrets: a rotated Secret makes a new
+    connection to that remote, without a restart."""
     peering: str | None = None
     """kopf peering name; with it, a replica that sees a higher-priority live peer stops."""
     priority: int = 0
@@ -89,7 +94,10 @@ class Operator:
         self.problems = ProblemLog("operator")
         self.remote_names: list[str] = []
         self.remotes: dict[str, RemoteCluster] = {}
-        self._remote_specs: dict[str, dict[str, Any]] = {}
+        self._remote_specs: dict[str, tuple[str, str | None]] = {}
+        self._mesh_spec: Mapping[str, Any] = {}
+        self._next_secret_check = 0.0
+        self._remotes_lock = threading.Lock()  # ClusterMesh events and the Secret check, in threads
         self._secrets_dir = Path(tempfile.mkdtemp(prefix="clustermesh-operator-"))
         self.failed: str | None = None
         self._starting = False
@@ -132,7 +140,10 @@ class Operator:
             await asyncio.to_thread(self._sync_remotes, spec)
         local = spec.get("localCluster") or {}
         try:
-            identity = ClusterIdentity(local.get("name"), local.get("id"))  # type: ignore[arg-type]
+            identity = ClusterIdentity(
+                local.get("name"), local.get("id"),  # type: ignore[arg-type]
+                _max_connected_clusters(spec),
+            )
         except schema.SchemaError as exc:
             self.problems.report(f"clustermesh/{self.config.mesh_name}", [f"invalid localCluster: {exc}"])
             return
@@ -142,26 +153,68 @@ class Operator:
         elif self.identity is not None and identity != self.identity:
             self.problems.report(
                 f"clustermesh/{self.config.mesh_name}",
-                [f"localCluster changed to {identity.name}/{identity.id} while exporting as "
-                 f"{self.identity.name}/{self.identity.id}: restart the operator to apply it"],
+                [f"localCluster changed to {identity.name}/{identity.id} (maxConnectedClusters "
+                 f"{identity.max_connected_clusters}) while exporting as {self.identity.name}/{self.identity.id} "
+                 f"(maxConnectedClusters {self.identity.max_connected_clusters}): restart the operator to apply it"],
             )
 
     def _sync_remotes(self, spec: Mapping[str, Any]) -> None:
-        """One RemoteCluster per spec.clusters entry, restarted when its entry changes."""
+        """One RemoteCluster per spec.clusters entry, made again when its entry or the
+        Secret it references changes (credentials rotated)."""
+        with self._remotes_lock:
+            self._sync_remotes_locked(spec)
+
+    def _sync_remotes_locked(self, spec: Mapping[str, Any]) -> None:
+        self._mesh_spec = spec
+        try:
+            max_id = schema.validate_max_connected_clusters(_max_connected_clusters(spec))
+        except schema.SchemaError:
+            max_id = schema.MAX_CLUSTER_ID  # reported with the identity; remotes keep the default
         wanted = {str(c.get("name")): dict(c) for c in spec.get("clusters") or []}
-        for name in [n for n in self.remotes if wanted.get(n) != self._remote_specs.get(n)]:
+        versions: dict[str, tuple[str, str | None]] = {}
+        for name, entry in wanted.items():
+            secret = self._secret_fingerprint(entry)
+            old = self._remote_specs.get(name)
+            if secret is None and old is not None:
+                secret = old[1]  # unreadable just now: keep the connection we have
+            versions[name] = (schema.encode({"entry": entry, "max": max_id}), secret)
+        for name in [n for n in self.remotes if versions.get(n) != self._remote_specs.get(n)]:
+            if name in versions:
+                log.info("remote %s: its ClusterMesh entry or Secret changed; connecting again", name)
             self.remotes.pop(name).stop()
             self._remote_specs.pop(name, None)
         for name, entry in wanted.items():
             if name in self.remotes:
                 continue
             try:
-                config = remote_config_from_spec(self.kube, entry, self._secrets_dir, "kube-system")
-                self.remotes[name] = RemoteCluster(config).start()
+                config = remote_config_from_spec(self.kube, entry, self._secrets_dir, REMOTE_SECRETS_NAMESPACE)
+                self.remotes[name] = RemoteCluster(config, max_cluster_id=max_id).start()
             except (KubeError, KVStoreError, KeyError, ValueError, IndexError) as exc:
                 self.problems.report(f"remote/{name}", [f"cannot connect: {exc}"])
                 continue
-            self._remote_specs[name] = entry
+            self.problems.report(f"remote/{name}", [])
+            self._remote_specs[name] = versions[name]
+
+    def _secret_fingerprint(self, entry: Mapping[str, Any]) -> str | None:
+        """A digest of the Secret an entry references ("" for none); None when it cannot be read."""
+        tls = entry.get("tls") or {}
+        if not isinstance(tls, dict) or not tls.get("secretName"):
+            return ""
+        try:
+            data = self.kube.get_secret(tls.get("secretNamespace") or REMOTE_SECRETS_NAMESPACE, tls["secretName"])
+        except KubeError:
+            return None
+        digest = hashlib.sha256()
+        for key in sorted(data):
+            digest.update(key.encode() + b"\0" + hashlib.sha256(data[key]).digest())
+        return digest.hexdigest()
+
+    async def _refresh_secrets(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if not self.config.watch_remotes or not self._mesh_spec or now < self._next_secret_check:
+            return
+        self._next_secret_check = now + self.config.secret_refresh
+        await asyncio.to_thread(self._sync_remotes, self._mesh_spec)
 
     # ------------------------------------------------------------ changes
 
@@ -238,7 +291,11 @@ class Operator:
             len(self.state.nodes), asyncio.get_running_loop().time() - started,
         )
         self.writer = SyncStore(self.kv, identity.name, self.config.writer)
-        self.writer.set(schema.cluster_config_key(identity.name), schema.ClusterConfig(identity.id).encode())
+        config = schema.ClusterConfig(identity.id, max_connected_clusters=identity.max_connected_clusters)
+        self.writer.set(schema.cluster_config_key(identity.name), config.encode())
+        # Cilium's promise that a cluster-config exists: its readers wait for it instead of
+        # taking this store for one written before cluster-configs.
+        self.writer.set(schema.HAS_CLUSTER_CONFIG_KEY, "true")
         self._export(self.state.refs())
         self._spawn("store-writer", self.writer.run())
         self._spawn("initial-sync", self._initial_sync())
@@ -264,6 +321,12 @@ class Operator:
             await asyncio.sleep(self.config.resync_interval)
             refs = await self._list_everything()
             self._export(refs)
+            assert self.identity is not None and self.writer is not None
+            try:
+                await self.writer.verify([schema.services_cluster_prefix(self.identity.name),
+                                          schema.nodes_cluster_prefix(self.identity.name)])
+            except KVStoreError as exc:  # the writer reports the store's state; try next time
+                log.debug("verifying the store failed: %s", exc)
 
     def _spawn(self, name: str, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -283,7 +346,7 @@ class Operator:
 
     async def stop(self) -> None:
         for rc in self.remotes.values():
-            rc.stop()
+            await asyncio.to_thread(rc.stop)
         shutil.rmtree(self._secrets_dir, ignore_errors=True)
         for task in self._tasks:
             task.cancel()
@@ -392,6 +455,7 @@ class Operator:
     async def _status_loop(self) -> None:
         while True:
             await self._check_peering()
+            await self._refresh_secrets()
             status = self.status_payload()
             if status != self._last_status:
                 try:
@@ -401,6 +465,12 @@ class Operator:
                     log.warning("%s", exc)
                     metrics.ERRORS.labels("operator", "kube-api").inc()
             await asyncio.sleep(self.config.status_interval)
+
+
+def _max_connected_clusters(spec: Mapping[str, Any]) -> int:
+    """spec.maxConnectedClusters (255 when absent): the bound of every cluster ID in the mesh."""
+    value = spec.get("maxConnectedClusters")
+    return schema.MAX_CLUSTER_ID if value is None else value
 
 
 def _now() -> str:

@@ -6,9 +6,11 @@ task makes it so:
 - coalescing: a key is written at most once per ``min_interval``; a burst of
   changes to one Service becomes a few writes of its latest value;
 - skip-unchanged: a value equal to the last one written is not sent again;
-- one lease for every key, kept alive from a thread; when it is lost (etcd
-  was away longer than the TTL), a new lease is granted and every key is
-  written again;
+- one lease for every key (15 minutes, as Cilium's), kept alive from a thread;
+  when it is lost (etcd was away longer than the TTL, or was wiped: a write
+  then says "lease not found"), a new lease is granted and every key is
+  written again. A new writer (restart, leader change) writes every key under
+  its own lease; the old lease, holding nothing any more, expires by itself;
 - retries with exponential backoff (tenacity) while the desired state keeps
   moving, so the store converges to the latest state once etcd is back;
 - after the first full pass, keys under the managed prefixes that are not
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics, schema
-from clustermesh.kvstore import KVClient, KVStoreError, LeaseKeeper
+from clustermesh.kvstore import KeyValue, KVClient, KVStoreError, LeaseKeeper, LeaseNotFound
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,12 @@ MAX_RECORD_BYTES = 1024 * 1024
 
 @dataclass
 class WriterSettings:
-    lease_ttl: int = 15
-    """Seconds. Records of a dead writer disappear this long after its last keep-alive."""
+    lease_ttl: int = 900
+    """Seconds. Records of a dead writer disappear this long after its last keep-alive.
+    Cilium's kvstore lease is 15 minutes too: long enough that an operator paused, restarting
+    or handing over to another replica never takes its cluster's records with it. A new
+    writer rewrites every record under its own lease and its first full pass deletes what
+    the previous one left, so a long lease does not keep stale records around."""
     min_interval: float = 0.25
     """Seconds between two writes of the same key; changes in between are coalesced."""
     heartbeat_interval: float = 60.0
@@ -145,6 +151,42 @@ class SyncStore:
         self.synced = True
         return len(stale)
 
+    async def verify(self, prefixes: Iterable[str]) -> int:
+        """Compare the store with what we wrote, and make it so again: a record missing,
+        changed, or on another lease than ours is written again; one under ``prefixes``
+        that we do not want is deleted. Returns how many keys were wrong.
+
+        Two writers can meet: a replica that took over while this one was paused writes
+        every record under its own lease, then sees us again, yields and exits. Its lease,
+        no longer kept alive, would take those records with it 15 minutes later, while our
+        cache says they are written. The periodic resync calls this to catch that."""
+        if self._lease is None or not self.synced:
+            return 0  # the first full pass does this anyway
+        lease = self._lease.lease_id
+        prefixes = tuple(prefixes)
+        seen: dict[str, KeyValue] = {}
+        for prefix in prefixes:
+            seen.update((await self._etcd("list", self.client.list_prefix, prefix)).items)
+        for key in self.desired:
+            if not key.startswith(prefixes) and key != schema.HEARTBEAT_KEY:
+                listing = await self._etcd("list", self.client.list_prefix, key)
+                if key in listing.items:
+                    seen[key] = listing.items[key]
+        wrong = [k for k, v in self.desired.items()
+                 if k != schema.HEARTBEAT_KEY and (k not in seen or seen[k].value != v or seen[k].lease != lease)]
+        wrong += [k for k in seen if k not in self.desired]
+        for key in wrong:
+            if key in self.desired:
+                self.written.pop(key, None)
+            else:
+                self.written[key] = ""
+            self._mark(key)
+        if wrong:
+            log.warning("%d records in the store were not as this writer left them (another writer, or "
+                        "a lost lease); writing them again: %s", len(wrong), ", ".join(sorted(wrong)[:5]))
+            metrics.ERRORS.labels("operator", "store-drift").inc()
+        return len(wrong)
+
     # ------------------------------------------------------------ the worker
 
     async def run(self) -> None:
@@ -216,7 +258,14 @@ class SyncStore:
                 puts[key] = value
         if puts or deletes:
             lease = self._lease.lease_id if self._lease else None
-            await self._etcd("txn", self.client.apply, puts, deletes, lease)
+            try:
+                await self._etcd("txn", self.client.apply, puts, deletes, lease)
+            except LeaseNotFound:
+                # Gone before the keeper noticed (the store was wiped or the lease expired
+                # while we were away): the retry gets a new lease and rewrites everything.
+                if self._lease is not None:
+                    self._lease.lost.set()
+                raise
             stamp = time.monotonic()
             for key, value in puts.items():
                 self.written[key] = value

@@ -7,6 +7,12 @@ that the new listing no longer has: a reconnect never drains the consumer,
 and nothing stale survives it. Consumers see only ``on_upsert``/``on_delete``
 (plus ``on_synced`` after the first complete listing).
 
+A revision lower than one already seen (in a listing or an event) means the
+store behind a proxy was replaced (wiped and restarted): the listing is then
+taken as the whole truth. A proxy in front of such a store keeps its watches
+waiting for revisions the new store has not reached, so it is the owner's
+probe (``RemoteCluster``) that notices and calls ``resync()``.
+
 Runs in its own thread: the etcd client's watch is a blocking iterator.
 """
 
@@ -52,7 +58,14 @@ class WatchStore:
         self.connected = False
         self.last_error: str | None = None
         self.revision = 0
+        self.max_revision = 0
+        """The highest store revision seen (listing or event). A lower one later means the
+        store behind a proxy was replaced (wiped and restarted): what we have is from
+        another store, so we list again."""
+        self.replaced = 0
+        self.listings = 0
         self._stop = threading.Event()
+        self._resync = threading.Event()
         self._watch: Watch | None = None
         self._thread: threading.Thread | None = None
 
@@ -74,7 +87,9 @@ class WatchStore:
             self._thread.join(timeout=10)
 
     def resync(self) -> None:
-        """List again now (e.g. the data looks stale): ends the current watch."""
+        """List again now (e.g. the data looks stale): ends the current watch. A request
+        made while listing or creating the watch is kept for right after."""
+        self._resync.set()
         watch = self._watch
         if watch is not None:
             watch.cancel()
@@ -117,9 +132,13 @@ class WatchStore:
     def _list_and_watch(self) -> None:
         if self._stop.is_set():
             return
+        self._resync.clear()  # this listing answers every request made so far
         listing = self.client.list_prefix(self.prefix)
+        self.listings += 1
         self.connected = True
         self.last_error = None
+        if listing.revision < self.max_revision:
+            self._store_replaced(self.max_revision, listing.revision)
         fresh = {k: kv.value for k, kv in listing.items.items()}
         for key, value in fresh.items():
             if self.cache.get(key) != value:
@@ -128,18 +147,23 @@ class WatchStore:
         for key in [k for k in self.cache if k not in fresh]:  # deleted while we were away
             del self.cache[key]
             self.observer.on_delete(key)
-        self.revision = listing.revision
+        self.revision = self.max_revision = listing.revision
         if not self.synced.is_set():
             self.synced.set()
             self.observer.on_synced()
         watch = self.client.watch_prefix(self.prefix, start_revision=listing.revision + 1)
         self._watch = watch
-        if self._stop.is_set():
+        if self._stop.is_set() or self._resync.is_set():
             watch.cancel()
+            self._watch = None
             return
         try:
             for event in watch:
-                self.revision = event.revision
+                if event.revision < self.max_revision:
+                    # Not from the store we listed: the listing that follows is the truth.
+                    self._store_replaced(self.max_revision, event.revision)
+                    return
+                self.revision = self.max_revision = event.revision
                 if event.kind == "put" and event.value is not None:
                     if self.cache.get(event.key) != event.value:
                         self.cache[event.key] = event.value
@@ -158,6 +182,12 @@ class WatchStore:
         finally:
             watch.cancel()
             self._watch = None
+
+    def _store_replaced(self, seen: int, now: int) -> None:
+        self.replaced += 1
+        log.warning("[%s] store revision went back from %d to %d: the store was replaced; listing again "
+                    "and dropping what it no longer has", self.name, seen, now)
+        metrics.ERRORS.labels("reader", "store-replaced").inc()
 
 
 class CallbackObserver:

@@ -43,13 +43,13 @@ def _prereqs() -> None:
 
 
 class Lab:
-    def __init__(self, directory: Path, clusters: int = 2, nodes: int = 2) -> None:
+    def __init__(self, directory: Path, clusters: int = 2, nodes: int = 2, *extra: str) -> None:
         self.dir = directory
         self.log = directory.parent / f"{directory.name}-up.log"
         self.out = self.log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "clustermesh.cli", "lab", "up", "--dir", str(directory),
-             "--clusters", str(clusters), "--nodes", str(nodes)],
+             "--clusters", str(clusters), "--nodes", str(nodes), *extra],
             stdout=self.out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
         )
         deadline = time.monotonic() + 240

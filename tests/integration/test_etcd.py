@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import pytest
 
-from clustermesh.kvstore import KVClient, KVUnavailable, LeaseKeeper, WatchEvent
+from clustermesh.kvstore import KVClient, KVUnavailable, LeaseKeeper, LeaseNotFound, WatchEvent
 
 
 def test_put_get_list_delete(kv: KVClient) -> None:
@@ -91,3 +93,33 @@ def test_unreachable_etcd_raises_kvunavailable() -> None:
 
     with KVClient(f"http://127.0.0.1:{free_port()}", timeout=1) as client, pytest.raises(KVUnavailable):
         client.get("x")
+
+
+def test_a_write_under_a_missing_lease_raises_lease_not_found(kv: KVClient) -> None:
+    lease = kv.grant_lease(60)
+    kv.revoke_lease(lease)  # what a wiped store or an expired lease looks like to the writer
+    with pytest.raises(LeaseNotFound):
+        kv.apply({"leased/x": "v"}, [], lease)
+    with pytest.raises(LeaseNotFound):
+        kv.put("leased/x", "v", lease=lease)
+    assert kv.get("leased/x") is None
+
+
+def test_probe_reports_the_revision_and_a_frozen_proxy_by_its_deadline(
+    kv: KVClient, etcd_server, etcd_proxy_factory
+) -> None:
+    kv.put("ns/cilium/x", "1")
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="ns/")
+    with KVClient(proxy.url) as remote:
+        assert remote.probe("cilium/.heartbeat", 2.0) == kv.revision()
+        pid = proxy.process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(KVUnavailable):
+                remote.probe("cilium/.heartbeat", 1.0)
+            assert time.monotonic() - start < 3, "the probe's own deadline, not the client's"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert remote.probe("cilium/.heartbeat", 2.0) == kv.revision()

@@ -6,6 +6,7 @@ killed) with its own cluster name, ClusterMesh object, namespace and store.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from clustermesh import schema
 from clustermesh.kvstore import KVClient
 from clustermesh.lab.kubeapi import KubeAPI, eventually
 from clustermesh.lab.servers import free_port
-from tests.kubectl import apply_crds, apply_peering
+from tests.kubectl import apply_crds, apply_object, apply_peering, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 GLOBAL = {"service.cilium.io/global": "true"}
@@ -252,11 +253,16 @@ def test_bad_input_is_logged_counted_and_skipped(
 
 
 def test_restart_leaves_nothing_stale(api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators) -> None:
+    """The default lease (15 minutes) outlives the test: what goes, the new operator's first
+    full pass removed; what stays, it took over under its own lease."""
     for name in ("a", "b"):
         api.create(service(namespace, name, GLOBAL))
         api.create(endpoint_slice(namespace, f"{name}-1", name, [("10.244.4.1", True)]))
     op = operators()
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}))
+    old_lease = kv.list_prefix(schema.service_key(cluster, namespace, "a")).items[
+        schema.service_key(cluster, namespace, "a")].lease
+    assert old_lease and kv.lease_ttl(old_lease) > 60
     op.kill()
     # While it is down: delete a, change b, add c.
     api.delete("Service", namespace, "a")
@@ -269,8 +275,14 @@ def test_restart_leaves_nothing_stale(api: KubeAPI, kv: KVClient, namespace: str
         {k: set(v["backends"]) for k, v in records(kv, cluster, namespace).items()},
         {"b": {"10.244.4.2"}, "c": set()},
     ))
+    assert kv.lease_ttl(old_lease) > 0, "a was deleted by the cleanup, not by its lease running out"
     marker = kv.get(schema.synced_key(cluster, schema.SERVICES_PREFIX))
     assert marker is not None and schema.parse_rfc3339(marker)
+
+    def taken_over() -> None:  # every record of the cluster is on the new operator's lease
+        mine = [kv_ for k, kv_ in kv.list_prefix("cilium/").items.items() if f"/{cluster}" in k]
+        assert mine and all(item.lease not in (0, old_lease) for item in mine)
+    eventually(taken_over)
 
 
 def test_store_converges_after_etcd_outage(
@@ -384,21 +396,40 @@ def _assert_eq(actual: object, expected: object) -> None:
     assert actual == expected
 
 
+def own_peering(kubeconfig: str, cluster: str) -> str:
+    """A peering object for one test: peers of other tests (killed, but alive in the object
+    for their lifetime) must not pause or outrank this test's operators."""
+    apply_peering(kubeconfig)  # the CRD (and the shared object, unused here)
+    name = f"peering-{cluster}"
+    apply_object(kubeconfig, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                              "metadata": {"name": name}})
+    return name
+
+
 def test_peering_elects_one_writer_and_fails_over(
     api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators, kubeconfig: str
 ) -> None:
-    apply_peering(kubeconfig)
+    peering = own_peering(kubeconfig, cluster)
     api.create(service(namespace, "a", GLOBAL))
-    active = operators("--peering", "clustermesh", "--priority", "200")
+    active = operators("--peering", peering, "--priority", "200")
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
-    standby = operators("--peering", "clustermesh", "--priority", "100")
+    standby = operators("--peering", peering, "--priority", "100")
     eventually(lambda: _assert_true("Initial authentication has finished" in standby.log.read_text()))
-    time.sleep(4)  # kopf starts paused and stays so while a higher priority peer is alive
+    # kopf starts paused and stays so while a higher-priority peer is alive. Proof that the
+    # standby had its chance to write: its own peering entry is in, and a later change was
+    # exported (by the active one) meanwhile.
+    def joined() -> None:
+        peers = json.loads(kubectl(kubeconfig, "get", "clusterkopfpeering", peering, "-o", "json"))
+        assert len(peers.get("status") or {}) >= 2
+    eventually(joined, timeout=30)
+    api.create(service(namespace, "while-standing-by", GLOBAL))
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "while-standing-by"}))
     assert "Resuming operations" not in standby.log.read_text()
     assert "exporting cluster" not in standby.log.read_text()
     active.kill()
     api.create(service(namespace, "b", GLOBAL))  # only the standby can export this one
-    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}), timeout=45)
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "while-standing-by", "b"}),
+               timeout=45)
     assert "Resuming operations" in standby.log.read_text()
 
 
@@ -422,11 +453,11 @@ def test_identity_the_crd_would_reject_is_refused(kubeconfig: str, crds: None, e
 def test_a_replica_outranked_later_stops_writing_and_exits(
     api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators, kubeconfig: str
 ) -> None:
-    apply_peering(kubeconfig)
+    peering = own_peering(kubeconfig, cluster)
     api.create(service(namespace, "a", GLOBAL))
-    low = operators("--peering", "clustermesh", "--priority", "250")
+    low = operators("--peering", peering, "--priority", "250")
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
-    operators("--peering", "clustermesh", "--priority", "300")
+    operators("--peering", peering, "--priority", "300")
     assert low.proc is not None
     eventually(lambda: _assert_true(low.proc.poll() is not None), timeout=30)
     assert "higher-priority replica is active" in low.log.read_text()
@@ -459,3 +490,81 @@ def test_status_reports_each_remote(
             {"name": "far", "connected": True, "ready": True, "services": 1, "nodes": 0}]
         assert status.get("remoteClusters") == "far"
     eventually(remote_ready, timeout=30)
+
+
+def test_cluster_config_follows_the_mesh_as_cilium_writes_it(
+    kv: KVClient, cluster: str, operators, kubeconfig: str, crds: None
+) -> None:
+    """An ID above 255 with maxConnectedClusters 511, and Cilium's has-cluster-config key."""
+    apply_object(kubeconfig, {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh",
+                              "metadata": {"name": f"mesh-{cluster}"},
+                              "spec": {"localCluster": {"name": cluster, "id": 300}, "maxConnectedClusters": 511}})
+    operators(cluster_id=300)
+
+    def written() -> None:
+        raw = kv.get(schema.cluster_config_key(cluster))
+        assert raw is not None
+        assert json.loads(raw) == {"id": 300, "capabilities": {"syncedCanaries": True, "maxConnectedClusters": 511}}
+        assert kv.get(schema.HAS_CLUSTER_CONFIG_KEY) == "true"
+    eventually(written, timeout=30)
+
+
+def test_a_rotated_secret_reconnects_the_remote(
+    kv: KVClient, etcd_server, etcd_proxy_factory, cluster: str, operators, kubeconfig: str
+) -> None:
+    """The remote's Secret first holds a CA the (plain-text) proxy cannot satisfy; rotating it
+    makes the operator connect again, without a restart."""
+    kv.put("rot/" + schema.cluster_config_key("rot"), schema.ClusterConfig(43).encode())
+    for prefix in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
+        kv.put("rot/" + schema.synced_key("rot", prefix), schema.rfc3339_now())
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="rot/")
+    secret = f"access-{cluster}"
+    apply_object(kubeconfig, {"apiVersion": "v1", "kind": "Secret",
+                              "metadata": {"name": secret, "namespace": "default"},
+                              "data": {"ca.crt": base64.b64encode(b"not a certificate").decode()}})
+    try:
+        operators()
+        mesh = f"mesh-{cluster}"
+        eventually(lambda: _assert_true(subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "clustermesh",
+                                                        mesh], capture_output=True).returncode == 0))
+        entry = {"name": "rot", "id": 43, "endpoints": [proxy.url],
+                 "tls": {"secretName": secret, "secretNamespace": "default"}}
+        kubectl(kubeconfig, "patch", "clustermesh", mesh, "--type=merge", "-p",
+                json.dumps({"spec": {"clusters": [entry]}}))
+
+        def remote_status() -> dict[str, Any]:
+            out = kubectl(kubeconfig, "get", "clustermesh", mesh, "-o", "json")
+            remotes = (json.loads(out).get("status") or {}).get("remotes") or []
+            assert len(remotes) == 1
+            return dict(remotes[0])
+
+        eventually(lambda: _assert_eq({k: remote_status()[k] for k in ("connected", "ready")},
+                                      {"connected": False, "ready": False}), timeout=30)
+        kubectl(kubeconfig, "patch", "secret", secret, "-n", "default", "--type=json", "-p",
+                json.dumps([{"op": "remove", "path": "/data/ca.crt"}]))
+        eventually(lambda: _assert_eq(remote_status(), {"name": "rot", "connected": True, "ready": True,
+                                                        "services": 0, "nodes": 0}), timeout=40)
+    finally:
+        kubectl(kubeconfig, "delete", "secret", secret, "-n", "default", "--ignore-not-found")
+
+
+def test_a_paused_operator_keeps_its_records(api: KubeAPI, kv: KVClient, namespace: str, cluster: str,
+                                             operators) -> None:
+    """SIGSTOP (a long GC pause, a frozen node) for longer than the old 15 s lease, with the
+    default settings: the records stay, and the operator carries on when it resumes."""
+    api.create(service(namespace, "a", GLOBAL))
+    api.create(endpoint_slice(namespace, "a-1", "a", [("10.244.9.1", True)]))
+    op = operators()
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
+    assert op.proc is not None
+    op.proc.send_signal(signal.SIGSTOP)
+    paused = time.monotonic()
+    try:
+        while time.monotonic() - paused < 17:
+            assert set(records(kv, cluster, namespace)) == {"a"}, f"gone {time.monotonic() - paused:.1f}s in"
+            assert kv.get(schema.cluster_config_key(cluster)) is not None
+            time.sleep(0.5)
+    finally:
+        op.proc.send_signal(signal.SIGCONT)
+    api.create(service(namespace, "b", GLOBAL))
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}))

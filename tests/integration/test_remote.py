@@ -126,18 +126,74 @@ def test_expired_records_leave_at_once_and_remove_drains(proxied) -> None:
         rc.stop()
 
 
-def test_a_stale_heartbeat_counts_as_unreachable(proxied) -> None:
+def test_a_stale_heartbeat_lists_again_and_withdraws_nothing(proxied) -> None:
     kv, proxy = proxied
     export(kv, "c2/")
     kv.put("c2/" + schema.HEARTBEAT_KEY, schema.rfc3339_now())
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=1.0, heartbeat_timeout=2.0).start()
+    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=1.0, heartbeat_timeout=2.0,
+                       probe_interval=0.2).start()
     try:
         eventually(lambda: _eq(rc.usable(), True))
-        # The operator stops refreshing: connected stores, but a frozen view.
-        eventually(lambda: _eq(rc.usable(), False), timeout=10)
-        assert rc.heartbeat_stale
+        listings = [s.listings for s in rc._stores]
+        # The operator stops refreshing (paused, restarting): its records are still right.
+        eventually(lambda: _eq(rc.heartbeat_relists, 1), timeout=10)
+        eventually(lambda: _eq(all(s.listings > n for s, n in zip(rc._stores, listings, strict=True)), True))
+        assert rc.heartbeat_stale and rc.connected and rc.usable(), "a stale heartbeat alone withdraws nothing"
         kv.put("c2/" + schema.HEARTBEAT_KEY, schema.rfc3339_now())
-        eventually(lambda: _eq(rc.usable(), True), timeout=10)
+        eventually(lambda: _eq(rc.heartbeat_stale, False), timeout=10)
+    finally:
+        rc.stop()
+
+
+def test_a_node_with_another_cluster_id_is_refused(proxied) -> None:
+    kv, proxy = proxied
+    export(kv, "c2/")
+    bad = Node("n9", NAME, 9, (NodeAddress("InternalIP", "192.168.2.9"),), "10.245.9.0/24")
+    kv.put("c2/" + bad.key, bad.encode())
+    rc = remote(proxy.url)
+    try:
+        eventually(lambda: _eq(rc.ready, True))
+        eventually(lambda: _eq(bad.key in rc._problems, True))
+        assert set(rc.nodes) == {"n1"} and "ClusterID 9" in rc._problems[bad.key]
+        fixed = Node("n9", NAME, ID, (NodeAddress("InternalIP", "192.168.2.9"),), "10.245.9.0/24")
+        kv.put("c2/" + fixed.key, fixed.encode())
+        eventually(lambda: _eq(set(rc.nodes), {"n1", "n9"}))
+    finally:
+        rc.stop()
+
+
+def test_ids_up_to_511_when_the_mesh_allows_them(kv: KVClient, etcd_server, etcd_proxy_factory) -> None:
+    name, cid = "big", 400
+    kv.put("big/" + schema.cluster_config_key(name), ClusterConfig(cid, max_connected_clusters=511).encode())
+    svc = ClusterService(name, "ns", "echo", cid, backends={"10.246.0.1": {"http": PortConfig("TCP", 8080)}})
+    kv.put("big/" + svc.key, svc.encode())
+    node = Node("n1", name, cid, (NodeAddress("InternalIP", "192.168.4.1"),), "10.246.0.0/24")
+    kv.put("big/" + node.key, node.encode())
+    for p in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
+        kv.put("big/" + schema.synced_key(name, p), schema.rfc3339_now())
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="big/")
+    wide = RemoteCluster(RemoteConfig(name, cid, proxy.url), max_cluster_id=511).start()
+    narrow = RemoteCluster(RemoteConfig(name, cid, proxy.url)).start()
+    try:
+        eventually(lambda: _eq((wide.ready, set(wide.services), set(wide.nodes)), (True, {("ns", "echo")}, {"n1"})))
+        eventually(lambda: _eq("outside 1..255" in str(narrow.status().get("lastFailure")), True))
+        eventually(lambda: _eq(len(narrow._problems), 3))  # config, service and node refused
+        assert not narrow.ready and narrow.services == {} and narrow.nodes == {}
+    finally:
+        wide.stop()
+        narrow.stop()
+
+
+def test_a_remote_without_synced_canaries_is_trusted_once_listed(proxied) -> None:
+    """What cilium-operator writes in kvstore mode: a cluster-config without the syncedCanaries
+    capability, and never a synced marker. Cilium trusts such a remote at once."""
+    kv, proxy = proxied
+    export(kv, "c2/", synced=False)
+    kv.put("c2/" + schema.cluster_config_key(NAME), '{"id":2,"capabilities":{"maxConnectedClusters":255}}')
+    rc = remote(proxy.url)
+    try:
+        eventually(lambda: _eq((rc.ready, set(rc.services), set(rc.nodes)), (True, {("ns", "echo")}, {"n1"})))
+        assert rc.usable()
     finally:
         rc.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 from clustermesh.kvstore import KVClient
@@ -77,3 +78,34 @@ def test_reconnect_keeps_cache_and_removes_only_what_is_gone(kv: KVClient, etcd_
 
 def _eq(a: object, b: object) -> None:
     assert a == b
+
+
+def test_a_store_replaced_behind_the_proxy_is_relisted_on_request(etcd_server, etcd_proxy_factory) -> None:
+    """A proxy in front of an etcd that is wiped and restarted on the same port keeps its
+    watches waiting for revisions the new store has not reached: a frozen view. The next
+    listing (RemoteCluster's probe asks for it when the revision goes back) shows a lower
+    revision: the store was replaced, and what the new listing lacks is deleted."""
+    with KVClient(etcd_server.url) as kv:
+        for i in range(10):
+            kv.put(f"ns/cilium/state/k{i}", "old")
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="ns/")
+    rec = Recorder()
+    with KVClient(proxy.url, timeout=2) as remote:
+        store = WatchStore(remote, "cilium/state/", rec.observer(), name="remote", backoff_max=0.5).start()
+        try:
+            assert rec.synced.wait(10)
+            assert len(rec.state) == 10 and store.max_revision >= 11
+            etcd_server.stop()
+            shutil.rmtree(etcd_server.directory / "data")
+            etcd_server.start()
+            with KVClient(etcd_server.url) as kv:
+                kv.put("ns/cilium/state/k1", "new")
+                kv.put("ns/cilium/state/fresh", "new")
+                before = store.listings
+                store.resync()
+                eventually(lambda: _eq(rec.state, {"cilium/state/k1": "new", "cilium/state/fresh": "new"}))
+                assert store.replaced == 1 and store.listings == before + 1
+                kv.put("ns/cilium/state/after", "x")  # and the watch follows the new store
+                eventually(lambda: _eq(rec.state.get("cilium/state/after"), "x"))
+        finally:
+            store.stop()

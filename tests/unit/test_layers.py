@@ -25,6 +25,7 @@ PURE = [
     "operator/state.py",
     "agent/merge.py",
     "agent/routing.py",
+    "agent/status_view.py",
     "datapath/model.py",
     "datapath/plan.py",
     "lab/node/spec.py",

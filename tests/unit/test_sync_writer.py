@@ -1,5 +1,6 @@
 """The store writer's scheduling, with an in-memory stand-in for etcd (no I/O):
-changes during a write, oversized records, stale keys of an earlier run."""
+changes during a write, oversized records, stale keys of an earlier run, and
+leases (kept alive, lost, taken over by the next writer)."""
 
 from __future__ import annotations
 
@@ -9,50 +10,105 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from clustermesh.kvstore import KeyValue, Listing
+from clustermesh.kvstore import KeyValue, LeaseNotFound, Listing
 from clustermesh.store.sync import MAX_RECORD_BYTES, SyncStore, WriterSettings
 
 
 class MemoryKV:
-    """What SyncStore calls on a KVClient, over a dict; ``gate`` can hold a write in flight."""
+    """What SyncStore calls on a KVClient, over a dict, with etcd's lease rules on a clock the
+    test moves (``advance``): a lease not kept alive for its TTL takes its keys with it, a
+    write naming a missing lease fails. ``gate`` can hold a write in flight."""
 
     endpoint = "memory://"
 
     def __init__(self) -> None:
         self.data: dict[str, str] = {}
+        self.key_lease: dict[str, int] = {}
+        self.leases: dict[int, float] = {}  # id -> expiry on self.now
+        self.ttls: dict[int, int] = {}
+        self.keepalives = 0
+        self.now = 0.0
         self.writes: list[dict[str, str]] = []
         self.gate = threading.Event()
         self.gate.set()
         self.in_flight = threading.Event()
+        self.lock = threading.RLock()
+        self._next_lease = 100
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+            self._expire()
+
+    def _expire(self) -> None:
+        for lease in [lid for lid, expiry in self.leases.items() if expiry <= self.now]:
+            self._drop_lease(lease)
+
+    def _drop_lease(self, lease: int) -> None:
+        self.leases.pop(lease, None)
+        for key in [k for k, lid in self.key_lease.items() if lid == lease]:
+            del self.key_lease[key]
+            self.data.pop(key, None)
 
     def apply(self, puts: dict[str, str], deletes: list[str], lease: int | None = None) -> None:
         self.in_flight.set()
         self.gate.wait(10)
-        self.data.update(puts)
-        for key in deletes:
-            self.data.pop(key, None)
-        self.writes.append(dict(puts))
-        self.in_flight.clear()
+        try:
+            with self.lock:
+                self._expire()
+                if lease is not None and lease not in self.leases:
+                    raise LeaseNotFound(f"txn: lease {lease} not found")
+                self.data.update(puts)
+                self.key_lease.update(dict.fromkeys(puts, lease or 0))
+                for key in deletes:
+                    self.data.pop(key, None)
+                    self.key_lease.pop(key, None)
+                self.writes.append(dict(puts))
+        finally:
+            self.in_flight.clear()
 
     def list_prefix(self, prefix: str) -> Listing:
-        return Listing({k: KeyValue(k, v, 1, 0) for k, v in self.data.items() if k.startswith(prefix)}, 1)
+        with self.lock:
+            self._expire()
+            return Listing({k: KeyValue(k, v, 1, self.key_lease.get(k, 0))
+                            for k, v in self.data.items() if k.startswith(prefix)}, 1)
 
     def grant_lease(self, ttl: int) -> int:
-        return 1
+        with self.lock:
+            self._next_lease += 1
+            self.leases[self._next_lease] = self.now + ttl
+            self.ttls[self._next_lease] = ttl
+            return self._next_lease
 
     def keepalive(self, lease_id: int) -> int:
-        return 10
+        with self.lock:
+            self._expire()
+            if lease_id not in self.leases:
+                return 0
+            self.leases[lease_id] = self.now + self.ttls[lease_id]
+            self.keepalives += 1
+            return self.ttls[lease_id]
 
     def revoke_lease(self, lease_id: int) -> None:
-        pass
+        with self.lock:
+            self._drop_lease(lease_id)
+
+    def wipe(self) -> None:
+        """The store was replaced by an empty one: no keys, no leases."""
+        with self.lock:
+            self.data.clear()
+            self.key_lease.clear()
+            self.leases.clear()
 
 
 SETTINGS = WriterSettings(lease_ttl=30, min_interval=0.05, heartbeat_interval=3600)
 
 
 @contextlib.asynccontextmanager
-async def running(kv: MemoryKV, preset: dict[str, str] | None = None) -> AsyncIterator[SyncStore]:
-    writer = SyncStore(kv, "c1", SETTINGS)  # type: ignore[arg-type]
+async def running(
+    kv: MemoryKV, preset: dict[str, str] | None = None, settings: WriterSettings = SETTINGS
+) -> AsyncIterator[SyncStore]:
+    writer = SyncStore(kv, "c1", settings)  # type: ignore[arg-type]
     for key, value in (preset or {}).items():
         writer.set(key, value)
     task = asyncio.create_task(writer.run())
@@ -131,5 +187,111 @@ def test_initial_sync_removes_what_an_earlier_run_left() -> None:
             assert set(kv.data) == {"cilium/state/services/v1/c1/ns/kept", "cilium/state/services/v1/c2/ns/other",
                                     "cilium/synced/c1/cilium/state/services/v1", "cilium/.heartbeat"}
             assert writer.synced
+
+    asyncio.run(scenario())
+
+
+SVC = "cilium/state/services/v1/c1/ns/"
+# A short TTL: the keeper refreshes every 0.5 s of real time; expiry is on the test's clock.
+SHORT = WriterSettings(lease_ttl=1, min_interval=0.05, heartbeat_interval=3600)
+
+
+def test_the_default_lease_outlives_an_operator_pause_as_cilium_s() -> None:
+    from clustermesh.cli import build_parser
+
+    assert WriterSettings().lease_ttl == 15 * 60
+    assert build_parser().parse_args(["operator"]).lease_ttl == 15 * 60, "what `clustermesh operator` runs with"
+
+
+def test_keep_alive_keeps_the_records_past_the_ttl() -> None:
+    async def scenario() -> None:
+        kv = MemoryKV()
+        async with running(kv, {SVC + "a": "1"}, SHORT) as writer:
+            await writer.flushed(2)
+            for _ in range(3):  # three TTLs in all, each refreshed in time
+                seen = kv.keepalives
+                kv.advance(0.6)
+                await _until(lambda: kv.keepalives > seen, timeout=3)  # noqa: B023
+            assert kv.data.get(SVC + "a") == "1"
+            assert len([w for w in kv.writes if SVC + "a" in w]) == 1, "kept alive, not rewritten"
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_lease_gets_a_new_one_and_every_record_is_written_again() -> None:
+    async def scenario() -> None:
+        kv = MemoryKV()
+        async with running(kv, {SVC + "a": "1", SVC + "b": "2"}, SHORT) as writer:
+            await writer.flushed(2)
+            first = kv.key_lease[SVC + "a"]
+            kv.advance(5)  # we were away longer than the TTL: etcd dropped lease and keys
+            assert SVC + "a" not in kv.data
+            await _until(lambda: kv.data.get(SVC + "a") == "1" and kv.data.get(SVC + "b") == "2", timeout=5)
+            assert kv.key_lease[SVC + "a"] != first and kv.key_lease[SVC + "a"] in kv.leases
+
+    asyncio.run(scenario())
+
+
+def test_a_wiped_store_is_noticed_by_the_next_write_and_everything_rewritten() -> None:
+    async def scenario() -> None:
+        kv = MemoryKV()
+        # The default TTL: the keeper would not notice for a long while; the write does.
+        async with running(kv, {SVC + "a": "1"}) as writer:
+            await writer.flushed(2)
+            kv.wipe()
+            writer.set(SVC + "b", "2")
+            await _until(lambda: kv.data.get(SVC + "a") == "1" and kv.data.get(SVC + "b") == "2", timeout=5)
+            assert set(kv.key_lease.values()) <= set(kv.leases)
+
+    asyncio.run(scenario())
+
+
+def test_a_graceful_stop_leaves_the_records_to_the_lease() -> None:
+    async def scenario() -> None:
+        kv = MemoryKV()
+        async with running(kv, {SVC + "a": "1"}, SHORT) as writer:
+            await writer.flushed(2)
+        assert kv.data.get(SVC + "a") == "1", "a restart must not blink records away"
+        kv.advance(2)  # nobody keeps the lease alive any more
+        assert SVC + "a" not in kv.data
+
+    asyncio.run(scenario())
+
+
+def test_a_new_writer_takes_the_records_over_and_the_old_lease_takes_nothing() -> None:
+    async def scenario() -> None:
+        kv = MemoryKV()
+        async with running(kv, {SVC + "a": "1", SVC + "gone": "x"}) as old:
+            await old.initial_sync([SVC], [])
+        old_lease = kv.key_lease[SVC + "a"]
+        # A restarted operator (or the next leader): "gone" was deleted meanwhile.
+        async with running(kv, {SVC + "a": "1", SVC + "b": "2"}) as new:
+            stale = await new.initial_sync([SVC], [])
+            assert stale == 1 and set(kv.data) >= {SVC + "a", SVC + "b"} and SVC + "gone" not in kv.data
+            assert old_lease in kv.leases, "deleted by the first full pass, not by an expiring lease"
+            assert all(lid != old_lease for lid in kv.key_lease.values())
+            kv.revoke_lease(old_lease)  # the old operator's lease ends (expiry, or its revoke)
+            assert kv.data.get(SVC + "a") == "1" and kv.data.get(SVC + "b") == "2"
+
+    asyncio.run(scenario())
+
+
+def test_verify_takes_back_records_another_writer_put_on_its_own_lease() -> None:
+    """A replica took over while this writer was paused, rewrote everything under its lease,
+    then yielded and exited: without verify, its lease would take our records with it."""
+    async def scenario() -> None:
+        kv = MemoryKV()
+        async with running(kv, {SVC + "a": "1", SVC + "b": "2", "cilium/cluster-config/c1": "{}"}) as writer:
+            await writer.initial_sync([SVC], [])
+            assert await writer.verify([SVC]) == 0, "nothing to fix when the store is as we left it"
+            mine = kv.key_lease[SVC + "a"]
+            other = kv.grant_lease(900)
+            kv.apply({SVC + "a": "1", SVC + "extra": "x", "cilium/cluster-config/c1": "{}"}, [], other)
+            assert await writer.verify([SVC]) == 3
+            await writer.flushed(2)
+            assert kv.key_lease[SVC + "a"] == mine and kv.key_lease["cilium/cluster-config/c1"] == mine
+            assert SVC + "extra" not in kv.data
+            kv.revoke_lease(other)  # the other replica's lease ends
+            assert kv.data.get(SVC + "a") == "1" and kv.data.get("cilium/cluster-config/c1") == "{}"
 
     asyncio.run(scenario())

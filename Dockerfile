@@ -1,0 +1,38 @@
+# One image for every clustermesh component: the operator, the agent, and the store pod's etcd,
+# etcdctl and grpc-proxy (Debian's etcd 3.4, the version the tests run). deploy/ picks the component
+# with `command`. Build: docker build -t clustermesh:dev .
+FROM debian:bookworm-slim
+
+# Package scripts must not try to start etcd: there is no init system in an image.
+RUN printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
+    && apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates \
+        etcd-client \
+        etcd-server \
+        python3 \
+        python3-bpfcc \
+        python3-venv \
+    && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d
+
+# A venv that also sees Debian's dist-packages: bcc comes from python3-bpfcc, not from PyPI.
+COPY pyproject.toml README.md /src/
+COPY clustermesh /src/clustermesh
+RUN python3 -m venv --system-site-packages /opt/clustermesh \
+    && /opt/clustermesh/bin/pip install --no-cache-dir /src \
+    && rm -rf /src \
+    && /opt/clustermesh/bin/python -c 'import bcc, clustermesh'
+
+# The socket-LB programs, compiled by the agent at start against the node's kernel headers
+# (deploy/base/agent.yaml mounts /lib/modules and /usr/src from the node).
+COPY bpf /usr/share/clustermesh/bpf
+COPY crds /usr/share/clustermesh/crds
+
+ENV PATH=/opt/clustermesh/bin:$PATH \
+    CLUSTERMESH_BPF_DIR=/usr/share/clustermesh/bpf \
+    PYTHONUNBUFFERED=1
+
+# Root by default: the agent needs it (with the capabilities deploy/ grants); the store pod runs
+# its containers as an unprivileged user through its securityContext.
+ENTRYPOINT ["clustermesh"]
+CMD ["--help"]

@@ -1,0 +1,144 @@
+"""What ``clustermesh status`` shows, computed from what it found. Pure.
+
+The I/O side (``status.py``) reads the ClusterMesh object and looks at each
+remote store once; everything here turns those findings into one document
+(the ``--output json`` shape), the table, and the verdict. The rules that keep
+the output from contradicting itself live here, in one place:
+
+- a remote is ready only when its store answered and the agent's readiness
+  rules found nothing missing; a remote that did not answer is never ready;
+- counts come from the remote store (keys under the remote's prefixes), and
+  are only shown for a store that answered.
+
+The JSON document (``STATUS_FORMAT`` 1) is::
+
+    {"format": 1,
+     "localCluster": {"name": "cluster-1", "id": 1},
+     "operator": {"conditions": [{"type": "Synced", "status": "True", "reason": "...", "message": "..."}],
+                  "exportedServices": 3, "exportedNodes": 2, "lastSyncTime": "2026-01-01T00:00:00Z"},
+     "remotes": [{"name": "cluster-2", "id": 2, "endpoint": "https://...", "connected": true,
+                  "ready": true, "reason": null, "services": 10000, "nodes": 2}],
+     "ready": true}
+
+``operator.lastSyncTime`` and the counts are null when unknown; ``ready`` at the
+top is true when every remote is ready (also when there is none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+STATUS_FORMAT = 1
+TABLE_HEADER = ["REMOTE", "ID", "ENDPOINT", "CONNECTED", "READY", "SERVICES", "NODES", "REASON"]
+
+
+@dataclass(frozen=True)
+class RemoteFinding:
+    """One look at one remote, as the I/O side made it.
+
+    ``error`` set: the remote could not be asked (bad Secret, refused by the
+    mesh rules, store unreachable). Otherwise ``not_ready`` is the agent's
+    readiness verdict (None: ready) and the counts are what the store holds.
+    """
+
+    name: str
+    id: int | None
+    endpoint: str | None
+    error: str | None = None
+    not_ready: str | None = None
+    services: int | None = None
+    nodes: int | None = None
+
+
+def remote_view(found: RemoteFinding) -> dict[str, Any]:
+    """One remote's entry of the document; the consistency rules are applied here."""
+    connected = found.error is None
+    ready = connected and found.not_ready is None
+    reason = found.error if not connected else found.not_ready
+    return {
+        "name": found.name,
+        "id": found.id,
+        "endpoint": found.endpoint,
+        "connected": connected,
+        "ready": ready,
+        "reason": reason,
+        # Counts of a store we could not read would be stale or invented: none at all.
+        "services": found.services if connected else None,
+        "nodes": found.nodes if connected else None,
+    }
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def operator_view(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The operator's side, from the ClusterMesh ``status`` (as the operator wrote it)."""
+    conditions = []
+    for cond in status.get("conditions") or []:
+        if isinstance(cond, Mapping) and cond.get("type"):
+            conditions.append({k: cond.get(k) for k in ("type", "status", "reason", "message")})
+    last_sync = status.get("lastSyncTime")
+    return {
+        "conditions": conditions,
+        "exportedServices": _int_or_none(status.get("exportedServices")),
+        "exportedNodes": _int_or_none(status.get("exportedNodes")),
+        "lastSyncTime": last_sync if isinstance(last_sync, str) else None,
+    }
+
+
+def status_document(mesh: Mapping[str, Any], remotes: Sequence[RemoteFinding]) -> dict[str, Any]:
+    """The whole status: local identity, the operator's conditions, each remote, the verdict."""
+    local = (mesh.get("spec") or {}).get("localCluster") or {}
+    views = [remote_view(r) for r in sorted(remotes, key=lambda r: r.name)]
+    return {
+        "format": STATUS_FORMAT,
+        "localCluster": {"name": local.get("name"), "id": _int_or_none(local.get("id"))},
+        "operator": operator_view(mesh.get("status") or {}),
+        "remotes": views,
+        "ready": all(v["ready"] for v in views),
+    }
+
+
+def not_ready(doc: Mapping[str, Any]) -> list[str]:
+    """``name: why`` for every remote that is not ready, for the error message of ``--wait``."""
+    return [f"{r['name']}: {r['reason'] or 'not ready'}" for r in doc["remotes"] if not r["ready"]]
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return " ".join(str(value).split())  # one line per remote, whatever the error text holds
+
+
+def headline(doc: Mapping[str, Any]) -> str:
+    local, operator = doc["localCluster"], doc["operator"]
+    conditions = {c["type"]: c.get("status") or "Unknown" for c in operator["conditions"]}
+    services, nodes = operator["exportedServices"], operator["exportedNodes"]
+    return (f"cluster {local['name']} (id {local['id']}): "
+            f"store reachable={conditions.get('StoreReachable', 'Unknown')}, "
+            f"synced={conditions.get('Synced', 'Unknown')}, "
+            f"exported {_cell(services)} services and {_cell(nodes)} nodes")
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def render_text(doc: Mapping[str, Any]) -> str:
+    """The human form: the headline, then one row per remote."""
+    lines = [headline(doc)]
+    if not doc["remotes"]:
+        lines.append("no remote clusters in the ClusterMesh")
+        return "\n".join(lines)
+    rows = [TABLE_HEADER]
+    for r in doc["remotes"]:
+        rows.append([_cell(r[k]) for k in ("name", "id", "endpoint", "connected", "ready", "services", "nodes")]
+                    + [_cell(r["reason"]) if r["reason"] else ""])
+    lines.append(table(rows))
+    return "\n".join(lines)

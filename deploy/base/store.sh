@@ -1,0 +1,156 @@
+#!/bin/sh
+# The state store pod's etcd side, one script so that every step uses the same flags.
+#   store.sh etcd     init, then run etcd (TLS with client certificates, on the pod's loopback only)
+#   store.sh proxy    run etcd grpc-proxy, the only door remote clusters have (TLS, client certificates)
+#   store.sh init     start etcd briefly on a private port, create root, the read-only role and one user
+#                     per remote reader, enable auth, stop. The proxy and the operator only know the
+#                     public port, so nothing reaches the store before auth is on. Part of `etcd`, not
+#                     an init container: one process orders the two steps, wherever the pod runs.
+#   store.sh sync     keep reader users equal to the mounted Secret: a changed password is applied and a
+#                     removed reader is deleted, within SYNC_INTERVAL seconds (the kubelet refreshes
+#                     Secret volumes in about a minute)
+# Settings come from the environment; the defaults are the paths deploy/base/store.yaml mounts.
+set -eu
+
+TLS=${STORE_TLS_DIR:-/etc/clustermesh/tls}
+USERS=${STORE_USERS_DIR:-/etc/clustermesh/users}
+DATA=${STORE_DATA_DIR:-/var/lib/clustermesh}
+CLIENT_PORT=${STORE_CLIENT_PORT:-12379}
+INIT_PORT=${STORE_INIT_PORT:-12383}
+PEER_PORT=${STORE_PEER_PORT:-12380}
+METRICS=${STORE_METRICS_ADDR:-0.0.0.0:12381}
+PROXY_LISTEN=${PROXY_LISTEN_ADDR:-0.0.0.0:2379}
+PROXY_METRICS=${PROXY_METRICS_ADDR:-0.0.0.0:12382}
+READ_PREFIX=${STORE_READ_PREFIX:-cilium/}
+SYNC_INTERVAL=${SYNC_INTERVAL:-20}
+ROLE=clustermesh-reader
+ENDPOINT=https://127.0.0.1:$CLIENT_PORT
+CTL_ENDPOINT=$ENDPOINT
+
+say() { echo "store.sh $MODE: $*" >&2; }
+
+ctl() {
+    ETCDCTL_API=3 etcdctl --endpoints="$CTL_ENDPOINT" --cacert="$TLS/ca.crt" --cert="$TLS/root.crt" \
+        --key="$TLS/root.key" --dial-timeout=3s --command-timeout=10s "$@"
+}
+
+# etcd's command line; $1: the client URL.
+etcd_argv() {
+    set -- etcd --name=store --data-dir="$DATA/etcd" \
+        --listen-client-urls="$1" --advertise-client-urls="$1" \
+        --listen-peer-urls="http://127.0.0.1:$PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$PEER_PORT" \
+        --initial-cluster="store=http://127.0.0.1:$PEER_PORT" --initial-cluster-state=new \
+        --listen-metrics-urls="http://$METRICS" --enable-v2=false --snapshot-count=10000 \
+        --auto-compaction-mode=periodic --auto-compaction-retention=1h \
+        --cert-file="$TLS/etcd.crt" --key-file="$TLS/etcd.key" --trusted-ca-file="$TLS/ca.crt" --client-cert-auth
+    echo "$@"
+}
+
+wait_healthy() {
+    i=0
+    until ctl endpoint health >/dev/null 2>&1; do
+        i=$((i + 1))
+        if [ "$i" -ge "${1:-60}" ]; then
+            say "etcd at $CTL_ENDPOINT is not healthy; see the etcd container's log"
+            return 1
+        fi
+        sleep 1
+    done
+}
+
+# The password last applied per user, hashed, so that an unchanged password is not set again: every
+# change bumps etcd's auth revision and makes every connected reader log in anew.
+applied() { echo "$DATA/users/$1.sha256"; }
+
+# Each step is checked (a function called in a condition runs without `set -e`) and only done when
+# missing: every grant bumps etcd's auth revision too.
+sync_users() {
+    mkdir -p "$DATA/users" || return 1
+    if ! ctl user get root 2>/dev/null | grep -q '^Roles: .*root'; then
+        ctl user get root >/dev/null 2>&1 || ctl user add root --no-password >/dev/null || return 1
+        ctl user grant-role root root >/dev/null || return 1
+    fi
+    if ! ctl role get "$ROLE" 2>/dev/null | grep -qF "(prefix $READ_PREFIX)"; then
+        ctl role get "$ROLE" >/dev/null 2>&1 || ctl role add "$ROLE" >/dev/null || return 1
+        ctl role grant-permission "$ROLE" read "$READ_PREFIX" --prefix=true >/dev/null || return 1
+    fi
+    for file in "$USERS"/*; do
+        [ -f "$file" ] || continue
+        user=$(basename "$file")
+        sum=$(sha256sum <"$file" | cut -d' ' -f1) || return 1
+        if ctl user get "$user" >/dev/null 2>&1; then
+            if [ "$(cat "$(applied "$user")" 2>/dev/null || true)" != "$sum" ]; then
+                ctl user passwd "$user" --interactive=false <"$file" >/dev/null || return 1
+                say "new password for reader $user"
+            fi
+        else
+            ctl user add "$user" --interactive=false <"$file" >/dev/null || return 1
+            say "added reader $user (read-only on $READ_PREFIX)"
+        fi
+        if ! ctl user get "$user" 2>/dev/null | grep -q "^Roles: .*$ROLE"; then
+            ctl user grant-role "$user" "$ROLE" >/dev/null || return 1
+        fi
+        echo "$sum" >"$(applied "$user")" || return 1
+    done
+    users=$(ctl user list) || return 1
+    for user in $users; do
+        if [ "$user" != root ] && [ ! -f "$USERS/$user" ]; then
+            ctl user delete "$user" >/dev/null || return 1
+            rm -f "$(applied "$user")"
+            say "removed reader $user (no longer in the users Secret)"
+        fi
+    done
+    # etcd 3.4 has no "auth status": enabling twice is refused, so only a real failure is reported.
+    out=$(ctl auth enable 2>&1) || case $out in
+        *"already enabled"*|*"Authentication Enabled"*) ;;
+        *) say "auth enable: $out"; return 1 ;;
+    esac
+}
+
+init() {
+    mkdir -p "$DATA"
+    CTL_ENDPOINT=https://127.0.0.1:$INIT_PORT
+    # shellcheck disable=SC2046
+    $(etcd_argv "$CTL_ENDPOINT") >"$DATA/init-etcd.log" 2>&1 &
+    pid=$!
+    trap 'kill "$pid" 2>/dev/null || true' EXIT
+    if ! wait_healthy 60 || ! sync_users; then
+        cat "$DATA/init-etcd.log" >&2
+        exit 1
+    fi
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    trap - EXIT
+    CTL_ENDPOINT=$ENDPOINT
+    say "auth on; readers: $(ls "$USERS" | tr '\n' ' ')"
+}
+
+MODE=${1:-}
+case $MODE in
+    etcd)
+        init
+        # shellcheck disable=SC2046
+        exec $(etcd_argv "$ENDPOINT")
+        ;;
+    proxy)
+        exec etcd grpc-proxy start --endpoints="127.0.0.1:$CLIENT_PORT" --listen-addr="$PROXY_LISTEN" \
+            --metrics-addr="http://$PROXY_METRICS" --data-dir="$DATA/proxy" \
+            --cacert="$TLS/ca.crt" --cert="$TLS/proxy-backend.crt" --key="$TLS/proxy-backend.key" \
+            --trusted-ca-file="$TLS/ca.crt" --cert-file="$TLS/proxy.crt" --key-file="$TLS/proxy.key"
+        ;;
+    init)
+        init
+        ;;
+    sync)
+        while :; do
+            if wait_healthy 30; then
+                sync_users || say "will try again in ${SYNC_INTERVAL}s"
+            fi
+            sleep "$SYNC_INTERVAL"
+        done
+        ;;
+    *)
+        echo "usage: store.sh etcd|proxy|init|sync" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,368 @@
+"""deploy/ against the real test kube-apiserver (1.20, RBAC on) and the store pod's script against a
+real etcd and grpc-proxy, with certificates from `clustermesh certs`.
+
+The manifests are built with kubectl's kustomize and sent through `kubectl apply --dry-run=server`,
+so the API server's validation and admission see exactly what a user would apply. The RBAC is
+applied for real and checked with `kubectl auth can-i --as` for both ServiceAccounts.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from clustermesh.agent.remote import remote_config_from_spec
+from clustermesh.certs import CertsConfig, make_secrets
+from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.lab.servers import free_port
+from tests.kubectl import REPO, apply_crds, kubectl
+from tests.prereq import require_binary
+
+pytestmark = pytest.mark.integration
+
+DEPLOY = REPO / "deploy"
+BUILDS = ["", "base", "overlays/kind", "overlays/lab", "overlays/loadbalancer"]
+NAMESPACES = ("clustermesh-system", "clustermesh-remotes")
+OPERATOR = "system:serviceaccount:clustermesh-system:clustermesh-operator"
+AGENT = "system:serviceaccount:clustermesh-system:clustermesh-agent"
+
+
+def build(path: str) -> str:
+    res = subprocess.run(["kubectl", "kustomize", str(DEPLOY / path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"kubectl kustomize deploy/{path}: {res.stderr}"
+    return res.stdout
+
+
+def for_1_20(manifests: str) -> str:
+    """The test API server is 1.20: PodDisruptionBudgets are policy/v1beta1 there (v1 came with 1.21,
+    and clusters from 1.25 on serve only v1). The spec fields deploy/ uses are the same in both."""
+    docs = [d for d in yaml.safe_load_all(manifests) if d]
+    for doc in docs:
+        if doc["kind"] == "PodDisruptionBudget" and doc["apiVersion"] == "policy/v1":
+            doc["apiVersion"] = "policy/v1beta1"
+    return str(yaml.safe_dump_all(docs))
+
+
+RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+
+
+@pytest.fixture(scope="module")
+def installed(kubeconfig: str) -> Iterator[str]:
+    """CRDs, and for real only the base's namespaces (a dry run of what is in them needs them) and
+    its RBAC (for can-i): no workloads on the shared API server. Removed afterwards."""
+    require_binary("kubectl")
+    apply_crds(kubeconfig)
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+    docs = [d for d in yaml.safe_load_all(build("base")) if d]
+    namespaces = [d for d in docs if d["kind"] == "Namespace"]
+    assert sorted(d["metadata"]["name"] for d in namespaces) == sorted(NAMESPACES)
+    rbac = [d for d in docs if d["kind"] in RBAC_KINDS]
+    kubectl(kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(namespaces + rbac))
+    try:
+        yield kubeconfig
+    finally:
+        cluster_scoped = [d for d in rbac if d["kind"].startswith("Cluster")]
+        kubectl(kubeconfig, "delete", "--ignore-not-found", "-f", "-", stdin=yaml.safe_dump_all(cluster_scoped))
+        kubectl(kubeconfig, "delete", "namespace", "--ignore-not-found", "--wait=true", "--timeout=90s",
+                *NAMESPACES)
+
+
+@pytest.mark.parametrize("path", BUILDS)
+def test_every_build_passes_a_server_side_dry_run(installed: str, path: str) -> None:
+    out = kubectl(installed, "apply", "--dry-run=server", "-f", "-", stdin=for_1_20(build(path)))
+    kinds = {line.split("/", 1)[0] for line in out.splitlines()}
+    assert {"deployment.apps", "daemonset.apps", "service", "poddisruptionbudget.policy", "configmap",
+            "role.rbac.authorization.k8s.io", "clusterrole.rbac.authorization.k8s.io", "namespace",
+            "serviceaccount", "clusterkopfpeering.kopf.dev"} <= kinds, out
+
+
+def test_the_crds_pass_a_server_side_dry_run(installed: str) -> None:
+    kubectl(installed, "apply", "--dry-run=server", "-f", str(REPO / "crds"))
+
+
+def test_top_level_deploy_is_the_base() -> None:
+    assert build("") == build("base")
+
+
+def _objects(path: str) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(build(path)) if d}
+
+
+def test_overlays_change_what_they_say_and_nothing_else() -> None:
+    base = _objects("base")
+    lb = _objects("overlays/loadbalancer")
+    assert lb[("Service", "clustermesh-store")]["spec"]["type"] == "LoadBalancer"
+    assert base[("Service", "clustermesh-store")]["spec"]["type"] == "NodePort"
+
+    def env(objs: dict[tuple[str, str], dict[str, Any]], name: str) -> str:
+        ds = objs[("DaemonSet", "clustermesh-agent")]["spec"]["template"]["spec"]["containers"][0]
+        return str(next(e.get("value", "") for e in ds["env"] if e["name"] == name))
+
+    assert env(base, "CLUSTERMESH_ROUTES") == "off"
+    assert env(_objects("overlays/kind"), "CLUSTERMESH_ROUTES") == "host"
+    lab = _objects("overlays/lab")
+    agent = lab[("DaemonSet", "clustermesh-agent")]["spec"]["template"]["spec"]["containers"][0]
+    assert "--cgroup=/run/clustermesh/cgroupv2/clustermesh-lab-$(LAB_TAG)/$(NODE_NAME)" in agent["args"]
+    assert lab[("PodDisruptionBudget", "clustermesh-store")]["apiVersion"] == "policy/v1beta1"
+    for kind_name in base:
+        assert kind_name in lab or kind_name[0] == "ConfigMap"  # generated names carry a content hash
+
+
+def test_the_agent_is_not_privileged_and_gets_its_node_name() -> None:
+    ds = _objects("base")[("DaemonSet", "clustermesh-agent")]["spec"]["template"]["spec"]
+    assert ds["hostNetwork"] is True
+    container = ds["containers"][0]
+    ctx = container["securityContext"]
+    assert not ctx.get("privileged")
+    assert set(ctx["capabilities"]["add"]) >= {"BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/sys/fs/bpf", "/run/clustermesh/cgroupv2"} <= mounts
+    assert {"operator": "Exists"} in ds["tolerations"]
+
+
+def can_i(kubeconfig: str, who: str, *args: str) -> bool:
+    res = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "auth", "can-i", f"--as={who}", *args],
+                         capture_output=True, text=True, timeout=30)
+    assert res.stdout.strip() in ("yes", "no"), res.stderr
+    return res.stdout.strip() == "yes"
+
+
+REMOTES = ["-n", "clustermesh-remotes"]
+MESH = "clustermeshes.clustermesh.io"
+SLICES = "endpointslices.discovery.k8s.io"
+
+OPERATOR_MAY = [
+    ("list", "services"), ("watch", "services"), ("list", "nodes"), ("watch", "nodes"),
+    ("list", SLICES), ("watch", SLICES), ("get", f"{MESH}/default"), ("watch", MESH),
+    ("patch", f"{MESH}/default", "--subresource=status"),
+    ("get", "secrets/clustermesh-remote-cluster-2", *REMOTES),
+    ("patch", "clusterkopfpeerings.kopf.dev/clustermesh"), ("watch", "clusterkopfpeerings.kopf.dev"),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io"), ("create", "events", "-n", "default"),
+]
+OPERATOR_MAY_NOT = [
+    ("create", "services"), ("update", "services"), ("patch", "services"), ("delete", "services"),
+    ("get", "secrets", "-n", "kube-system"), ("get", "secrets", "-n", "clustermesh-system"),
+    ("create", "secrets", *REMOTES), ("update", "secrets", *REMOTES), ("list", "secrets", *REMOTES),
+    ("patch", f"{MESH}/default"), ("create", MESH), ("delete", f"{MESH}/default"),
+    ("patch", "nodes"), ("create", SLICES), ("patch", "clusterkopfpeerings.kopf.dev/other"),
+]
+AGENT_MAY = [
+    ("list", "services"), ("watch", "services"), ("list", SLICES), ("watch", SLICES),
+    ("get", f"{MESH}/default"), ("list", MESH), ("watch", MESH),
+    ("get", "secrets/clustermesh-remote-cluster-2", *REMOTES), ("watch", "secrets", *REMOTES),
+    ("list", "nodes"), ("watch", "nodes"),
+]
+AGENT_MAY_NOT = [
+    ("create", "services"), ("update", "services"), ("patch", "services"), ("delete", "services"),
+    ("get", "secrets", "-n", "kube-system"), ("get", "secrets", "-n", "clustermesh-system"),
+    ("create", "secrets", *REMOTES), ("update", "secrets", *REMOTES), ("delete", "secrets", *REMOTES),
+    ("patch", f"{MESH}/default", "--subresource=status"), ("patch", f"{MESH}/default"),
+    ("patch", "nodes"), ("create", "events", "-n", "default"), ("patch", "clusterkopfpeerings.kopf.dev/clustermesh"),
+]
+
+
+@pytest.mark.parametrize(("who", "allowed", "checks"), [
+    (OPERATOR, True, OPERATOR_MAY), (OPERATOR, False, OPERATOR_MAY_NOT),
+    (AGENT, True, AGENT_MAY), (AGENT, False, AGENT_MAY_NOT),
+], ids=["operator-may", "operator-may-not", "agent-may", "agent-may-not"])
+def test_rbac_is_what_each_component_needs(installed: str, who: str, allowed: bool,
+                                           checks: list[tuple[str, ...]]) -> None:
+    wrong = [" ".join(check) for check in checks if can_i(installed, who, *check) != allowed]
+    assert wrong == [], f"{who} {'refused' if allowed else 'allowed'}: {wrong}"
+
+
+def service_account_kubeconfig(kubeconfig: str, account: str, folder: Path) -> str:
+    """A kubeconfig that authenticates as ``clustermesh-system/<account>`` with its token (the
+    1.20 token controller's Secret), to run our own client code under the component's RBAC."""
+    deadline = time.monotonic() + 60
+    while True:
+        names = kubectl(kubeconfig, "-n", "clustermesh-system", "get", "serviceaccount", account,
+                        "-o", "jsonpath={.secrets[*].name}").split()
+        if names or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert names, f"no token Secret for {account}: is the controller-manager's token controller running?"
+    token = base64.b64decode(kubectl(kubeconfig, "-n", "clustermesh-system", "get", "secret", names[0],
+                                     "-o", "jsonpath={.data.token}")).decode()
+    admin = yaml.safe_load(Path(kubeconfig).read_text())
+    config = {"apiVersion": "v1", "kind": "Config", "clusters": admin["clusters"][:1],
+              "users": [{"name": account, "user": {"token": token}}],
+              "contexts": [{"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}],
+              "current-context": account}
+    path = folder / f"{account}.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_the_agent_reads_a_connected_remote_with_its_own_rights_and_nothing_else(
+        installed: str, tmp_path: Path) -> None:
+    """`clustermesh certs` output, copied into clustermesh-remotes as connect does, read by
+    agent/remote.py through a client that is the agent's ServiceAccount."""
+    access = {d.name: d for d in make_secrets(CertsConfig("cluster-2"), tmp_path / "pki")}["clustermesh-access-remote"]
+    copy = {**access.manifest(), "metadata": {"name": "clustermesh-remote-cluster-2",
+                                              "namespace": "clustermesh-remotes"}}
+    kubectl(installed, "apply", "-f", "-", stdin=yaml.safe_dump(copy))
+    kube = KubeClient(service_account_kubeconfig(installed, "clustermesh-agent", tmp_path))
+    spec = {"name": "cluster-2", "id": 2, "endpoints": ["https://172.18.0.3:32379"],
+            "tls": {"secretName": "clustermesh-remote-cluster-2", "secretNamespace": "clustermesh-remotes"}}
+    config = remote_config_from_spec(kube, spec, tmp_path / "agent", "kube-system")
+    assert (config.user, config.password) == ("remote", access.data["password"].decode())
+    assert config.cert_file and Path(config.cert_file).read_bytes() == access.data["tls.crt"]
+    # RBAC answers before the lookup: 403 whether or not the Secret exists.
+    for namespace, name in (("kube-system", "any"), ("clustermesh-system", "clustermesh-store-tls")):
+        with pytest.raises(KubeError, match="403"):
+            kube.get_secret(namespace, name)
+
+
+# ----------------------------------------------------------------- the store pod's script
+
+
+class StorePod:
+    """deploy/base/store.sh as the store pod runs it, with the pod's mounts as folders and the
+    Secrets' content from `clustermesh certs` (as the kubelet would project them)."""
+
+    def __init__(self, root: Path, readers: tuple[str, ...]) -> None:
+        self.root = root
+        self.pki = root / "pki"
+        self.tls, self.users = root / "tls", root / "users"
+        self.ports = {name: free_port() for name in ("client", "init", "peer", "metrics", "proxy", "proxy_metrics")}
+        self.env = {
+            **os.environ, "STORE_TLS_DIR": str(self.tls), "STORE_USERS_DIR": str(self.users),
+            "STORE_DATA_DIR": str(root / "data"), "STORE_CLIENT_PORT": str(self.ports["client"]),
+            "STORE_INIT_PORT": str(self.ports["init"]),
+            "STORE_PEER_PORT": str(self.ports["peer"]), "STORE_METRICS_ADDR": f"127.0.0.1:{self.ports['metrics']}",
+            "PROXY_LISTEN_ADDR": f"127.0.0.1:{self.ports['proxy']}",
+            "PROXY_METRICS_ADDR": f"127.0.0.1:{self.ports['proxy_metrics']}", "SYNC_INTERVAL": "1",
+        }
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.write_secrets(readers)
+
+    def write_secrets(self, readers: tuple[str, ...], rotate: bool = False) -> dict[str, dict[str, bytes]]:
+        docs = {d.name: d.data for d in make_secrets(CertsConfig("cluster-1", readers=readers), self.pki, rotate)}
+        for folder, name in ((self.tls, "clustermesh-store-tls"), (self.users, "clustermesh-store-users")):
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.iterdir():
+                old.unlink()
+            for key, value in docs[name].items():
+                (folder / key).write_bytes(value)
+        return docs
+
+    def script(self, mode: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", str(DEPLOY / "base" / "store.sh"), mode], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self, mode: str) -> None:
+        log = (self.root / f"{mode}.log").open("wb")
+        self.processes.append(subprocess.Popen(["sh", str(DEPLOY / "base" / "store.sh"), mode], env=self.env,
+                                               stdout=log, stderr=subprocess.STDOUT))
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def root_client(self) -> KVClient:
+        return KVClient(Endpoint.parse(f"https://127.0.0.1:{self.ports['client']}", str(self.tls / "ca.crt"),
+                                       str(self.tls / "root.crt"), str(self.tls / "root.key")), timeout=5)
+
+    def reader(self, access: dict[str, bytes], password: bytes | None = None) -> KVClient:
+        """A remote agent's client, built from the access Secret the way agent/remote.py uses it."""
+        folder = self.root / f"access-{access['username'].decode()}"
+        folder.mkdir(exist_ok=True)
+        for key in ("ca.crt", "tls.crt", "tls.key"):
+            (folder / key).write_bytes(access[key])
+        endpoint = Endpoint.parse(f"https://127.0.0.1:{self.ports['proxy']}", str(folder / "ca.crt"),
+                                  str(folder / "tls.crt"), str(folder / "tls.key"))
+        return KVClient(endpoint, timeout=5, user=access["username"].decode(),
+                        password=(password or access["password"]).decode())
+
+
+@pytest.fixture
+def store_pod(tmp_path: Path) -> Iterator[StorePod]:
+    require_binary("etcd")
+    require_binary("etcdctl", "run scripts/setup.sh (Debian package etcd-client)")
+    pod = StorePod(tmp_path, ("cluster-2", "cluster-3"))
+    try:
+        yield pod
+    finally:
+        pod.stop()
+
+
+def _reads(client: KVClient, key: str, value: str) -> bool:
+    return client.get(key) == value
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except KVStoreError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def test_store_script_gives_each_reader_read_only_access_through_the_proxy(store_pod: StorePod) -> None:
+    store_pod.start("etcd")  # enables auth itself before it serves on the port the proxy uses
+    store_pod.start("proxy")
+    access = store_pod.write_secrets(("cluster-2", "cluster-3"))  # a re-run changes nothing
+    with store_pod.root_client() as root:
+        def written() -> bool:
+            root.put("cilium/state/services/v1/cluster-1/ns/svc", "{}")
+            return True
+
+        _wait_for(written, "etcd as root")
+        root.put("private/key", "no")
+    for reader in ("cluster-2", "cluster-3"):
+        with store_pod.reader(access[f"clustermesh-access-{reader}"]) as remote:
+            _wait_for(partial(_reads, remote, "cilium/state/services/v1/cluster-1/ns/svc", "{}"), "the proxy")
+            with pytest.raises(KVStoreError, match=r"(?i)permission"):
+                remote.put("cilium/state/services/v1/cluster-1/ns/svc", "tampered")
+            with pytest.raises(KVStoreError, match=r"(?i)permission"):
+                remote.get("private/key")
+    # Without auth on, the proxy's own certificate would be etcd's root: init must have enabled it.
+    with store_pod.reader(access["clustermesh-access-cluster-2"], password=b"wrong") as intruder, \
+            pytest.raises(KVStoreError):
+        intruder.get("cilium/state/services/v1/cluster-1/ns/svc")
+
+
+def test_store_script_applies_rotated_passwords_and_removed_readers_live(store_pod: StorePod) -> None:
+    res = store_pod.script("init")  # and again when etcd starts: a restarted container finds its data
+    assert res.returncode == 0, res.stderr
+    store_pod.start("etcd")
+    store_pod.start("proxy")
+    old = store_pod.write_secrets(("cluster-2", "cluster-3"))
+    store_pod.start("sync")
+    new = store_pod.write_secrets(("cluster-2",), rotate=True)  # cluster-3 revoked, cluster-2 rotated
+    assert new["clustermesh-access-cluster-2"]["password"] != old["clustermesh-access-cluster-2"]["password"]
+
+    def can_read(access: dict[str, bytes]) -> bool:
+        with store_pod.reader(access) as client:
+            try:
+                client.get("cilium/.heartbeat")
+                return True
+            except KVStoreError:
+                return False
+
+    _wait_for(lambda: can_read(new["clustermesh-access-cluster-2"]), "the rotated password")
+    _wait_for(lambda: not can_read(old["clustermesh-access-cluster-3"]), "the removed reader to be refused")
+    assert not can_read(old["clustermesh-access-cluster-2"])

@@ -1,0 +1,129 @@
+"""What `clustermesh status` shows: the consistency rules, the JSON shape, the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clustermesh.agent.status_view import (
+    RemoteFinding,
+    not_ready,
+    remote_view,
+    render_text,
+    status_document,
+)
+
+MESH = {
+    "spec": {"localCluster": {"name": "cluster-1", "id": 1}},
+    "status": {
+        "conditions": [
+            {"type": "StoreReachable", "status": "True", "reason": "Reachable", "message": "http://127.0.0.1:2379",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Synced", "status": "True", "reason": "Synced", "message": "3 services and 2 nodes"},
+        ],
+        "exportedServices": 3,
+        "exportedNodes": 2,
+        "lastSyncTime": "2026-01-01T00:00:01Z",
+        "remoteClusters": "cluster-2",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("finding", "connected", "ready", "reason", "services"),
+    [
+        # The store answered and nothing is missing: ready, with the store's counts.
+        (RemoteFinding("c2", 2, "http://e", services=10_000, nodes=3), True, True, None, 10_000),
+        # The store answered but the agent would not trust it yet.
+        (RemoteFinding("c2", 2, "http://e", not_ready="waiting for synced markers of services", services=5,
+                       nodes=0), True, False, "waiting for synced markers of services", 5),
+        # Not reachable: never ready, whatever else the finding says, and no counts.
+        (RemoteFinding("c2", 2, "http://e", error="etcd unreachable", not_ready=None, services=7_997, nodes=1),
+         False, False, "etcd unreachable", None),
+        (RemoteFinding("c2", 2, None, error="refused: cluster ID 2 is already used by c3"),
+         False, False, "refused: cluster ID 2 is already used by c3", None),
+    ],
+)
+def test_remote_view_never_contradicts_itself(
+    finding: RemoteFinding, connected: bool, ready: bool, reason: str | None, services: int | None
+) -> None:
+    view = remote_view(finding)
+    assert (view["connected"], view["ready"], view["reason"], view["services"]) == (
+        connected, ready, reason, services)
+    assert not (view["ready"] and not view["connected"])
+    assert (view["reason"] is None) == view["ready"], "a reason exactly when not ready"
+
+
+def test_document_has_the_documented_shape() -> None:
+    doc = status_document(MESH, [
+        RemoteFinding("cluster-3", 3, "http://127.0.0.1:3", error="etcd unreachable"),
+        RemoteFinding("cluster-2", 2, "http://127.0.0.1:2", services=10_000, nodes=2),
+    ])
+    assert doc == {
+        "format": 1,
+        "localCluster": {"name": "cluster-1", "id": 1},
+        "operator": {
+            "conditions": [
+                {"type": "StoreReachable", "status": "True", "reason": "Reachable",
+                 "message": "http://127.0.0.1:2379"},
+                {"type": "Synced", "status": "True", "reason": "Synced", "message": "3 services and 2 nodes"},
+            ],
+            "exportedServices": 3, "exportedNodes": 2, "lastSyncTime": "2026-01-01T00:00:01Z",
+        },
+        "remotes": [
+            {"name": "cluster-2", "id": 2, "endpoint": "http://127.0.0.1:2", "connected": True, "ready": True,
+             "reason": None, "services": 10_000, "nodes": 2},
+            {"name": "cluster-3", "id": 3, "endpoint": "http://127.0.0.1:3", "connected": False, "ready": False,
+             "reason": "etcd unreachable", "services": None, "nodes": None},
+        ],
+        "ready": False,
+    }
+    assert json.loads(json.dumps(doc)) == doc
+
+
+def test_ready_only_when_every_remote_is() -> None:
+    ok = RemoteFinding("c2", 2, "e", services=1, nodes=1)
+    assert status_document(MESH, [ok])["ready"] is True
+    assert status_document(MESH, [ok, RemoteFinding("c3", 3, "e", not_ready="no cluster-config")])["ready"] is False
+    assert status_document(MESH, [])["ready"] is True, "nothing to wait for"
+
+
+def test_operator_view_tolerates_a_missing_or_odd_status() -> None:
+    doc = status_document({"spec": {"localCluster": {"name": "c1", "id": "x"}},
+                           "status": {"exportedServices": True, "conditions": [{"status": "True"}, "junk"]}}, [])
+    assert doc["localCluster"] == {"name": "c1", "id": None}
+    assert doc["operator"] == {"conditions": [], "exportedServices": None, "exportedNodes": None,
+                               "lastSyncTime": None}
+    assert status_document({}, [])["operator"]["conditions"] == []
+
+
+def test_not_ready_names_each_remote_and_why() -> None:
+    doc = status_document(MESH, [RemoteFinding("c2", 2, "e", services=1, nodes=1),
+                                 RemoteFinding("c3", 3, "e", not_ready="no cluster-config"),
+                                 RemoteFinding("c4", 4, "e", error="etcd unreachable")])
+    assert not_ready(doc) == ["c3: no cluster-config", "c4: etcd unreachable"]
+
+
+def test_text_is_the_headline_and_one_row_per_remote() -> None:
+    doc = status_document(MESH, [
+        RemoteFinding("cluster-2", 2, "http://127.0.0.1:2", services=10_000, nodes=2),
+        RemoteFinding("cluster-3", 3, "http://127.0.0.1:3", error="GET failed:\n  connection refused"),
+    ])
+    lines = render_text(doc).splitlines()
+    assert lines[0] == ("cluster cluster-1 (id 1): store reachable=True, synced=True, "
+                        "exported 3 services and 2 nodes")
+    assert lines[1].split() == ["REMOTE", "ID", "ENDPOINT", "CONNECTED", "READY", "SERVICES", "NODES", "REASON"]
+    assert lines[2].split() == ["cluster-2", "2", "http://127.0.0.1:2", "yes", "yes", "10000", "2"]
+    # A multi-line error stays on its row: nothing but rows below the header.
+    assert lines[3].split() == ["cluster-3", "3", "http://127.0.0.1:3", "no", "no", "-", "-", "GET", "failed:",
+                                "connection", "refused"]
+    assert len(lines) == 4
+
+
+def test_text_without_remotes_or_operator_status() -> None:
+    text = render_text(status_document({"spec": {"localCluster": {"name": "c1", "id": 1}}}, []))
+    assert text.splitlines() == [
+        "cluster c1 (id 1): store reachable=Unknown, synced=Unknown, exported - services and - nodes",
+        "no remote clusters in the ClusterMesh",
+    ]
