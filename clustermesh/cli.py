@@ -206,9 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, choices=range(1, 10), metavar="M", help="nodes per cluster")
     up.add_argument("--demo", action="store_true", help="run the Star Wars failover demo once the lab is up")
     up.add_argument("--no-wait", action="store_true", help="tear down right after (with --demo: a smoke test)")
-    up.add_argument("--from-manifests", action="store_true",
-                    help="install the mesh with deploy/ (kubectl apply -k; the store and the agents run as Pods) "
-                    "instead of starting its components as processes")
+    mode = up.add_mutually_exclusive_group()
+    mode.add_argument("--from-manifests", dest="processes", action="store_false",
+                      help="(the default) install the mesh with deploy/: clustermesh certs, kubectl apply -k, "
+                      "connect; the store and the agents run as Pods")
+    mode.add_argument("--processes", dest="processes", action="store_true",
+                      help="start the mesh's stores, operators and agents as supervised processes instead "
+                      "(what the chaos tests kill and hold down one by one)")
+    up.set_defaults(processes=False)
     for action, text in (("down", "remove the lab (also after its supervisor died)"),
                          ("status", "clusters, nodes, pods and processes of the lab"),
                          ("xwing", "x-wing asks rebel-base through kubectl exec")):

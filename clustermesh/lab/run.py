@@ -212,7 +212,7 @@ def lab_up(args: argparse.Namespace) -> int:
     if base.exists():
         subprocess.run(["rm", "-rf", str(base)], check=True)
     base.mkdir(parents=True)
-    mesh = LabMesh(base, clusters=args.clusters, nodes=args.nodes, from_manifests=args.from_manifests)
+    mesh = LabMesh(base, clusters=args.clusters, nodes=args.nodes, from_manifests=not args.processes)
 
     def interrupted(signum: int, _frame: object) -> None:
         raise Interrupted(signal.Signals(signum).name)

@@ -44,7 +44,7 @@ GRACE = 5.0  # the lab's --grace-period
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     _prereqs()
-    lab = Lab(tmp_path_factory.mktemp("chaos") / "lab", clusters=2, nodes=1)
+    lab = Lab(tmp_path_factory.mktemp("chaos") / "lab", 2, 1, "--processes")
     try:
         for i, context in ((1, "lab-1"), (2, "lab-2")):
             lab.kubectl(context, "apply", "-f", str(DEMO / f"cluster{i}.yaml"))

@@ -114,7 +114,7 @@ def leftovers(state: dict[str, Any]) -> list[str]:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     _prereqs()
-    lab = Lab(tmp_path_factory.mktemp("e2e") / "lab")
+    lab = Lab(tmp_path_factory.mktemp("e2e") / "lab", 2, 2, "--processes")
     try:
         yield lab
     finally:
@@ -501,7 +501,7 @@ def test_sighup_tears_the_lab_down_completely(lab: Lab) -> None:
 
 def test_lab_down_cleans_up_after_lab_up_was_killed(tmp_path: Path) -> None:
     _prereqs()
-    lab = Lab(tmp_path / "lab", clusters=2, nodes=1)
+    lab = Lab(tmp_path / "lab", 2, 1, "--processes")
     try:
         lab.kubectl("lab-1", "create", "deployment", "web", "--image=nginx")
         lab.kubectl("lab-1", "rollout", "status", "deployment/web", "--timeout=60s")
@@ -520,7 +520,7 @@ def test_a_closed_stdout_tears_the_lab_down(tmp_path: Path) -> None:
     directory = tmp_path / "lab"
     proc = subprocess.Popen(
         [sys.executable, "-m", "clustermesh.cli", "lab", "up", "--dir", str(directory), "--clusters", "1",
-         "--nodes", "1"],
+         "--nodes", "1", "--processes"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
     )
     assert proc.stdout is not None

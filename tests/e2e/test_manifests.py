@@ -1,4 +1,4 @@
-"""The lab running what users apply: `clustermesh lab up --from-manifests` installs the mesh with
+"""The lab running what users apply: `clustermesh lab up` (--from-manifests, the default) installs the mesh with
 deploy/ (clustermesh certs, kubectl apply -k deploy/overlays/lab, connect) and the lab's kubelet runs
 the store Deployment and the agent DaemonSet as Pods; the lab starts no operator or agent itself."""
 
