@@ -4,13 +4,16 @@ the store Deployment and the agent DaemonSet as Pods; the lab starts no operator
 
 from __future__ import annotations
 
+import base64
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from clustermesh.lab.kubeapi import eventually
 from tests.e2e import test_lab as lab_tests
-from tests.e2e.test_lab import DEMO, Lab, _failover, _lab_pids, _prereqs, leftovers
+from tests.e2e.test_lab import DEMO, REPO, Lab, _failover, _lab_pids, _prereqs, leftovers
 
 SYSTEM = ("-n", "clustermesh-system")
 
@@ -76,6 +79,50 @@ def test_a_deleted_agent_pod_comes_back_and_no_request_fails(lab: Lab) -> None:
         lambda: eventually(replaced, timeout=120, interval=1),
         only_remote_for=0,
     )
+
+
+def _store_login(lab: Lab, context: str, password: str) -> str:
+    """etcd's answer to a login as the remote reader, asked inside the store pod."""
+    script = ("ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:12379 --cacert=/etc/clustermesh/tls/ca.crt "
+              "--cert=/etc/clustermesh/tls/root.crt --key=/etc/clustermesh/tls/root.key "
+              f"--user=remote:{password} get --prefix --keys-only --limit=1 cilium/cluster-config/ 2>&1 || true")
+    return lab.kubectl(context, "exec", *SYSTEM, "deploy/clustermesh-store", "-c", "etcd", "--", "sh", "-c", script)
+
+
+def _password(lab: Lab, context: str) -> str:
+    secret = lab.json(context, "get", "secret", *SYSTEM, "clustermesh-access-remote")
+    return base64.b64decode(secret["data"]["password"]).decode()
+
+
+def test_rotated_credentials_take_effect_without_a_restart_and_lose_nothing(lab: Lab) -> None:
+    """`clustermesh certs --rotate` in lab-2 and `clustermesh connect` again: lab-2's store applies the
+    new password live (its Secret volume follows the Secret), lab-1's agent and operator switch to the
+    new credentials, and x-wing in lab-1 loses no request to lab-2's backends meanwhile."""
+    old = _password(lab, "lab-2")
+    assert "cilium/cluster-config/lab-2" in _store_login(lab, "lab-2", old)
+    kubeconfig_2 = str(lab.dir / "lab-2" / "control-plane" / "kubeconfig")
+    ips = [f"--ip={n['address']}" for n in lab.state["nodes"].values() if n["cluster"] == "lab-2"]
+
+    def rotate() -> None:
+        pki = str(lab.dir / "lab-2" / "store-pki")
+        for argv in (["certs", "--cluster", "lab-2", "--rotate", *ips, "--pki-dir", pki, "--kubeconfig", kubeconfig_2],
+                     ["connect", "--kubeconfig", lab.kubeconfig, "--context", "lab-1",
+                      "--destination-context", "lab-2"]):
+            res = subprocess.run([sys.executable, "-m", "clustermesh.cli", *argv], capture_output=True, text=True,
+                                 timeout=120, cwd=REPO)
+            assert res.returncode == 0, res.stderr
+
+    def switched() -> None:
+        new = _password(lab, "lab-2")
+        assert new != old
+        assert "authentication failed" in _store_login(lab, "lab-2", old)
+        assert "cilium/cluster-config/lab-2" in _store_login(lab, "lab-2", new)
+        logs = lab.kubectl("lab-1", "logs", *SYSTEM, "ds/clustermesh-agent")
+        assert "remote lab-2: new settings" in logs, logs[-2000:]
+        remotes = lab.json("lab-1", "get", "clustermesh", "default")["status"]["remotes"]
+        assert [(r["name"], r["ready"], r["connected"]) for r in remotes] == [("lab-2", True, True)], remotes
+
+    _failover(lab, rotate, lambda: eventually(switched, timeout=120, interval=2), only_remote_for=0)
 
 
 def test_teardown_leaves_nothing(lab: Lab) -> None:

@@ -98,6 +98,28 @@ def _token_key(source: Obj) -> tuple[str, int]:
     return str(source.get("audience") or ""), int(source.get("expirationSeconds", 3600))
 
 
+def _write_volume(target: Path, volume: Obj, files: dict[str, bytes]) -> None:
+    """Make ``target`` hold ``files``: changed files replaced whole (a reader never sees half a
+    certificate), files whose key went away removed."""
+    mode = int((volume.get("configMap") or volume.get("secret") or {}).get("defaultMode", 0o644)) & 0o777
+    for rel, content in files.items():
+        path = target / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if path.read_bytes() == content:
+                continue
+        except OSError:
+            pass
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(content)
+        tmp.chmod(mode)
+        tmp.replace(path)
+    wanted = {target / rel for rel in files}
+    for path in target.rglob("*"):
+        if path.is_file() and path not in wanted and not path.name.startswith("."):
+            path.unlink()
+
+
 def remove_made_path(path: Path) -> None:
     """Remove a mount point the agent made on the host: empty files and folders only, so
     nothing anyone else put there since is lost."""
@@ -608,14 +630,31 @@ class PodWorker:
             files = spec.volume_files(vol, self.pod, agent.lookup_cached, capacity=agent.capacity,
                                       token=lambda src: tokens[_token_key(src)])
             target.mkdir(parents=True, exist_ok=True)
-            if files is None:
+            if files is not None:
+                _write_volume(target, vol, files)
+
+    async def refresh_volumes(self) -> None:
+        """ConfigMap, Secret, downwardAPI and projected volumes follow their sources while the
+        pod runs, as a kubelet's do (rotated credentials reach a running container); a
+        service-account token stays the one written at start."""
+        agent = self.agent
+        await agent.prefetch(self.pod)
+        for vol in self.pod["spec"].get("volumes") or []:
+            if not any(kind in vol for kind in ("configMap", "secret", "downwardAPI", "projected")):
                 continue
-            for rel, content in files.items():
-                path = target / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(content)
-                mode = (vol.get("configMap") or vol.get("secret") or {}).get("defaultMode", 0o644)
-                path.chmod(int(mode) & 0o777)
+            target = self._volume_dir(vol["name"])
+
+            def token_on_disk(sat: Obj, target: Path = target) -> bytes:
+                return (target / str(sat.get("path", "token"))).read_bytes()
+
+            try:
+                files = spec.volume_files(vol, self.pod, agent.lookup_cached, capacity=agent.capacity,
+                                          token=token_on_disk)
+            except (spec.ConfigError, OSError) as exc:  # e.g. the Secret was deleted: keep what is there
+                log.debug("[%s] volume %s not refreshed: %s", self.key, vol["name"], exc)
+                continue
+            if files is not None and target.is_dir():
+                _write_volume(target, vol, files)
 
     async def _service_account_tokens(self) -> dict[tuple[str, int], bytes]:
         """A bound token from the API server's TokenRequest for every projected
@@ -1167,6 +1206,16 @@ class NodeAgent:
                 self.services[f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"] = obj
             self._hosts_dirty.set()
 
+    async def _volumes_loop(self, period: float = 10.0) -> None:
+        while True:
+            await asyncio.sleep(period)
+            for w in list(self.workers.values()):
+                if w.sandbox_ready and not w.deleting.is_set():
+                    try:
+                        await w.refresh_volumes()
+                    except (APIError, OSError) as exc:
+                        log.warning("[%s] refreshing volumes: %s", w.key, exc)
+
     async def _hosts_loop(self) -> None:
         while True:
             await self._hosts_dirty.wait()
@@ -1230,7 +1279,8 @@ class NodeAgent:
                 log.warning("registering node %s: %s; retrying", self.cfg.name, exc)
                 await asyncio.sleep(1)
         for name, coro in (("lease", self._lease_loop()), ("services", self._services_loop()),
-                           ("hosts", self._hosts_loop()), ("pods", self._pods_loop())):
+                           ("hosts", self._hosts_loop()), ("pods", self._pods_loop()),
+                           ("volumes", self._volumes_loop())):
             self._tasks.append(asyncio.create_task(coro, name=name))
         log.info("node %s ready: pods %s, agent https://127.0.0.1:%d, API forwarded in %s",
                  self.cfg.name, self.cfg.pod_cidr, self.cfg.port, self.cfg.netns)
