@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from clustermesh.agent.remote import RemoteConfig, mesh_problems
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeConflict, KubeError
 from clustermesh.schema import MAX_CLUSTER_ID
+from clustermesh.store.remote import RemoteConfig, mesh_problems
 
 SECRETS_NAMESPACE = REMOTE_SECRETS_NAMESPACE
 ACCESS_NAMESPACE = "kube-system"  # where spec.access.tls points when it names no namespace

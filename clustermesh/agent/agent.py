@@ -32,17 +32,18 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics
-from clustermesh.agent.merge import LocalService, local_service, merge
-from clustermesh.agent.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
+from clustermesh.agent.merge import LocalService, local_service
+from clustermesh.agent.pipeline import ServiceMerger
 from clustermesh.agent.routes import RouteTable, RoutingError
 from clustermesh.agent.routing import plan_routes
+from clustermesh.cluster.export import ClusterIdentity
+from clustermesh.cluster.state import ClusterState, Kind, Ref, ServiceRef
 from clustermesh.datapath.model import Backend, Frontend, ServiceSpec
 from clustermesh.datapath.plan import specs_from_state
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVStoreError
-from clustermesh.operator.export import ClusterIdentity
-from clustermesh.operator.state import ClusterState, Kind
-from clustermesh.schema import MAX_CLUSTER_ID
+from clustermesh.schema import MAX_CLUSTER_ID, ClusterService
+from clustermesh.store.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class AgentConfig:
     """Seconds without a remote heartbeat change before the remote counts as unreachable."""
     secret_refresh: float = 10.0
     """Seconds between two reads of the remotes' Secrets: new credentials are used without a restart."""
-    debounce: float = 0.05
+    debounce: float = 0.0
+    """Seconds to wait after an event before merging (0: at once; events during a step are coalesced)."""
     tick: float = 1.0
     secrets_namespace: str = REMOTE_SECRETS_NAMESPACE
     routes: str = "off"
@@ -71,6 +73,8 @@ class Agent:
         self.config = config
         self.kube = kube
         self.state = ClusterState()
+        self.merger = ServiceMerger(0)  # the local cluster ID is known once start() read the ClusterMesh
+        self._merged_from: frozenset[int] = frozenset()
         self.identity: ClusterIdentity | None = None
         self.remotes: dict[str, RemoteCluster] = {}
         self.refused: dict[str, str] = {}
@@ -122,6 +126,7 @@ class Agent:
         self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)),
                                         int(spec.get("maxConnectedClusters") or MAX_CLUSTER_ID))
         self._started_at = time.monotonic()
+        self.merger = ServiceMerger(self.identity.id)
         self.lb = self._lb_factory(self.identity.id)
         self.lb.load()
         self._inherit_previous()
@@ -332,7 +337,7 @@ class Agent:
     def _list_and_watch(self, kind: Kind) -> None:
         items, rv = self.kube.list_objects(kind)
         with self._lock:
-            self.state.apply_listing(kind, items, rv)
+            self._touch(self.state.apply_listing(kind, items, rv))
         self._listed[kind].set()
         self._dirty.set()
         for event_type, obj in self.kube.watch_objects(kind, rv):
@@ -342,37 +347,64 @@ class Agent:
                 continue
             with self._lock:
                 if event_type == "DELETED":
-                    self.state.delete(kind, obj)
+                    self._touch(self.state.delete(kind, obj))
                 else:
-                    self.state.upsert(kind, obj)
+                    self._touch(self.state.upsert(kind, obj))
             self._dirty.set()
+
+    def _touch(self, refs: list[Ref]) -> None:
+        """Tell the merger what an event changed (under self._lock): a Service's own objects,
+        or a Node (this cluster's pod CIDRs are an input of every Service)."""
+        for ref in refs:
+            if isinstance(ref, ServiceRef):
+                self.merger.touch((ref.namespace, ref.name))
+            else:
+                self.merger.touch_all()
 
     # ------------------------------------------------------------ the loop
 
     def desired(self) -> list[ServiceSpec]:
-        assert self.identity is not None
-        with self._lock:
-            locals_: dict[tuple[str, str], LocalService] = {}
-            for (ns, name), svc in self.state.services.items():
-                ls = local_service(self.identity, svc, self.state.slices_of(ns, name))
-                if ls is not None:
-                    locals_[(ns, name)] = ls
-            local_cidrs = self._local_pod_cidrs()
+        """The datapath's desired state: the merger's, merged again only for the Services touched
+        since the last call, plus what is kept from the previous agent."""
+        identity = self.identity
+        assert identity is not None
         now = time.monotonic()
-        records = [svc for rc in self._sources(now) if rc.usable(now) for svc in rc.service_records()]
-        result = merge(self.identity.id, locals_, records, exclude_remote_cidrs=local_cidrs)
-        for problem in set(result.problems) - self._merge_problems:
+        sources = [rc for rc in self._sources(now) if rc.usable(now)]
+        with self._remotes_lock:
+            everyone = [*self.remotes.values(), *(old for old, _ in self._retiring.values())]
+        with self._lock:
+            for rc in everyone:
+                for ref in rc.take_changed():
+                    self.merger.touch(ref)
+            # Which remotes' records count (usable ones, or the connection a remote is replacing)
+            # is an input of every Service.
+            merged_from = frozenset(id(rc) for rc in sources)
+            if merged_from != self._merged_from:
+                self._merged_from = merged_from
+                self.merger.touch_all()
+
+            def local_of(ref: tuple[str, str]) -> LocalService | None:
+                svc = self.state.services.get(ref)
+                return None if svc is None else local_service(identity, svc, self.state.slices_of(*ref))
+
+            def records_of(ref: tuple[str, str]) -> list[ClusterService]:
+                return [rec for rc in sources if (rec := rc.service_record(ref)) is not None]
+
+            outcome = self.merger.update(lambda: list(self.state.services), local_of, records_of,
+                                         self._local_pod_cidrs())
+            specs = self.merger.specs()
+        for problem in set(outcome.problems) - self._merge_problems:
             log.warning("merge: %s", problem)
             metrics.ERRORS.labels("agent", "merge").inc()
-        self._merge_problems = set(result.problems)
+        self._merge_problems = set(outcome.problems)
         inheriting = self._inheriting(now)
         if not inheriting or not self._inherited:
-            return result.specs
+            return specs
         return [
             ServiceSpec(spec.frontend, spec.backends | {
                 b for b in self._inherited.get(spec.frontend, ()) if b.cluster_id in inheriting
             }, spec.affinity)
-            for spec in result.specs
+            for spec in specs
         ]
 
     def _local_pod_cidrs(self) -> list[str]:
@@ -445,7 +477,10 @@ class Agent:
                 break
             changed = self._dirty.is_set()
             if changed:
-                time.sleep(self.config.debounce)  # let a burst of events land first
+                if self.config.debounce:
+                    time.sleep(self.config.debounce)
+                # Events that land while this step runs set the flag again: a burst is coalesced
+                # by the next step, with no fixed delay before the first.
                 self._dirty.clear()
             # The tick exists for grace periods running out: merge again only when an event
             # came in or the set of usable remotes moved, not every second.

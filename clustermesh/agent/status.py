@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from clustermesh import schema
-from clustermesh.agent import remote
-from clustermesh.agent.remote import RemoteConfig, mesh_problems, remote_config_from_spec
 from clustermesh.agent.status_view import RemoteFinding, not_ready, render_text, status_document
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.store import remote
+from clustermesh.store.remote import RemoteConfig, mesh_problems, remote_config_from_spec
 
 log = logging.getLogger(__name__)
 

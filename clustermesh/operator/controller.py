@@ -27,11 +27,11 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics, schema
-from clustermesh.agent.remote import RemoteCluster, remote_config_from_spec
+from clustermesh.cluster.export import ClusterIdentity, export_node, export_service
+from clustermesh.cluster.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVClient, KVStoreError
-from clustermesh.operator.export import ClusterIdentity, export_node, export_service
-from clustermesh.operator.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
+from clustermesh.store.remote import RemoteCluster, remote_config_from_spec
 from clustermesh.store.sync import SyncStore, WriterSettings
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from clustermesh.agent.merge import LocalService, merge
-from clustermesh.agent.remote import RemoteCluster, RemoteConfig
 from clustermesh.datapath import Affinity, SocketLB
 from clustermesh.lab.kubeapi import KubeAPI, eventually
 from clustermesh.schema import PortConfig
+from clustermesh.store.remote import RemoteCluster, RemoteConfig
 from tests.datapath.conftest import Topology
 from tests.integration.test_operator import OperatorProcess, endpoint_slice, service
 from tests.kubectl import apply_crds

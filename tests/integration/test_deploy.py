@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
-from clustermesh.agent.remote import remote_config_from_spec
 from clustermesh.certs import CertsConfig, make_secrets
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
 from clustermesh.lab.servers import free_port
+from clustermesh.store.remote import remote_config_from_spec
 from tests.kubectl import REPO, apply_crds, kubectl
 from tests.prereq import require_binary
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from clustermesh import schema
-from clustermesh.agent.remote import RemoteCluster, RemoteConfig
 from clustermesh.kvstore import KVClient
 from clustermesh.lab.kubeapi import eventually
 from clustermesh.lab.servers import EtcdServer
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
+from clustermesh.store.remote import RemoteCluster, RemoteConfig
 
 NAME, ID = "cluster-2", 2
 REPO = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from clustermesh import schema
-from clustermesh.agent.remote import RemoteCluster, RemoteConfig
 from clustermesh.kvstore import KVClient
 from clustermesh.lab.kubeapi import eventually
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
+from clustermesh.store.remote import RemoteCluster, RemoteConfig
 
 NAME, ID = "cluster-2", 2
 

@@ -14,7 +14,6 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from clustermesh.agent.remote import remote_config_from_spec
 from clustermesh.certs import (
     CertsConfig,
     CertsError,
@@ -25,6 +24,7 @@ from clustermesh.certs import (
     write_yaml,
 )
 from clustermesh.cli import main
+from clustermesh.store.remote import remote_config_from_spec
 
 
 @pytest.mark.parametrize(("config", "message"), [

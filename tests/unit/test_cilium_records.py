@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from clustermesh import schema
-from clustermesh.operator.export import ClusterIdentity, export_service
+from clustermesh.cluster.export import ClusterIdentity, export_service
 from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cilium"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from clustermesh.operator.export import (
+from clustermesh.cluster.export import (
     ClusterIdentity,
     endpoint_is_serving,
     export_node,

@@ -21,8 +21,8 @@ GATEKEEPERS = {
 
 PURE = [
     "schema.py",
-    "operator/export.py",
-    "operator/state.py",
+    "cluster/export.py",
+    "cluster/state.py",
     "agent/merge.py",
     "agent/routing.py",
     "agent/status_view.py",
@@ -70,3 +70,35 @@ def test_bcc_is_only_imported_by_the_loader_side_of_the_datapath() -> None:
         path = PACKAGE / rel
         if path.exists():
             assert "bcc" not in imported_roots(path), f"{rel} must stay importable without bcc"
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+# Data flows one way (ARCHITECTURE.md): the shared layers never reach up into the operator or the
+# agent, and the operator and the agent meet only below (the cluster model, the store readers).
+LAYERS = {
+    "cluster/": ("clustermesh.operator", "clustermesh.agent", "clustermesh.store", "clustermesh.datapath"),
+    "store/": ("clustermesh.operator", "clustermesh.agent", "clustermesh.datapath"),
+    "operator/": ("clustermesh.agent", "clustermesh.datapath"),
+    "agent/": ("clustermesh.operator",),
+}
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    offenders = []
+    for folder, forbidden in LAYERS.items():
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            rel = path.relative_to(PACKAGE).as_posix()
+            if rel == "operator/export.py":
+                continue  # a forwarding shim while one import moves
+            offenders += [f"{rel} imports {m}" for m in imported_modules(path) if m.startswith(forbidden)]
+    assert offenders == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clustermesh.agent.remote import RemoteConfig, mesh_problems
+from clustermesh.store.remote import RemoteConfig, mesh_problems
 
 
 def test_mesh_problems() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clustermesh import schema
-from clustermesh.agent.remote import RemoteConfig, mesh_problems, not_ready_reason
+from clustermesh.store.remote import RemoteConfig, mesh_problems, not_ready_reason
 
 SERVICES, NODES = schema.SERVICES_PREFIX, schema.NODES_PREFIX
 WITH_MARKERS = '{"id":2,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255}}'

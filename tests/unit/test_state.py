@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from clustermesh.operator.export import ClusterIdentity, export_service
-from clustermesh.operator.state import ClusterState, NodeRef, ServiceRef
+from clustermesh.cluster.export import ClusterIdentity, export_service
+from clustermesh.cluster.state import ClusterState, NodeRef, ServiceRef
 
 
 def svc(name: str, rv: int, ns: str = "ns") -> dict[str, Any]:

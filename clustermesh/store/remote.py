@@ -186,6 +186,7 @@ class RemoteCluster:
             user=config.user, password=config.password,
         )
         self.services: dict[tuple[str, str], ClusterService] = {}
+        self._changed_refs: set[tuple[str, str]] = set()
         self.nodes: dict[str, Node] = {}
         self.config_error: str | None = None
         self._lock = threading.RLock()
@@ -238,6 +239,17 @@ class RemoteCluster:
         with self._lock:
             return list(self.services.values())
 
+    def service_record(self, ref: tuple[str, str]) -> ClusterService | None:
+        """This remote's record of Service (namespace, name), if it has one."""
+        with self._lock:
+            return self.services.get(ref)
+
+    def take_changed(self) -> set[tuple[str, str]]:
+        """The Services whose record changed since the last call (the agent merges only those)."""
+        with self._lock:
+            changed, self._changed_refs = self._changed_refs, set()
+            return changed
+
     def node_records(self) -> list[Node]:
         with self._lock:
             return list(self.nodes.values())
@@ -246,6 +258,7 @@ class RemoteCluster:
         """The remote left the mesh: stop, forget everything, tell the owner."""
         self.stop()
         with self._lock:
+            self._changed_refs.update(self.services)
             self.services.clear()
             self.nodes.clear()
             self._synced.clear()
@@ -408,6 +421,7 @@ class RemoteCluster:
                 else:
                     self._problem(key, None)
                     self.services[(svc.namespace, svc.name)] = svc
+                    self._changed_refs.add((svc.namespace, svc.name))
             else:
                 try:
                     node = Node.decode(value, key=key, max_cluster_id=self.max_cluster_id)
@@ -426,7 +440,8 @@ class RemoteCluster:
             ref = schema.parse_service_key(key)
         except SchemaError:
             return
-        self.services.pop((ref.namespace, ref.name), None)
+        if self.services.pop((ref.namespace, ref.name), None) is not None:
+            self._changed_refs.add((ref.namespace, ref.name))
 
     def _delete(self, kind: str, key: str) -> None:
         if kind == "heartbeat" or (kind == "config" and key != schema.cluster_config_key(self.name)):

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from clustermesh.operator.export import SERVICE_NAME_LABEL
+from clustermesh.cluster.export import SERVICE_NAME_LABEL
 
 Kind = Literal["Service", "EndpointSlice", "Node"]
 Body = Mapping[str, Any]
