@@ -1,8 +1,9 @@
-"""`clustermesh agent` as a process: a real kube-apiserver for the local cluster, a real
-remote store behind a grpc-proxy, the real socket-LB, clients in a test netns."""
+"""`clustermesh agent` as a process: a real kube-apiserver for the local cluster, real remote
+stores behind grpc-proxies, the real socket-LB, clients in a test netns."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,22 +29,99 @@ from tests.kubectl import apply_crds
 pytestmark = pytest.mark.datapath
 
 REMOTE, REMOTE_ID = "cluster-2", 2
+HTTP = {"http": PortConfig("TCP", 8080)}
+GLOBAL = {"service.cilium.io/global": "true"}
+REMOTE_ROUTE = ["10.246.0.0/24 via 10.250.0.2"]
 
 
-def export_remote(kv: KVClient, ns: str, backends: dict[str, dict[str, PortConfig]]) -> None:
-    kv.put("c2/" + schema.cluster_config_key(REMOTE), ClusterConfig(REMOTE_ID).encode())
-    rec = ClusterService(REMOTE, ns, "echo", REMOTE_ID, frontends={"10.97.0.1": {"http": PortConfig("TCP", 80)}},
-                         backends=backends)
-    kv.put("c2/" + rec.key, rec.encode())
-    # A remote node whose pod CIDR the agent routes via its InternalIP (on the test veth).
+def put_remote(kv: KVClient, prefix: str, cluster: str, cluster_id: int, ns: str, backends: list[str],
+               node: Node | None = None) -> None:
+    """A remote cluster's export of ``ns/echo`` under ``prefix`` (what its grpc-proxy serves)."""
+    kv.put(prefix + schema.cluster_config_key(cluster), ClusterConfig(cluster_id).encode())
+    rec = ClusterService(cluster, ns, "echo", cluster_id, frontends={"10.97.0.1": {"http": PortConfig("TCP", 80)}},
+                         backends=dict.fromkeys(backends, HTTP))
+    kv.put(prefix + rec.key, rec.encode())
+    if node is not None:
+        kv.put(prefix + node.key, node.encode())
+    for synced in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
+        kv.put(prefix + schema.synced_key(cluster, synced), schema.rfc3339_now())
+
+
+def export_remote(kv: KVClient, ns: str, backends: list[str]) -> None:
+    """cluster-2's export, with a node whose pod CIDR the agent routes via its InternalIP (the test veth)."""
     node = Node("n1", REMOTE, REMOTE_ID, (NodeAddress("InternalIP", "10.250.0.2"),), "10.246.0.0/24")
-    kv.put("c2/" + node.key, node.encode())
-    for prefix in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
-        kv.put("c2/" + schema.synced_key(REMOTE, prefix), schema.rfc3339_now())
+    put_remote(kv, "c2/", REMOTE, REMOTE_ID, ns, backends, node)
 
 
-def names(topology: Topology, ip: str) -> set[str]:
-    results = topology.client("tcp", ip, "80", "6")
+@dataclass
+class World:
+    """This test's namespace and ClusterMesh on the shared API server."""
+
+    api: KubeAPI
+    kubeconfig: str
+    ns: str
+    mesh: str
+
+    def apply_mesh(self, clusters: list[dict[str, object]]) -> None:
+        subprocess.run(["kubectl", "--kubeconfig", self.kubeconfig, "apply", "-f", "-"], check=True,
+                       capture_output=True, input=json.dumps({
+                           "apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh",
+                           "metadata": {"name": self.mesh},
+                           "spec": {"localCluster": {"name": "cluster-1", "id": 1}, "clusters": clusters},
+                       }).encode())
+
+    def global_service(self, name: str, annotations: dict[str, str] | None = None) -> str:
+        return str(self.api.create(service(self.ns, name, {**GLOBAL, **(annotations or {})}))["spec"]["clusterIP"])
+
+
+@contextlib.contextmanager
+def world(control_plane, kubeconfig: str, cgroup: Path, pin_dir: Path, prefix: str) -> Iterator[World]:  # type: ignore[no-untyped-def]
+    apply_crds(kubeconfig)
+    api = KubeAPI.for_control_plane(control_plane)
+    tag = uuid.uuid4().hex[:8]
+    w = World(api, kubeconfig, f"{prefix}-{tag}", f"mesh-{tag}")
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": w.ns}})
+    try:
+        yield w
+    finally:
+        hooks.destroy(cgroup, pin_dir)
+        api.delete("Namespace", None, w.ns)
+        subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "delete", "clustermesh", w.mesh], capture_output=True)
+
+
+class AgentProcess:
+    """`clustermesh agent` for the test's cgroup and pins, logging to one file across restarts."""
+
+    def __init__(self, w: World, cgroup: Path, pin_dir: Path, log_path: Path, *extra: str) -> None:
+        self.argv = [sys.executable, "-m", "clustermesh.cli", "agent", "--kubeconfig", w.kubeconfig,
+                     "--node", "test", "--cgroup", str(cgroup), "--pin-dir", str(pin_dir), "--clustermesh", w.mesh,
+                     "--metrics-port", "-1", *extra]
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, as a rollout or a node drain stops it; the maps stay."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(15) == 0
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def names(topology: Topology, ip: str, connects: int = 6) -> set[str]:
+    """The backends the socket-LB picked for ``ip`` over ``connects`` connects (all must work)."""
+    results = topology.client("tcp", ip, "80", str(connects))
     assert all(r["ok"] for r in results), results
     return {str(r["name"]) for r in results}
 
@@ -49,193 +129,6 @@ def names(topology: Topology, ip: str) -> set[str]:
 def refused(topology: Topology, ip: str) -> None:
     result = topology.client("tcp", ip, "80", "1")[0]
     assert result["ok"] is False and result["errno"] == errno.ECONNREFUSED, result
-
-
-def test_agent_merges_remote_backends_and_fails_over(
-    topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
-    kv: KVClient, etcd_server, etcd_proxy_factory, tmp_path: Path,
-) -> None:
-    apply_crds(kubeconfig)
-    api = KubeAPI.for_control_plane(control_plane)
-    tag = uuid.uuid4().hex[:8]
-    ns, mesh = f"a-{tag}", f"mesh-{tag}"
-    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    export_remote(kv, ns, {"10.245.1.10": {"http": PortConfig("TCP", 8080)}})
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", "-"], check=True, capture_output=True,
-                   input=json.dumps({
-                       "apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": mesh},
-                       "spec": {"localCluster": {"name": "cluster-1", "id": 1},
-                                "clusters": [{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}]},
-                   }).encode())
-    svc = api.create(service(ns, "echo", {"service.cilium.io/global": "true", "service.cilium.io/affinity": "local"}))
-    api.create(endpoint_slice(ns, "echo-local", "echo", [("10.244.1.10", True)]))
-    cluster_ip = svc["spec"]["clusterIP"]
-    topology.add_backends({"local-a": "10.244.1.10", "remote-b": "10.245.1.10"})
-
-    argv = [sys.executable, "-m", "clustermesh.cli", "agent", "--kubeconfig", kubeconfig, "--node", "test",
-            "--cgroup", str(cgroup), "--pin-dir", str(pin_dir), "--clustermesh", mesh,
-            "--grace-period", "2", "--metrics-port", "-1", "--routes", f"netns:{topology.client_ns}"]
-    log = (tmp_path / "agent.log").open("ab")
-    agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        eventually(lambda: _eq(names(topology, cluster_ip), {"local-a"}), timeout=30)
-        eventually(lambda: _eq(remote_routes(topology), ["10.246.0.0/24 via 10.250.0.2"]), timeout=10)
-
-        api.delete("EndpointSlice", ns, "echo-local")  # the local backends die
-        eventually(lambda: _eq(names(topology, cluster_ip), {"remote-b"}), timeout=15)
-
-        proxy.stop()  # the remote becomes unreachable: after the 2 s grace period it is withdrawn
-        eventually(lambda: refused(topology, cluster_ip), timeout=30)
-        eventually(lambda: _eq(remote_routes(topology), []), timeout=10)  # withdrawn with the remote
-
-        agent.send_signal(signal.SIGTERM)
-        assert agent.wait(15) == 0
-        proxy.process.start()
-        refused(topology, cluster_ip)  # maps kept as they were while no agent runs
-        agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        eventually(lambda: _eq(names(topology, cluster_ip), {"remote-b"}), timeout=30)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        hooks.destroy(cgroup, pin_dir)
-        api.delete("Namespace", None, ns)
-        subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "delete", "clustermesh", mesh], capture_output=True)
-
-
-def apply_mesh(kubeconfig: str, mesh: str, clusters: list[dict[str, object]]) -> None:
-    subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "apply", "-f", "-"], check=True, capture_output=True,
-                   input=json.dumps({
-                       "apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": mesh},
-                       "spec": {"localCluster": {"name": "cluster-1", "id": 1}, "clusters": clusters},
-                   }).encode())
-
-
-def put_remote(kv: KVClient, prefix: str, cluster: str, cluster_id: int, ns: str, backends: list[str]) -> None:
-    """A remote cluster's export of ``ns/echo`` under ``prefix`` (what its grpc-proxy serves)."""
-    kv.put(prefix + schema.cluster_config_key(cluster), ClusterConfig(cluster_id).encode())
-    rec = ClusterService(cluster, ns, "echo", cluster_id, frontends={"10.97.0.1": {"http": PortConfig("TCP", 80)}},
-                         backends={ip: {"http": PortConfig("TCP", 8080)} for ip in backends})
-    kv.put(prefix + rec.key, rec.encode())
-    for synced in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
-        kv.put(prefix + schema.synced_key(cluster, synced), schema.rfc3339_now())
-
-
-def test_a_restarted_agent_keeps_what_a_frozen_remote_served_until_its_grace_period(
-    topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
-    kv: KVClient, etcd_server, etcd_proxy_factory, tmp_path: Path,
-) -> None:
-    """The previous agent programmed a remote backend and a route; the remote's proxy freezes;
-    the new agent keeps both (it programs other changes meanwhile) until the grace period,
-    counted from its start, runs out, and takes the remote back once it answers."""
-    apply_crds(kubeconfig)
-    api = KubeAPI.for_control_plane(control_plane)
-    tag = uuid.uuid4().hex[:8]
-    ns, mesh = f"r-{tag}", f"mesh-{tag}"
-    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    export_remote(kv, ns, {"10.245.1.10": {"http": PortConfig("TCP", 8080)}})
-    apply_mesh(kubeconfig, mesh, [{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}])
-    echo = api.create(service(ns, "echo", {"service.cilium.io/global": "true"}))["spec"]["clusterIP"]
-    topology.add_backends({"remote-b": "10.245.1.10", "local-c": "10.244.1.20"})
-    grace = 15.0
-    argv = [sys.executable, "-m", "clustermesh.cli", "agent", "--kubeconfig", kubeconfig, "--node", "test",
-            "--cgroup", str(cgroup), "--pin-dir", str(pin_dir), "--clustermesh", mesh,
-            "--grace-period", str(grace), "--metrics-port", "-1", "--routes", f"netns:{topology.client_ns}"]
-    log_path = tmp_path / "agent.log"
-    log = log_path.open("ab")
-    agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    pid = proxy.process.pid
-    assert pid is not None
-    frozen = False
-    try:
-        eventually(lambda: _eq(names(topology, echo), {"remote-b"}), timeout=30)
-        eventually(lambda: _eq(remote_routes(topology), ["10.246.0.0/24 via 10.250.0.2"]), timeout=10)
-        agent.send_signal(signal.SIGTERM)
-        assert agent.wait(15) == 0
-        os.kill(pid, signal.SIGSTOP)  # the remote's store stops answering, its backend still serves
-        frozen = True
-        before = log_path.read_text()
-        agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        # Proof that the new agent programs: a second global Service with a local backend.
-        echo2 = api.create(service(ns, "echo2", {"service.cilium.io/global": "true"}))["spec"]["clusterIP"]
-        api.create(endpoint_slice(ns, "echo2-local", "echo2", [("10.244.1.20", True)]))
-        eventually(lambda: _eq(names(topology, echo2), {"local-c"}), timeout=30)
-        assert names(topology, echo) == {"remote-b"}, "the restart withdrew a remote backend that serves"
-        assert remote_routes(topology) == ["10.246.0.0/24 via 10.250.0.2"], "the restart removed a remote route"
-        eventually(lambda: refused(topology, echo), timeout=grace + 20)  # the grace period ran out
-        eventually(lambda: _eq(remote_routes(topology), []), timeout=10)
-        os.kill(pid, signal.SIGCONT)
-        frozen = False
-        eventually(lambda: _eq(names(topology, echo), {"remote-b"}), timeout=60)
-        restart_log = log_path.read_text()[len(before):]
-        assert "routes: +0 ~0 -1" in restart_log and restart_log.count("routes: +") == 2, restart_log
-    finally:
-        if frozen:
-            os.kill(pid, signal.SIGCONT)
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        hooks.destroy(cgroup, pin_dir)
-        api.delete("Namespace", None, ns)
-        subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "delete", "clustermesh", mesh], capture_output=True)
-
-
-def test_membership_follows_the_clustermesh_without_a_restart(
-    topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
-    kv: KVClient, etcd_server, etcd_proxy_factory, tmp_path: Path,
-) -> None:
-    """Three clusters: a remote added to spec.clusters is used, a removed one leaves (and only
-    it), and a remote whose endpoint changes moves to the new connection, all while the agent runs."""
-    apply_crds(kubeconfig)
-    api = KubeAPI.for_control_plane(control_plane)
-    tag = uuid.uuid4().hex[:8]
-    ns, mesh = f"m-{tag}", f"mesh-{tag}"
-    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    proxy2 = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    proxy3 = etcd_proxy_factory(etcd_server.url, namespace="c3/")
-    put_remote(kv, "c2/", "cluster-2", 2, ns, ["10.245.1.10"])
-    put_remote(kv, "c3/", "cluster-3", 3, ns, ["10.245.2.10"])
-    cluster2 = {"name": "cluster-2", "id": 2, "endpoints": [proxy2.url]}
-    cluster3 = {"name": "cluster-3", "id": 3, "endpoints": [proxy3.url]}
-    apply_mesh(kubeconfig, mesh, [cluster2])
-    echo = api.create(service(ns, "echo", {"service.cilium.io/global": "true"}))["spec"]["clusterIP"]
-    topology.add_backends({"b2": "10.245.1.10", "b3": "10.245.2.10", "b2-new": "10.245.1.11"})
-    argv = [sys.executable, "-m", "clustermesh.cli", "agent", "--kubeconfig", kubeconfig, "--node", "test",
-            "--cgroup", str(cgroup), "--pin-dir", str(pin_dir), "--clustermesh", mesh,
-            "--grace-period", "2", "--metrics-port", "-1"]
-    agent = subprocess.Popen(argv, stdout=(tmp_path / "agent.log").open("ab"), stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        eventually(lambda: _eq(names(topology, echo), {"b2"}), timeout=30)
-        apply_mesh(kubeconfig, mesh, [cluster2, cluster3])  # cluster-3 joins
-        eventually(lambda: _eq(names_many(topology, echo), {"b2", "b3"}), timeout=30)
-        apply_mesh(kubeconfig, mesh, [cluster2])  # cluster-3 leaves: only its backend goes
-        eventually(lambda: _eq(names_many(topology, echo), {"b2"}), timeout=30)
-
-        # cluster-2 moves to another proxy (as with rotated credentials: new settings, new
-        # connection); the old proxy stops: what is read afterwards comes through the new one.
-        proxy2b = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-        apply_mesh(kubeconfig, mesh, [{**cluster2, "endpoints": [proxy2b.url]}])
-        eventually(lambda: _eq("remote cluster-2: new settings" in (tmp_path / "agent.log").read_text(), True),
-                   timeout=30)
-        proxy2.stop()
-        put_remote(kv, "c2/", "cluster-2", 2, ns, ["10.245.1.11"])
-        eventually(lambda: _eq(names_many(topology, echo), {"b2-new"}), timeout=30)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait(10)
-        hooks.destroy(cgroup, pin_dir)
-        api.delete("Namespace", None, ns)
-        subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "delete", "clustermesh", mesh], capture_output=True)
-
-
-def names_many(topology: Topology, ip: str) -> set[str]:
-    """Every backend the socket-LB picks for ``ip`` over 40 connects."""
-    results = topology.client("tcp", ip, "80", "40")
-    assert all(r["ok"] for r in results), results
-    return {str(r["name"]) for r in results}
 
 
 def remote_routes(topology: Topology) -> list[str]:
@@ -246,3 +139,118 @@ def remote_routes(topology: Topology) -> list[str]:
 
 def _eq(a: object, b: object) -> None:
     assert a == b
+
+
+def test_agent_merges_remote_backends_and_fails_over(
+    topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
+    kv: KVClient, etcd_server, etcd_proxy_factory, tmp_path: Path,
+) -> None:
+    with world(control_plane, kubeconfig, cgroup, pin_dir, "a") as w:
+        proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+        export_remote(kv, w.ns, ["10.245.1.10"])
+        w.apply_mesh([{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}])
+        cluster_ip = w.global_service("echo", {"service.cilium.io/affinity": "local"})
+        w.api.create(endpoint_slice(w.ns, "echo-local", "echo", [("10.244.1.10", True)]))
+        topology.add_backends({"local-a": "10.244.1.10", "remote-b": "10.245.1.10"})
+        agent = AgentProcess(w, cgroup, pin_dir, tmp_path / "agent.log", "--grace-period", "2",
+                             "--routes", f"netns:{topology.client_ns}").start()
+        try:
+            eventually(lambda: _eq(names(topology, cluster_ip), {"local-a"}), timeout=30)
+            eventually(lambda: _eq(remote_routes(topology), REMOTE_ROUTE), timeout=10)
+
+            w.api.delete("EndpointSlice", w.ns, "echo-local")  # the local backends die
+            eventually(lambda: _eq(names(topology, cluster_ip), {"remote-b"}), timeout=15)
+
+            proxy.stop()  # the remote becomes unreachable: after the 2 s grace period it is withdrawn
+            eventually(lambda: refused(topology, cluster_ip), timeout=30)
+            eventually(lambda: _eq(remote_routes(topology), []), timeout=10)  # withdrawn with the remote
+
+            agent.stop()
+            proxy.process.start()
+            refused(topology, cluster_ip)  # maps kept as they were while no agent runs
+            agent.start()
+            eventually(lambda: _eq(names(topology, cluster_ip), {"remote-b"}), timeout=30)
+        finally:
+            agent.kill()
+
+
+def test_a_restarted_agent_keeps_what_a_frozen_remote_served_until_its_grace_period(
+    topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
+    kv: KVClient, etcd_server, etcd_proxy_factory, tmp_path: Path,
+) -> None:
+    """The previous agent programmed a remote backend and a route; the remote's proxy freezes;
+    the new agent keeps both (it programs other changes meanwhile) until the grace period,
+    counted from its start, runs out, and takes the remote back once it answers."""
+    with world(control_plane, kubeconfig, cgroup, pin_dir, "r") as w:
+        proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+        export_remote(kv, w.ns, ["10.245.1.10"])
+        w.apply_mesh([{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}])
+        echo = w.global_service("echo")
+        topology.add_backends({"remote-b": "10.245.1.10", "local-c": "10.244.1.20"})
+        grace = 15.0
+        agent = AgentProcess(w, cgroup, pin_dir, tmp_path / "agent.log", "--grace-period", str(grace),
+                             "--routes", f"netns:{topology.client_ns}").start()
+        pid = proxy.process.pid
+        assert pid is not None
+        frozen = False
+        try:
+            eventually(lambda: _eq(names(topology, echo), {"remote-b"}), timeout=30)
+            eventually(lambda: _eq(remote_routes(topology), REMOTE_ROUTE), timeout=10)
+            agent.stop()
+            os.kill(pid, signal.SIGSTOP)  # the remote's store stops answering, its backend still serves
+            frozen = True
+            before = agent.log()
+            agent.start()
+            # Proof that the new agent programs: a second global Service with a local backend.
+            echo2 = w.global_service("echo2")
+            w.api.create(endpoint_slice(w.ns, "echo2-local", "echo2", [("10.244.1.20", True)]))
+            eventually(lambda: _eq(names(topology, echo2), {"local-c"}), timeout=30)
+            assert names(topology, echo) == {"remote-b"}, "the restart withdrew a remote backend that serves"
+            assert remote_routes(topology) == REMOTE_ROUTE, "the restart removed a remote route"
+            eventually(lambda: refused(topology, echo), timeout=grace + 20)  # the grace period ran out
+            eventually(lambda: _eq(remote_routes(topology), []), timeout=10)
+            os.kill(pid, signal.SIGCONT)
+            frozen = False
+            eventually(lambda: _eq(names(topology, echo), {"remote-b"}), timeout=60)
+            restart_log = agent.log()[len(before):]
+            assert "routes: +0 ~0 -1" in restart_log and restart_log.count("routes: +") == 2, restart_log
+        finally:
+            if frozen:
+                os.kill(pid, signal.SIGCONT)
+            agent.kill()
+
+
+def test_membership_follows_the_clustermesh_without_a_restart(
+    topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str,
+    kv: KVClient, etcd_server, etcd_proxy_factory, tmp_path: Path,
+) -> None:
+    """Three clusters: a remote added to spec.clusters is used, a removed one leaves (and only
+    it), and a remote whose endpoint changes moves to the new connection, all while the agent runs."""
+    with world(control_plane, kubeconfig, cgroup, pin_dir, "m") as w:
+        proxy2 = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+        proxy3 = etcd_proxy_factory(etcd_server.url, namespace="c3/")
+        put_remote(kv, "c2/", "cluster-2", 2, w.ns, ["10.245.1.10"])
+        put_remote(kv, "c3/", "cluster-3", 3, w.ns, ["10.245.2.10"])
+        cluster2 = {"name": "cluster-2", "id": 2, "endpoints": [proxy2.url]}
+        cluster3 = {"name": "cluster-3", "id": 3, "endpoints": [proxy3.url]}
+        w.apply_mesh([cluster2])
+        echo = w.global_service("echo")
+        topology.add_backends({"b2": "10.245.1.10", "b3": "10.245.2.10", "b2-new": "10.245.1.11"})
+        agent = AgentProcess(w, cgroup, pin_dir, tmp_path / "agent.log", "--grace-period", "2").start()
+        try:
+            eventually(lambda: _eq(names(topology, echo), {"b2"}), timeout=30)
+            w.apply_mesh([cluster2, cluster3])  # cluster-3 joins
+            eventually(lambda: _eq(names(topology, echo, 40), {"b2", "b3"}), timeout=30)
+            w.apply_mesh([cluster2])  # cluster-3 leaves: only its backend goes
+            eventually(lambda: _eq(names(topology, echo, 40), {"b2"}), timeout=30)
+
+            # cluster-2 moves to another proxy (as with rotated credentials: new settings, new
+            # connection); the old proxy stops: what is read afterwards comes through the new one.
+            proxy2b = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+            w.apply_mesh([{**cluster2, "endpoints": [proxy2b.url]}])
+            eventually(lambda: _eq("remote cluster-2: new settings" in agent.log(), True), timeout=30)
+            proxy2.stop()
+            put_remote(kv, "c2/", "cluster-2", 2, w.ns, ["10.245.1.11"])
+            eventually(lambda: _eq(names(topology, echo, 40), {"b2-new"}), timeout=30)
+        finally:
+            agent.kill()

@@ -33,7 +33,7 @@ from clustermesh.datapath.dump import read as read_maps
 from clustermesh.datapath.plan import specs_from_state
 from clustermesh.lab.kubeapi import eventually
 from clustermesh.lab.run import XwingLoop
-from tests.e2e.test_lab import DEMO, Lab, _lab_pids, _prereqs
+from tests.e2e.test_lab import Lab, _lab_pids, apply_demo, open_lab
 
 OPERATOR_DOWN = float(os.environ.get("CLUSTERMESH_CHAOS_OPERATOR_DOWN", "120"))
 """Seconds the operator stays down in the operator test (the issue asks for 2 minutes)."""
@@ -43,24 +43,16 @@ GRACE = 5.0  # the lab's --grace-period
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    _prereqs()
-    lab = Lab(tmp_path_factory.mktemp("chaos") / "lab", 2, 1, "--processes")
-    try:
-        for i, context in ((1, "lab-1"), (2, "lab-2")):
-            lab.kubectl(context, "apply", "-f", str(DEMO / f"cluster{i}.yaml"))
-        for context in ("lab-1", "lab-2"):
-            lab.kubectl(context, "rollout", "status", "deployment/rebel-base", "deployment/x-wing",
-                        "--timeout=150s", timeout=180)
-        yield lab
-    finally:
-        figures = lab.dir / "chaos-figures.txt"
-        if figures.exists():
-            print("\n" + figures.read_text())
-        for hold in (lab.dir / "hold").glob("*"):
-            hold.unlink()
-        if lab.proc.poll() is None:
-            lab.stop()
-        lab.down()
+    with open_lab(tmp_path_factory.mktemp("chaos") / "lab", 2, 1, "--processes") as lab:
+        try:
+            apply_demo(lab)
+            yield lab
+        finally:
+            figures = lab.dir / "chaos-figures.txt"
+            if figures.exists():
+                print("\n" + figures.read_text())
+            for hold in (lab.dir / "hold").glob("*"):
+                hold.unlink()
 
 
 def record(lab: Lab, line: str) -> None:

@@ -8,6 +8,7 @@ that ``clustermesh lab down`` cleans up after a ``kill -9`` of ``lab up`` itself
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -111,16 +112,23 @@ def leftovers(state: dict[str, Any]) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@contextlib.contextmanager
+def open_lab(directory: Path, clusters: int, nodes: int, *extra: str) -> Iterator[Lab]:
+    """A lab for a test module; whatever happens, it is stopped and cleaned up afterwards."""
     _prereqs()
-    lab = Lab(tmp_path_factory.mktemp("e2e") / "lab", 2, 2, "--processes")
+    lab = Lab(directory, clusters, nodes, *extra)
     try:
         yield lab
     finally:
         if lab.proc.poll() is None:
             lab.stop()
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with open_lab(tmp_path_factory.mktemp("e2e") / "lab", 2, 2, "--processes") as lab:
+        yield lab
 
 
 def test_nodes_register_ready_with_lease_and_pod_cidr(lab: Lab) -> None:
@@ -137,12 +145,18 @@ def test_nodes_register_ready_with_lease_and_pod_cidr(lab: Lab) -> None:
         assert {x["metadata"]["name"] for x in leases} == {n["metadata"]["name"] for n in nodes}
 
 
-def test_cilium_demo_manifests_run_unchanged(lab: Lab) -> None:
+def apply_demo(lab: Lab) -> None:
+    """Cilium's Star Wars example, unchanged, in both clusters, rolled out."""
     for i, context in ((1, "lab-1"), (2, "lab-2")):
         lab.kubectl(context, "apply", "-f", str(DEMO / f"cluster{i}.yaml"))
     for context in ("lab-1", "lab-2"):
-        lab.kubectl(context, "rollout", "status", "deployment/rebel-base", "deployment/x-wing", "--timeout=120s",
-                    timeout=150)
+        lab.kubectl(context, "rollout", "status", "deployment/rebel-base", "deployment/x-wing", "--timeout=150s",
+                    timeout=180)
+
+
+def test_cilium_demo_manifests_run_unchanged(lab: Lab) -> None:
+    apply_demo(lab)
+    for context in ("lab-1", "lab-2"):
         for pod in lab.pods(context, "name in (rebel-base, x-wing)"):
             conditions = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
             assert pod["status"]["phase"] == "Running"

@@ -13,21 +13,15 @@ import pytest
 
 from clustermesh.lab.kubeapi import eventually
 from tests.e2e import test_lab as lab_tests
-from tests.e2e.test_lab import DEMO, REPO, Lab, _failover, _lab_pids, _prereqs, leftovers
+from tests.e2e.test_lab import REPO, Lab, _failover, _lab_pids, apply_demo, leftovers, open_lab
 
 SYSTEM = ("-n", "clustermesh-system")
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    _prereqs()
-    lab = Lab(tmp_path_factory.mktemp("manifests") / "lab", 2, 1, "--from-manifests")
-    try:
+    with open_lab(tmp_path_factory.mktemp("manifests") / "lab", 2, 1, "--from-manifests") as lab:
         yield lab
-    finally:
-        if lab.proc.poll() is None:
-            lab.stop()
-        lab.down()
 
 
 def components(lab: Lab, context: str) -> dict[str, dict]:
@@ -57,11 +51,7 @@ def test_the_mesh_runs_as_pods_from_deploy(lab: Lab) -> None:
 
 
 def test_star_wars_fails_over_without_a_failed_request(lab: Lab) -> None:
-    for i, context in ((1, "lab-1"), (2, "lab-2")):
-        lab.kubectl(context, "apply", "-f", str(DEMO / f"cluster{i}.yaml"))
-    for context in ("lab-1", "lab-2"):
-        lab.kubectl(context, "rollout", "status", "deployment/rebel-base", "deployment/x-wing", "--timeout=150s",
-                    timeout=180)
+    apply_demo(lab)
     lab_tests.test_scale_to_zero_fails_over_without_a_failed_request(lab)
 
 

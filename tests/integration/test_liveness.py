@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,14 +51,21 @@ def _eq(a: object, b: object) -> None:
     assert a == b
 
 
+def usable_remote(kv: KVClient, etcd_server: Any, etcd_proxy_factory: Any, remotes: list[RemoteCluster],
+                  grace_period: float) -> tuple[Any, RemoteCluster]:
+    """cluster-2's export behind its own grpc-proxy, and a RemoteCluster reading it, in use."""
+    export(kv, "c2/")
+    proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=grace_period)
+    remotes.append(rc.start())
+    eventually(lambda: _eq(rc.usable(), True))
+    return proxy, rc
+
+
 def test_a_frozen_proxy_is_noticed_within_10s_and_withdrawn_after_the_grace_period(
     kv: KVClient, etcd_server, etcd_proxy_factory, remotes: list[RemoteCluster]
 ) -> None:
-    export(kv, "c2/")
-    proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=3.0)
-    remotes.append(rc.start())
-    eventually(lambda: _eq(rc.usable(), True))
+    proxy, rc = usable_remote(kv, etcd_server, etcd_proxy_factory, remotes, grace_period=3.0)
     pid = proxy.process.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # TCP stays up, nothing answers
@@ -85,11 +93,7 @@ def test_a_frozen_proxy_is_noticed_within_10s_and_withdrawn_after_the_grace_peri
 def test_a_dead_proxy_is_noticed_within_10s(
     kv: KVClient, etcd_server, etcd_proxy_factory, remotes: list[RemoteCluster]
 ) -> None:
-    export(kv, "c2/")
-    proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=60.0)
-    remotes.append(rc.start())
-    eventually(lambda: _eq(rc.usable(), True))
+    proxy, rc = usable_remote(kv, etcd_server, etcd_proxy_factory, remotes, grace_period=60.0)
     proxy.process.kill()
     dead = time.monotonic()
     eventually(lambda: _eq(rc.connected, False), timeout=10)
