@@ -8,9 +8,18 @@
  *       round-robin, groups taking turns; time only the connect() call with
  *       CLOCK_MONOTONIC; print one line per group:
  *       "n failed min p50 p90 p99 mean" in nanoseconds.
+ *   connect_lat churn COUNT CPU PORT:IP,IP...
+ *       COUNT sockets through the addresses round-robin, untimed one by one;
+ *       prints "n failed elapsed_ns".
  *
- * The client closes with SO_LINGER 0 (RST) so no TIME_WAIT piles up and the
- * ephemeral ports never run out, whatever ITERATIONS is.
+ * PROBE_STYLE picks the socket and what is timed:
+ *   rst   (default) TCP connect(), closed with SO_LINGER 0 (RST): no TIME_WAIT
+ *         piles up, so the ephemeral ports never run out;
+ *   fin   TCP connect(), closed with a FIN (run with tcp_tw_reuse and a wide
+ *         port range in the namespace);
+ *   udp   UDP connect() (connected UDP), then close;
+ *   dgram one sendto() of a byte on an unconnected UDP socket, then close
+ *         (the DNS-client pattern: one socket per query).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -71,6 +80,57 @@ struct group {
 	double sum;
 };
 
+enum style { STYLE_RST, STYLE_FIN, STYLE_UDP, STYLE_DGRAM };
+
+static enum style probe_style(void)
+{
+	const char *s = getenv("PROBE_STYLE");
+
+	if (!s || !strcmp(s, "rst"))
+		return STYLE_RST;
+	if (!strcmp(s, "fin"))
+		return STYLE_FIN;
+	if (!strcmp(s, "udp"))
+		return STYLE_UDP;
+	if (!strcmp(s, "dgram"))
+		return STYLE_DGRAM;
+	fprintf(stderr, "PROBE_STYLE must be rst, fin, udp or dgram\n");
+	exit(2);
+}
+
+/*
+ * One socket of the given style to target: returns the nanoseconds of the
+ * timed call (connect, or sendto for dgram) and sets *rc to its result.
+ */
+static uint64_t one(enum style style, const struct sockaddr_in *target, int *rc)
+{
+	static const struct linger rst = {.l_onoff = 1, .l_linger = 0};
+	int tcp = style == STYLE_RST || style == STYLE_FIN;
+	int fd = socket(AF_INET, tcp ? SOCK_STREAM : SOCK_DGRAM, 0);
+	uint64_t t0, t1;
+
+	if (style == STYLE_RST)
+		setsockopt(fd, SOL_SOCKET, SO_LINGER, &rst, sizeof(rst));
+	t0 = now_ns();
+	if (style == STYLE_DGRAM)
+		*rc = sendto(fd, "x", 1, 0, (const struct sockaddr *)target, sizeof(*target)) == 1 ? 0 : -1;
+	else
+		*rc = connect(fd, (const struct sockaddr *)target, sizeof(*target));
+	t1 = now_ns();
+	close(fd);
+	return t1 - t0;
+}
+
+static void pin(int cpu)
+{
+	if (cpu >= 0) {
+		cpu_set_t set;
+		CPU_ZERO(&set);
+		CPU_SET(cpu, &set);
+		sched_setaffinity(0, sizeof(set), &set);
+	}
+}
+
 /* "PORT:IP,IP,..." */
 static int parse_group(char *spec, struct group *g, long iterations)
 {
@@ -103,14 +163,9 @@ static int parse_group(char *spec, struct group *g, long iterations)
 static int client(long iterations, long warmup, int cpu, int ngroups, char **specs)
 {
 	struct group *groups = calloc(ngroups, sizeof(*groups));
-	struct linger rst = {.l_onoff = 1, .l_linger = 0};
+	enum style style = probe_style();
 
-	if (cpu >= 0) {
-		cpu_set_t set;
-		CPU_ZERO(&set);
-		CPU_SET(cpu, &set);
-		sched_setaffinity(0, sizeof(set), &set);
-	}
+	pin(cpu);
 	for (int g = 0; g < ngroups; g++) {
 		if (parse_group(specs[g], &groups[g], iterations)) {
 			fprintf(stderr, "bad group %s (want PORT:IP,IP...)\n", specs[g]);
@@ -120,23 +175,17 @@ static int client(long iterations, long warmup, int cpu, int ngroups, char **spe
 	for (long i = 0; i < warmup + iterations; i++) {
 		for (int g = 0; g < ngroups; g++) {
 			struct group *grp = &groups[g];
-			int fd = socket(AF_INET, SOCK_STREAM, 0);
-			uint64_t t0, t1;
 			int rc;
+			uint64_t took = one(style, &grp->targets[i % grp->ntargets], &rc);
 
-			setsockopt(fd, SOL_SOCKET, SO_LINGER, &rst, sizeof(rst));
-			t0 = now_ns();
-			rc = connect(fd, (struct sockaddr *)&grp->targets[i % grp->ntargets], sizeof(grp->targets[0]));
-			t1 = now_ns();
-			close(fd);
 			if (i < warmup)
 				continue;
 			if (rc) {
 				grp->failed++;
 				continue;
 			}
-			grp->samples[grp->n++] = t1 - t0;
-			grp->sum += (double)(t1 - t0);
+			grp->samples[grp->n++] = took;
+			grp->sum += (double)took;
 		}
 	}
 	for (int g = 0; g < ngroups; g++) {
@@ -155,13 +204,40 @@ static int client(long iterations, long warmup, int cpu, int ngroups, char **spe
 	return 0;
 }
 
+static int churn(long count, int cpu, char *spec)
+{
+	struct group g = {0};
+	enum style style = probe_style();
+	long failed = 0;
+	uint64_t t0;
+
+	pin(cpu);
+	if (parse_group(spec, &g, 1)) {
+		fprintf(stderr, "bad group %s (want PORT:IP,IP...)\n", spec);
+		return 2;
+	}
+	t0 = now_ns();
+	for (long i = 0; i < count; i++) {
+		int rc;
+
+		one(style, &g.targets[i % g.ntargets], &rc);
+		failed += rc != 0;
+	}
+	printf("%ld %ld %llu\n", count, failed, (unsigned long long)(now_ns() - t0));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 3 && !strcmp(argv[1], "server"))
 		return server(atoi(argv[2]));
 	if (argc >= 6 && !strcmp(argv[1], "client"))
 		return client(atol(argv[2]), atol(argv[3]), atoi(argv[4]), argc - 5, argv + 5);
-	fprintf(stderr, "usage: %s server PORT | client ITERATIONS WARMUP CPU PORT:IP,IP... [PORT:IP,...]\n",
+	if (argc == 5 && !strcmp(argv[1], "churn"))
+		return churn(atol(argv[2]), atoi(argv[3]), argv[4]);
+	fprintf(stderr,
+		"usage: %s server PORT | client ITERATIONS WARMUP CPU PORT:IP,IP... [PORT:IP,...] | "
+		"churn COUNT CPU PORT:IP,IP...\n",
 		argv[0]);
 	return 2;
 }

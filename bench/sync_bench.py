@@ -211,9 +211,11 @@ def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
         local_lat: list[float] = []
         cpu0 = cpu_seconds()
         name, cid = REMOTES[0]
+        i = 0
         for k in range(samples):
-            i = rng.randrange(n)
-            add = k % 2 == 0
+            add = k % 2 == 0  # add a backend to a random Service, then remove it again
+            if add:
+                i = rng.randrange(n)
             extra = Backend(remote_ip(cid, i, 1), 8080, cid)
             backends = {remote_ip(cid, i): HTTP} | ({remote_ip(cid, i, 1): HTTP} if add else {})
             rec = ClusterService(name, NS, f"svc-{i}", cid, frontends={"10.97.0.1": HTTP}, backends=backends)
@@ -224,8 +226,9 @@ def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
                 extra in backends_of(specs, cluster_ips[i])) == add)
             remote_lat.append(max(0.0, done - start))
         for k in range(samples):
-            i = rng.randrange(n)
             add = k % 2 == 0
+            if add:
+                i = rng.randrange(n)
             extra = Backend(local_ip(i, 1), 8080, LOCAL[1])
             endpoints = [{"addresses": [local_ip(i)], "conditions": {"ready": True}}]
             if add:

@@ -40,6 +40,15 @@
 #ifndef CM_REV4_MAX
 #define CM_REV4_MAX 131072
 #endif
+#ifndef CM_SVC6_MAX
+#define CM_SVC6_MAX 262144
+#endif
+#ifndef CM_BACKEND6_MAX
+#define CM_BACKEND6_MAX 131072
+#endif
+#ifndef CM_REV6_MAX
+#define CM_REV6_MAX 131072
+#endif
 
 /* cm_svc4 key: one entry per (ClusterIP, port, protocol, slot). */
 struct cm_svc4_key {
@@ -50,7 +59,7 @@ struct cm_svc4_key {
 	__u8 pad[3];
 };
 
-/* IPv6 twin of cm_svc4_key; reserved for the cm_svc6 map. */
+/* IPv6 twin of cm_svc4_key: the cm_svc6 map. */
 struct cm_svc6_key {
 	__u8 addr[16];
 	__be16 port;
@@ -81,7 +90,7 @@ struct cm_backend4 {
 	__u32 cluster_id;
 };
 
-/* IPv6 twin of cm_backend4; reserved for the cm_backend6 map. */
+/* IPv6 twin of cm_backend4: the cm_backend6 map (ids shared with cm_backend4). */
 struct cm_backend6 {
 	__u8 addr[16];
 	__be16 port;
@@ -91,9 +100,11 @@ struct cm_backend6 {
 };
 
 /*
- * cm_rev4 key: which service address a socket was sent to when it talks to a
+ * cm_rev4 key: which service address a socket asked for when it talks to a
  * given backend. Keyed by socket cookie so getpeername()/recvmsg() translate
- * back only for sockets we rewrote. LRU: entries of closed sockets age out.
+ * back only for sockets we rewrote. A connected socket's entry is removed when
+ * it closes (cm_release4); unconnected UDP sockets leave one per backend, for
+ * the LRU.
  */
 struct cm_rev4_key {
 	__u64 cookie;
@@ -108,7 +119,7 @@ struct cm_rev4_val {
 	__u16 pad;
 };
 
-/* IPv6 twins of the reverse map, reserved for cm_rev6. */
+/* IPv6 twins of the reverse map: cm_rev6. */
 struct cm_rev6_key {
 	__u64 cookie;
 	__u8 addr[16];

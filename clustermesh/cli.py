@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=180.0,
                    help="seconds without a remote heartbeat before that remote is listed again (its backends "
                    "stay: only a store that stops answering withdraws them, after --grace-period)")
+    p.add_argument("--lb-service-map-max", type=int, default=262_144,
+                   help="entries of the service maps made at first start (a frontend plus one per backend slot); "
+                   "Cilium's bpf-lb-map-max is the reference")
+    p.add_argument("--lb-backend-map-max", type=int, default=131_072, help="entries of the backend maps")
+    p.add_argument("--lb-rev-nat-map-max", type=int, default=131_072,
+                   help="entries of the reverse-NAT maps (one per open rewritten socket, LRU)")
     p.add_argument("--metrics-port", type=int, default=9964, help="Prometheus /metrics and /healthz; -1: off")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.set_defaults(func=cmd_agent)

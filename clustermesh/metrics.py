@@ -45,6 +45,17 @@ STORE_REACHABLE = Gauge(
     "1 when the last state-store request succeeded.",
 )
 
+DATAPATH_MAP_FULL = Counter(
+    "clustermesh_datapath_map_full_total",
+    "Desired states refused (nothing written) because a socket-LB map is too small.",
+    ["map"],
+)
+DATAPATH_MAP_CAPACITY = Gauge(
+    "clustermesh_datapath_map_capacity",
+    "max_entries of each socket-LB map the agent writes.",
+    ["map"],
+)
+
 
 class _Handler(BaseHTTPRequestHandler):
     health: Callable[[], tuple[bool, str]] = staticmethod(lambda: (True, "ok"))

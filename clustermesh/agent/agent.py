@@ -38,6 +38,7 @@ from clustermesh.agent.routes import RouteTable, RoutingError
 from clustermesh.agent.routing import plan_routes
 from clustermesh.cluster.export import ClusterIdentity
 from clustermesh.cluster.state import ClusterState, Kind, Ref, ServiceRef
+from clustermesh.datapath.errors import CapacityError
 from clustermesh.datapath.model import Backend, Frontend, ServiceSpec
 from clustermesh.datapath.plan import specs_from_state
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
@@ -492,6 +493,10 @@ class Agent:
             last_usable = usable
             try:
                 self.step()
+            except CapacityError:
+                # Refused whole before any write, logged once and counted by the datapath: the
+                # maps keep the previous state; the next change tries again.
+                self._last_specs = None
             except Exception:  # one bad reconcile must not stop the node's agent
                 log.exception("reconcile failed; retrying on the next change")
                 metrics.ERRORS.labels("agent", "datapath").inc()

@@ -26,8 +26,12 @@ def run_agent(args: argparse.Namespace) -> int:
 
     def socket_lb(local_cluster_id: int) -> Any:
         from clustermesh.datapath import SocketLB  # bcc is loaded only here
+        from clustermesh.datapath.loader import MapLimits
 
-        return SocketLB(args.cgroup, pin_dir, local_cluster_id)
+        limits = MapLimits(services=args.lb_service_map_max, backends=args.lb_backend_map_max,
+                           rev_nat=args.lb_rev_nat_map_max)
+        return SocketLB(args.cgroup, pin_dir, local_cluster_id, limits=limits,
+                        setting_names=("--lb-service-map-max", "--lb-backend-map-max"))
 
     config = AgentConfig(node=args.node, cgroup=args.cgroup, pin_dir=pin_dir, mesh_name=args.clustermesh,
                          grace_period=args.grace_period, heartbeat_timeout=args.heartbeat_timeout,

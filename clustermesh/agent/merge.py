@@ -5,7 +5,8 @@ out. The rules are Cilium's: a Service that is global in *this* cluster gets,
 for each of its frontends (ClusterIP and port), the backends of every cluster
 that exports the same namespace/name with ``shared``, matched by port name
 and protocol. Remote records never add frontends: the local Service decides
-what is load-balanced here.
+what is load-balanced here. IPv6 and dual-stack Services work the same way:
+each frontend takes the backends of its own address family.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from clustermesh.datapath.model import Affinity, Backend, Frontend, Proto, ServiceSpec
-from clustermesh.operator.export import (
+from clustermesh.cluster.export import (
     LEGACY_SHARED_ANNOTATION,
     SHARED_ANNOTATION,
     ClusterIdentity,
     affinity,
     export_service,
 )
+from clustermesh.datapath.model import Affinity, Backend, Frontend, Proto, ServiceSpec
 from clustermesh.schema import WILDCARD_PROTOCOLS, ClusterService, PortConfig, PortsByIP
 
 SHARED_ANNOTATIONS = (SHARED_ANNOTATION, LEGACY_SHARED_ANNOTATION)
@@ -65,7 +66,7 @@ class MergeResult:
 
 def _backends_for(
     port_name: str, protocol: str, ports_by_ip: PortsByIP, cluster_id: int, problems: list[str], source: str,
-    exclude: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    exclude: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (), family: int = 4,
 ) -> set[Backend]:
     out = set()
     for ip, by_name in ports_by_ip.items():
@@ -73,8 +74,9 @@ def _backends_for(
         if pc is None or not _protocol_matches(pc, protocol):
             continue
         addr = ipaddress.ip_address(ip)
-        if not isinstance(addr, ipaddress.IPv4Address):
-            problems.append(f"{source}: backend {ip} is IPv6, which the datapath does not balance yet")
+        if addr.version != family:
+            # A dual-stack Service has endpoints of both families; a socket is
+            # rewritten within its own family, so each frontend takes its own.
             continue
         if any(addr in net for net in exclude):
             # Same address as a local pod: traffic would land on the wrong pod.
@@ -105,8 +107,6 @@ def merge_service(
     by_frontend: dict[Frontend, set[Backend]] = {}
     for ip, by_name in local.frontends.items():
         addr = ipaddress.ip_address(ip)
-        if not isinstance(addr, ipaddress.IPv4Address):
-            continue  # the IPv4 datapath leaves IPv6 frontends to whatever handles them today
         for port_name, pc in by_name.items():
             protocols = frontend_protocols(pc)
             if not protocols:
@@ -114,10 +114,11 @@ def merge_service(
                 continue
             where = f"{local.namespace}/{local.name}"
             for protocol in protocols:
-                backends = _backends_for(port_name, protocol, local.backends, local_cluster_id, problems, where)
+                backends = _backends_for(port_name, protocol, local.backends, local_cluster_id, problems, where,
+                                         family=addr.version)
                 for rec in shared_remotes:
                     backends |= _backends_for(port_name, protocol, rec.backends, rec.cluster_id, problems,
-                                              f"{where} from {rec.cluster}", exclude)
+                                              f"{where} from {rec.cluster}", exclude, family=addr.version)
                 frontend = Frontend(addr, pc.port, Proto.parse(protocol))
                 # A wildcard port may land on a frontend that an explicit port already asked for:
                 # one frontend, the backends of both (the datapath holds one entry per frontend).

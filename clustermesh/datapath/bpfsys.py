@@ -15,9 +15,9 @@ import ctypes
 import errno
 import os
 import platform
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from clustermesh.datapath.errors import DatapathError
 from clustermesh.datapath.layout import CKey, Codec
@@ -42,6 +42,9 @@ BPF_PROG_QUERY = 16
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
+
+# map flags
+BPF_F_NO_COMMON_LRU = 1 << 1
 
 # attach flags
 BPF_F_ALLOW_OVERRIDE = 1 << 0
@@ -470,9 +473,8 @@ class BpfMap(MutableMapping[K, V], Generic[K, V]):
                 for key, value in chunk:
                     self[key] = value
                 continue
-            raw_keys: list[Any] = [self.codec.encode_key(k) for k, _ in chunk]
-            keys = (self.codec.key_type * len(chunk))(*raw_keys)
-            values = (self.codec.value_type * len(chunk))(*[self.codec.encode_value(v) for _, v in chunk])
+            keys = ctypes.create_string_buffer(self.codec.pack_keys([k for k, _ in chunk]))
+            values = ctypes.create_string_buffer(self.codec.pack_values([v for _, v in chunk]))
             attr = _BatchAttr(keys=_addr(keys), values=_addr(values), count=len(chunk), map_fd=self.fd)
             try:
                 bpf(BPF_MAP_UPDATE_BATCH, attr)
@@ -492,8 +494,7 @@ class BpfMap(MutableMapping[K, V], Generic[K, V]):
                     self.pop(key, None)
                 pending = pending[len(chunk) :]
                 continue
-            raw_keys: list[Any] = [self.codec.encode_key(k) for k in chunk]
-            ckeys = (self.codec.key_type * len(chunk))(*raw_keys)
+            ckeys = ctypes.create_string_buffer(self.codec.pack_keys(chunk))
             attr = _BatchAttr(keys=_addr(ckeys), count=len(chunk), map_fd=self.fd)
             try:
                 bpf(BPF_MAP_DELETE_BATCH, attr)
@@ -507,3 +508,97 @@ class BpfMap(MutableMapping[K, V], Generic[K, V]):
                     pending = pending[attr.count :]
                 else:
                     raise self._fail("batch delete", exc) from exc
+
+
+class ByFamily(MutableMapping[K, V], Generic[K, V]):
+    """An IPv4 map and its IPv6 twin seen as one mapping, for the planner.
+
+    ``is_v6(key, value)`` says where an entry belongs; ``value`` is None when
+    only the key is known (lookups and deletes). Where the key alone cannot
+    tell (backend ids are shared by both maps), the family of each key seen in
+    a snapshot or a write is remembered, and a key never seen is looked for in
+    both maps.
+    """
+
+    def __init__(
+        self, v4: BpfMap[K, V], v6: BpfMap[K, V], is_v6: Callable[[K, V | None], bool | None]
+    ) -> None:
+        self.v4, self.v6 = v4, v6
+        self._is_v6 = is_v6
+        self._seen: dict[K, bool] = {}
+
+    def _where(self, key: K, value: V | None = None) -> list[BpfMap[K, V]]:
+        v6 = self._is_v6(key, value)
+        if v6 is None:
+            v6 = self._seen.get(key)
+        if v6 is None:
+            return [self.v4, self.v6]
+        return [self.v6 if v6 else self.v4]
+
+    def _split(self, items: Sequence[tuple[K, V]]) -> tuple[list[tuple[K, V]], list[tuple[K, V]]]:
+        v4: list[tuple[K, V]] = []
+        v6: list[tuple[K, V]] = []
+        for key, value in items:
+            family = self._is_v6(key, value)
+            (v6 if family else v4).append((key, value))
+        return v4, v6
+
+    def close(self) -> None:
+        self.v4.close()
+        self.v6.close()
+
+    def __getitem__(self, key: K) -> V:
+        for bpf_map in self._where(key):
+            try:
+                return bpf_map[key]
+            except KeyError:
+                continue
+        raise KeyError(key)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self.update_many([(key, value)])
+
+    def __delitem__(self, key: K) -> None:
+        for bpf_map in self._where(key):
+            try:
+                del bpf_map[key]
+                self._seen.pop(key, None)
+                return
+            except KeyError:
+                continue
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[K]:
+        yield from self.v4
+        yield from self.v6
+
+    def __len__(self) -> int:
+        return len(self.v4) + len(self.v6)
+
+    def snapshot(self) -> dict[K, V]:
+        v4, v6 = self.v4.snapshot(), self.v6.snapshot()
+        self._seen = dict.fromkeys(v4, False)
+        self._seen.update(dict.fromkeys(v6, True))
+        return {**v4, **v6}
+
+    def update_many(self, items: Sequence[tuple[K, V]]) -> None:
+        v4, v6 = self._split(items)
+        for bpf_map, part, family in ((self.v4, v4, False), (self.v6, v6, True)):
+            if part:
+                bpf_map.update_many(part)
+                self._seen.update(dict.fromkeys((k for k, _ in part), family))
+
+    def delete_many(self, keys: Sequence[K]) -> None:
+        v4: list[K] = []
+        v6: list[K] = []
+        for key in keys:
+            where = self._where(key)
+            # identity, not ==: Mapping equality would read both maps
+            if any(m is self.v4 for m in where):
+                v4.append(key)
+            if any(m is self.v6 for m in where):
+                v6.append(key)
+            self._seen.pop(key, None)
+        for bpf_map, part in ((self.v4, v4), (self.v6, v6)):
+            if part:
+                bpf_map.delete_many(part)

@@ -13,20 +13,30 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from clustermesh.datapath import bpfsys, hooks
 from clustermesh.datapath.errors import DatapathError
 from clustermesh.datapath.layout import (
     BACKEND4_MAP,
+    BACKEND6_CODEC,
+    BACKEND6_MAP,
     BACKEND_CODEC,
     REV4_CODEC,
     REV4_MAP,
+    REV6_CODEC,
+    REV6_MAP,
+    SERVICE6_CODEC,
     SERVICE_CODEC,
     SVC4_MAP,
+    SVC6_MAP,
+    Codec,
 )
-from clustermesh.datapath.model import Affinity, MapState, SlotKey
+from clustermesh.datapath.model import Affinity, BackendEntry, MapState, SlotKey
 from clustermesh.datapath.plan import broken, leftovers
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass
@@ -40,27 +50,47 @@ class Snapshot:
     rev_entries: int = 0
 
 
+def _read_into(snap: Snapshot, name: str, codec: Codec[K, V], into: dict[K, V], required: bool = False) -> None:
+    path = snap.pin_dir / name
+    if not required and not path.exists():
+        return
+    with bpfsys.BpfMap.open_pinned(path, codec) as bpf_map:
+        into.update(bpf_map.snapshot())
+        snap.maps[name] = bpfsys.map_info(bpf_map.fd)
+
+
+def _count(snap: Snapshot, name: str, codec: Codec[K, V]) -> int:
+    path = snap.pin_dir / name
+    if not path.exists():
+        return 0
+    with bpfsys.BpfMap.open_pinned(path, codec) as bpf_map:
+        snap.maps[name] = bpfsys.map_info(bpf_map.fd)
+        return len(bpf_map)
+
+
 def read(pin_dir: str | os.PathLike[str]) -> Snapshot:
     """Read the pinned maps and program pins of one node."""
     root = Path(pin_dir)
     if not (root / SVC4_MAP).exists():
         raise DatapathError(f"no clustermesh maps pinned in {root}; is this the node's pin dir?")
-    with (
-        bpfsys.BpfMap.open_pinned(root / SVC4_MAP, SERVICE_CODEC) as services,
-        bpfsys.BpfMap.open_pinned(root / BACKEND4_MAP, BACKEND_CODEC) as backends,
-    ):
-        snap = Snapshot(root, MapState(services.snapshot(), backends.snapshot()))
-        snap.maps[SVC4_MAP] = bpfsys.map_info(services.fd)
-        snap.maps[BACKEND4_MAP] = bpfsys.map_info(backends.fd)
-    if (root / REV4_MAP).exists():
-        with bpfsys.BpfMap.open_pinned(root / REV4_MAP, REV4_CODEC) as rev:
-            snap.rev_entries = len(rev)
-            snap.maps[REV4_MAP] = bpfsys.map_info(rev.fd)
+    state = MapState()
+    snap = Snapshot(root, state)
+    # The IPv6 maps are missing on a node last loaded by an IPv4-only agent.
+    _read_into(snap, SVC4_MAP, SERVICE_CODEC, state.services, required=True)
+    _read_into(snap, SVC6_MAP, SERVICE6_CODEC, state.services)
+    _read_into(snap, BACKEND4_MAP, BACKEND_CODEC, state.backends, required=True)
+    _read_into(snap, BACKEND6_MAP, BACKEND6_CODEC, state.backends)
+    snap.rev_entries = _count(snap, REV4_MAP, REV4_CODEC) + _count(snap, REV6_MAP, REV6_CODEC)
     for hook in hooks.HOOKS:
         snap.programs[hook.name] = None
         with contextlib.suppress(OSError), hooks.fd(bpfsys.obj_get(root / hook.name)) as prog_fd:
             snap.programs[hook.name] = bpfsys.prog_info(prog_fd).id
     return snap
+
+
+def _hostport(backend: BackendEntry) -> str:
+    host = f"[{backend.ip}]" if backend.ip.version == 6 else str(backend.ip)
+    return f"{host}:{backend.port}"
 
 
 def _flags(flags: int) -> str:
@@ -84,14 +114,22 @@ def render(snap: Snapshot) -> str:
         f"{name} id {pid}" if pid is not None else f"{name} NOT PINNED" for name, pid in snap.programs.items()
     )
     lines.append(f"programs: {progs}")
+    svc6 = sum(1 for key in state.services if key.frontend.v6)
+    be6 = sum(1 for entry in state.backends.values() if entry.ip.version == 6)
     sizes = {
-        SVC4_MAP: len(state.services),
-        BACKEND4_MAP: len(state.backends),
-        REV4_MAP: snap.rev_entries,
+        SVC4_MAP: str(len(state.services) - svc6),
+        SVC6_MAP: str(svc6),
+        BACKEND4_MAP: str(len(state.backends) - be6),
+        BACKEND6_MAP: str(be6),
+        REV4_MAP: "",  # counted together below
+        REV6_MAP: "",
     }
     lines.append(
         "maps: "
-        + "  ".join(f"{name} {sizes[name]}/{info.max_entries}" for name, info in sorted(snap.maps.items()))
+        + "  ".join(
+            f"{name} {sizes[name]}/{info.max_entries}" for name, info in sorted(snap.maps.items()) if sizes[name]
+        )
+        + f"  reverse entries {snap.rev_entries}"
     )
     lines.append("")
     masters = list(_services(state))
@@ -113,14 +151,14 @@ def render(snap: Snapshot) -> str:
                 continue
             marks = [m for m, on in (("local", backend.is_local), ("preferred", key.slot <= eligible)) if on]
             lines.append(
-                f"    slot {key.slot:<3} backend {slot.backend_id:<6} {backend.ip}:{backend.port}"
+                f"    slot {key.slot:<3} backend {slot.backend_id:<6} {_hostport(backend)}"
                 f"  cluster {backend.cluster_id}  {' '.join(marks)}".rstrip()
             )
     lines.append("")
     lines.append(f"backends ({len(state.backends)})")
     for bid, backend in sorted(state.backends.items()):
         local = "  local" if backend.is_local else ""
-        lines.append(f"  {bid:<6} {backend.ip}:{backend.port}  cluster {backend.cluster_id}{local}")
+        lines.append(f"  {bid:<6} {_hostport(backend)}  cluster {backend.cluster_id}{local}")
     bad, stale = broken(state), leftovers(state)
     if bad or stale:
         lines.append("")

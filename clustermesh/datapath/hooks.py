@@ -28,7 +28,7 @@ from pathlib import Path
 
 from clustermesh.datapath import bpfsys
 from clustermesh.datapath.errors import DatapathError
-from clustermesh.datapath.layout import BACKEND4_MAP, REV4_MAP, SVC4_MAP
+from clustermesh.datapath.layout import BACKEND4_MAP, BACKEND6_MAP, REV4_MAP, REV6_MAP, SVC4_MAP, SVC6_MAP
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,13 @@ PIN_ROOT = Path("/sys/fs/bpf/clustermesh")
 PROG_CGROUP_SOCK = 9
 PROG_CGROUP_SOCK_ADDR = 18
 CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
+CGROUP_UDP6_SENDMSG = 15
 CGROUP_UDP4_RECVMSG = 19
+CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
+CGROUP_INET6_GETPEERNAME = 30
 CGROUP_INET_SOCK_RELEASE = 34
 
 
@@ -59,9 +63,13 @@ HOOKS: tuple[Hook, ...] = (
     Hook("cm_sendmsg4", CGROUP_UDP4_SENDMSG),
     Hook("cm_recvmsg4", CGROUP_UDP4_RECVMSG),
     Hook("cm_getpeername4", CGROUP_INET4_GETPEERNAME),
-    Hook("cm_release4", CGROUP_INET_SOCK_RELEASE, PROG_CGROUP_SOCK),
+    Hook("cm_release4", CGROUP_INET_SOCK_RELEASE, PROG_CGROUP_SOCK),  # both families
+    Hook("cm_connect6", CGROUP_INET6_CONNECT),
+    Hook("cm_sendmsg6", CGROUP_UDP6_SENDMSG),
+    Hook("cm_recvmsg6", CGROUP_UDP6_RECVMSG),
+    Hook("cm_getpeername6", CGROUP_INET6_GETPEERNAME),
 )
-MAP_PINS: tuple[str, ...] = (SVC4_MAP, BACKEND4_MAP, REV4_MAP)
+MAP_PINS: tuple[str, ...] = (SVC4_MAP, BACKEND4_MAP, REV4_MAP, SVC6_MAP, BACKEND6_MAP, REV6_MAP)
 
 
 @dataclass(frozen=True)

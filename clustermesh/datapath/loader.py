@@ -22,25 +22,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clustermesh import metrics
 from clustermesh.datapath import bpfsys, hooks
-from clustermesh.datapath.errors import DatapathError
+from clustermesh.datapath.errors import CapacityError, DatapathError
 from clustermesh.datapath.layout import (
     BACKEND4_MAP,
     BACKEND4_MAX,
+    BACKEND6_CODEC,
+    BACKEND6_MAP,
     BACKEND_CODEC,
     REV4_MAP,
     REV4_MAX,
+    REV6_MAP,
+    SERVICE6_CODEC,
     SERVICE_CODEC,
     SVC4_MAP,
     SVC4_MAX,
+    SVC6_MAP,
     Backend4,
+    Backend6,
     Rev4Key,
     Rev4Val,
+    Rev6Key,
+    Rev6Val,
     Svc4Key,
+    Svc6Key,
     SvcVal,
 )
 from clustermesh.datapath.model import BackendEntry, MapState, ServiceEntry, ServiceSpec, SlotKey
-from clustermesh.datapath.plan import Maps, Op, plan, reconcile
+from clustermesh.datapath.plan import Capacity, Maps, Op, plan, reconcile
 
 _BCC_IMPORT_ERROR: ImportError | None = None
 try:
@@ -65,14 +75,30 @@ def default_bpf_dir() -> Path:
 
 @dataclass(frozen=True)
 class MapLimits:
-    """Sizes of the maps a first load creates; pinned maps keep their size."""
+    """Sizes of the maps a first load creates; pinned maps keep their size.
+
+    The reference is Cilium's ``bpf-lb-map-max``: 65,536 entries for each of
+    its load-balancing maps (service, backend, reverse NAT). Our service map
+    has Cilium's shape (a master plus one entry per backend slot), and our
+    defaults are larger because the Kubernetes envelope (10,000 Services) with
+    ten backends each is 110,000 service entries. Preallocated hash maps cost
+    their full size in kernel memory whatever they hold (memlock measured on
+    kernel 6.18: 25 MB for cm_svc4, 11.5 MB for cm_backend4, 11.5 MB for
+    cm_rev4 at these defaults, about 96, 88 and 88 bytes an entry). The IPv6 twins
+    (cm_svc6, cm_backend6, cm_rev6) are made with the same entry counts, with
+    larger entries, and are checked on their own. A desired state that
+    does not fit is refused whole (:class:`CapacityError`): the maps keep the
+    previous state.
+    """
 
     services: int = SVC4_MAX
-    """Entries in cm_svc4: one per service plus one per backend slot."""
+    """Entries in cm_svc4 (262,144): one per service frontend plus one per backend slot."""
     backends: int = BACKEND4_MAX
-    """Entries in cm_backend4: distinct (ip, port, cluster) backends."""
+    """Entries in cm_backend4 (131,072): distinct (ip, port, cluster) backends."""
     rev_nat: int = REV4_MAX
-    """LRU entries in cm_rev4: sockets talking to a backend right now."""
+    """LRU entries in cm_rev4 (131,072): one per open connected socket we rewrote,
+    plus (unconnected UDP socket, backend) pairs. Per-CPU LRU: each CPU gets an
+    equal share, so size it for the busiest CPU's sockets times the CPU count."""
 
 
 # map name -> (type, key struct, value struct)
@@ -80,7 +106,33 @@ _EXPECTED_MAPS: dict[str, tuple[int, type[Any], type[Any]]] = {
     SVC4_MAP: (bpfsys.BPF_MAP_TYPE_HASH, Svc4Key, SvcVal),
     BACKEND4_MAP: (bpfsys.BPF_MAP_TYPE_HASH, ctypes.c_uint32, Backend4),
     REV4_MAP: (bpfsys.BPF_MAP_TYPE_LRU_HASH, Rev4Key, Rev4Val),
+    SVC6_MAP: (bpfsys.BPF_MAP_TYPE_HASH, Svc6Key, SvcVal),
+    BACKEND6_MAP: (bpfsys.BPF_MAP_TYPE_HASH, ctypes.c_uint32, Backend6),
+    REV6_MAP: (bpfsys.BPF_MAP_TYPE_LRU_HASH, Rev6Key, Rev6Val),
 }
+# map name -> flags we create it with (checked, not enforced: a map pinned by an
+# older agent keeps working with its own flags)
+_EXPECTED_FLAGS = {REV4_MAP: bpfsys.BPF_F_NO_COMMON_LRU, REV6_MAP: bpfsys.BPF_F_NO_COMMON_LRU}
+
+
+def _possible_cpus() -> int:
+    """CPUs the kernel may ever bring up (per-CPU map structures are sized by it)."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    count = 0
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
+def _per_cpu_rounded(entries: int) -> int:
+    """The max_entries the kernel gives a BPF_F_NO_COMMON_LRU map asked for ``entries``."""
+    cpus = _possible_cpus()
+    up = -(-entries // cpus) * cpus
+    return up if up <= 0xFFFFFFFF else entries // cpus * cpus
 
 
 def check_pinned_maps(pin_dir: Path, limits: MapLimits) -> None:
@@ -90,7 +142,9 @@ def check_pinned_maps(pin_dir: Path, limits: MapLimits) -> None:
     looking at it, and a program reading a map of another layout would
     balance to garbage.
     """
-    sizes = {SVC4_MAP: limits.services, BACKEND4_MAP: limits.backends, REV4_MAP: limits.rev_nat}
+    # Each IPv6 map has the size of its IPv4 twin.
+    sizes: dict[str, int] = {SVC4_MAP: limits.services, BACKEND4_MAP: limits.backends, REV4_MAP: limits.rev_nat}
+    sizes |= {SVC6_MAP: limits.services, BACKEND6_MAP: limits.backends, REV6_MAP: limits.rev_nat}
     for name, (map_type, key_t, value_t) in _EXPECTED_MAPS.items():
         path = pin_dir / name
         if not path.exists():
@@ -108,7 +162,19 @@ def check_pinned_maps(pin_dir: Path, limits: MapLimits) -> None:
                 "clustermesh version. Run `clustermesh datapath destroy` for this node, then load again "
                 "(global services fall back to kube-proxy until then)."
             )
+        wanted_flags = _EXPECTED_FLAGS.get(name, 0)
+        if info.flags != wanted_flags:
+            log.warning(
+                "pinned map %s has flags %#x (this agent makes it with %#x); it works as it is, and "
+                "`clustermesh datapath destroy` then a new load makes it anew",
+                path,
+                info.flags,
+                wanted_flags,
+            )
         wanted_size = sizes[name]
+        if name in (REV4_MAP, REV6_MAP):
+            # A per-CPU LRU is rounded to a multiple of the possible CPUs.
+            wanted_size = _per_cpu_rounded(wanted_size)
         if info.max_entries != wanted_size:
             # Resizing means a new map, and so a moment without services:
             # keep the pinned one and say so.
@@ -134,14 +200,21 @@ class SocketLB:
         *,
         limits: MapLimits | None = None,
         bpf_dir: str | os.PathLike[str] | None = None,
+        setting_names: tuple[str, str] = ("MapLimits.services", "MapLimits.backends"),
     ) -> None:
+        """``setting_names`` name the knobs of ``limits.services`` and
+        ``limits.backends`` as the user sets them (say, the agent's flags); a
+        :class:`CapacityError` tells the user to raise them."""
         self.cgroup_path = Path(cgroup_path)
         self.pin_dir = Path(pin_dir)
         self.local_cluster_id = local_cluster_id
         self.limits = limits or MapLimits()
         self.bpf_dir = Path(bpf_dir) if bpf_dir else default_bpf_dir()
-        self._services: bpfsys.BpfMap[SlotKey, ServiceEntry] | None = None
-        self._backends: bpfsys.BpfMap[int, BackendEntry] | None = None
+        self._services: bpfsys.ByFamily[SlotKey, ServiceEntry] | None = None
+        self._backends: bpfsys.ByFamily[int, BackendEntry] | None = None
+        self.setting_names = setting_names
+        self._capacity = Capacity()
+        self._refused: str | None = None  # the last capacity error, logged once
         self.attachments: list[hooks.Attachment] = []
 
     # --- lifecycle -----------------------------------------------------------------
@@ -176,6 +249,9 @@ class SocketLB:
             f"-DCM_SVC4_MAX={int(self.limits.services)}",
             f"-DCM_BACKEND4_MAX={int(self.limits.backends)}",
             f"-DCM_REV4_MAX={int(self.limits.rev_nat)}",
+            f"-DCM_SVC6_MAX={int(self.limits.services)}",
+            f"-DCM_BACKEND6_MAX={int(self.limits.backends)}",
+            f"-DCM_REV6_MAX={int(self.limits.rev_nat)}",
         ]
 
     def load(self) -> list[hooks.Attachment]:
@@ -219,8 +295,38 @@ class SocketLB:
 
     def _open_maps(self) -> None:
         self.close()
-        self._services = bpfsys.BpfMap.open_pinned(self.pin_dir / SVC4_MAP, SERVICE_CODEC)
-        self._backends = bpfsys.BpfMap.open_pinned(self.pin_dir / BACKEND4_MAP, BACKEND_CODEC)
+        opened: list[bpfsys.BpfMap[Any, Any]] = []
+        try:
+            for name, codec in (
+                (SVC4_MAP, SERVICE_CODEC),
+                (SVC6_MAP, SERVICE6_CODEC),
+                (BACKEND4_MAP, BACKEND_CODEC),
+                (BACKEND6_MAP, BACKEND6_CODEC),
+            ):
+                opened.append(bpfsys.BpfMap.open_pinned(self.pin_dir / name, codec))
+        except DatapathError:
+            for bpf_map in opened:
+                bpf_map.close()
+            raise
+        svc4, svc6, be4, be6 = opened
+        self._services = bpfsys.ByFamily(svc4, svc6, lambda key, _value: key.frontend.v6)
+        self._backends = bpfsys.ByFamily(
+            be4, be6, lambda _key, value: None if value is None else value.ip.version == 6
+        )
+        # The pinned maps' own sizes, not self.limits: a map pinned by an
+        # earlier agent keeps the size it was made with.
+        sizes = {name: bpfsys.map_info(m.fd).max_entries for name, m in zip(
+            (SVC4_MAP, SVC6_MAP, BACKEND4_MAP, BACKEND6_MAP), opened, strict=True)}
+        self._capacity = Capacity(
+            services=sizes[SVC4_MAP],
+            backends=sizes[BACKEND4_MAP],
+            services6=sizes[SVC6_MAP],
+            backends6=sizes[BACKEND6_MAP],
+            services_setting=self.setting_names[0],
+            backends_setting=self.setting_names[1],
+        )
+        for name, size in sizes.items():
+            metrics.DATAPATH_MAP_CAPACITY.labels(name).set(size)
 
     def close(self) -> None:
         """Forget our fds. Programs stay attached and maps stay pinned."""
@@ -253,7 +359,7 @@ class SocketLB:
                 raise DatapathError(f"no maps pinned in {self.pin_dir}: call load() first")
             self._open_maps()
         assert self._services is not None and self._backends is not None
-        return Maps(services=self._services, backends=self._backends)
+        return Maps(services=self._services, backends=self._backends, capacity=self._capacity)
 
     def read(self) -> MapState:
         return self.maps.read()
@@ -263,8 +369,22 @@ class SocketLB:
         return plan(self.maps, services, self.local_cluster_id)
 
     def reconcile(self, services: Iterable[ServiceSpec]) -> list[Op]:
-        """Make the maps hold exactly ``services`` (ordered, batched writes)."""
-        ops = reconcile(self.maps, services, self.local_cluster_id)
+        """Make the maps hold exactly ``services`` (ordered, batched writes).
+
+        Raises :class:`CapacityError` when they do not fit; nothing is written
+        then, and the error is logged once (until the next success) and
+        counted in ``clustermesh_datapath_map_full_total``.
+        """
+        maps = self.maps
+        try:
+            ops = reconcile(maps, services, self.local_cluster_id)
+        except CapacityError as exc:
+            metrics.DATAPATH_MAP_FULL.labels(exc.map_name).inc()
+            if str(exc) != self._refused:
+                log.error("datapath: %s", exc)
+                self._refused = str(exc)
+            raise
+        self._refused = None
         if ops:
             log.info("datapath: %d map writes", len(ops))
         return ops

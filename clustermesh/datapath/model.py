@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import NamedTuple
 
 # Flag values shared with bpf/clustermesh_maps.h (the layout test checks them).
 SVC_F_AFFINITY_LOCAL = 1 << 0
@@ -78,12 +79,22 @@ class Affinity(enum.StrEnum):
         return cls.NONE
 
 
-def _ipv4(value: object, what: str) -> IPv4Address:
-    """Coerce ``value`` to an IPv4 address; IPv6 gets a message of its own."""
-    addr = value if isinstance(value, IPv4Address) else ip_address(str(value))
-    if not isinstance(addr, IPv4Address):
-        raise ValueError(f"{what} {addr}: IPv6 is not supported by the datapath yet")
+IPAddress = IPv4Address | IPv6Address
+_V6_TAG = 1 << 128  # added to an IPv6 address's integer: no IPv4 integer can equal it
+
+
+def _ip(value: object, what: str) -> IPAddress:
+    """Coerce ``value`` to an IPv4 or IPv6 address (no zone: the maps hold 4 or 16 bytes)."""
+    addr = value if isinstance(value, IPv4Address | IPv6Address) else ip_address(str(value))
+    if isinstance(addr, IPv6Address) and addr.scope_id:
+        raise ValueError(f"{what} {addr}: a zoned IPv6 address cannot be balanced")
     return addr
+
+
+def ip_key(addr: IPAddress) -> int:
+    """An integer that orders and identifies ``addr`` among addresses of both
+    families: IPv4 first, IPv6 after, never equal across families."""
+    return int(addr) if addr.version == 4 else int(addr) | _V6_TAG
 
 
 def _port(value: int, what: str) -> int:
@@ -98,57 +109,104 @@ def _u32(value: int, what: str) -> int:
     return int(value)
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Frontend:
+class _OrderedByKey:
+    """Ordering by ``key`` (an integer tuple): IPv4 before IPv6, and no
+    IPv4Address/IPv6Address comparison, which Python refuses across families."""
+
+    __slots__ = ()
+    key: tuple[int, int, int]
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        return self.key < other.key
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        return self.key <= other.key
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        return self.key > other.key
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        return self.key >= other.key
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend(_OrderedByKey):
     """A service address: ClusterIP, port and protocol.
 
-    ``ip`` may be given as a string; it is stored as an :class:`IPv4Address`.
+    ``ip`` may be given as a string; it is stored as an :class:`IPv4Address`
+    or :class:`IPv6Address` (the two families use separate maps).
     """
 
-    ip: IPv4Address
+    ip: IPAddress
     port: int
     proto: Proto = Proto.TCP
     _hash: int = field(default=0, init=False, repr=False, compare=False)
+    key: tuple[int, int, int] = field(default=(0, 0, 0), init=False, repr=False, compare=False)
+    """(:func:`ip_key`, port, proto): sorts like the dataclass within a family, in C."""
+    v6: bool = field(default=False, init=False, repr=False, compare=False)
+    """An IPv6 frontend: its entries live in cm_svc6."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ip", _ipv4(self.ip, "frontend"))
+        object.__setattr__(self, "ip", _ip(self.ip, "frontend"))
         object.__setattr__(self, "port", _port(self.port, "frontend"))
         object.__setattr__(self, "proto", Proto.parse(self.proto))
+        object.__setattr__(self, "key", (ip_key(self.ip), self.port, int(self.proto)))
+        object.__setattr__(self, "v6", self.ip.version == 6)
         # Frontends key every map dict; IPv4Address hashes through hex(),
         # which dominated a 10,000-service reconcile.
-        object.__setattr__(self, "_hash", hash((int(self.ip), self.port, int(self.proto))))
+        object.__setattr__(self, "_hash", hash(self.key))
 
     def __hash__(self) -> int:
         return self._hash
 
+    def __eq__(self, other: object) -> bool:
+        # Frontends read back from a map are equal to, not the same objects
+        # as, the desired ones: every dict lookup of a reconcile compares them,
+        # and the generated __eq__ would go through IPv4Address.__eq__.
+        if self is other:
+            return True
+        if not isinstance(other, Frontend):
+            return NotImplemented
+        return self.key == other.key
+
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{self.proto.name}"
+        host = f"[{self.ip}]" if self.v6 else str(self.ip)
+        return f"{host}:{self.port}/{self.proto.name}"
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Backend:
+@dataclass(frozen=True, slots=True)
+class Backend(_OrderedByKey):
     """One endpoint of a service, in some cluster of the mesh.
 
     Its identity (and so its backend id in the maps) is the whole triple.
     """
 
-    ip: IPv4Address
+    ip: IPAddress
     port: int
     cluster_id: int
     key: tuple[int, int, int] = field(default=(0, 0, 0), init=False, repr=False, compare=False)
-    """(int ip, port, cluster id): sorts like the dataclass, several times cheaper."""
+    """(:func:`ip_key`, port, cluster id): sorts like the dataclass, several times cheaper."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ip", _ipv4(self.ip, "backend"))
+        object.__setattr__(self, "ip", _ip(self.ip, "backend"))
         object.__setattr__(self, "port", _port(self.port, "backend"))
         object.__setattr__(self, "cluster_id", _u32(self.cluster_id, "cluster id"))
-        object.__setattr__(self, "key", (int(self.ip), self.port, self.cluster_id))
+        object.__setattr__(self, "key", (ip_key(self.ip), self.port, self.cluster_id))
 
     def __hash__(self) -> int:
         return hash(self.key)
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}@{self.cluster_id}"
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}@{self.cluster_id}"
 
 
 @dataclass(frozen=True)
@@ -168,20 +226,28 @@ class ServiceSpec:
 # --- map level ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class SlotKey:
-    """Key of the ``cm_svc4`` map (C: ``struct cm_svc4_key``)."""
+class SlotKey(NamedTuple):
+    """Key of the ``cm_svc4`` map (C: ``struct cm_svc4_key``).
+
+    A NamedTuple rather than a frozen dataclass, as is :class:`ServiceEntry`:
+    100,000 services make a million of each per reconcile, and a tuple is
+    built, hashed and compared in C (three times faster to build).
+    """
 
     frontend: Frontend
     slot: int = SLOT_MASTER
+
+    @property
+    def order(self) -> tuple[tuple[int, int, int], int]:
+        """Sort key equal to the natural order, without IPv4Address comparisons."""
+        return self.frontend.key, self.slot
 
     @property
     def is_master(self) -> bool:
         return self.slot == SLOT_MASTER
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceEntry:
+class ServiceEntry(NamedTuple):
     """Value of the ``cm_svc4`` map (C: ``struct cm_svc_val``).
 
     A master entry (slot 0) carries ``count``, ``preferred`` and ``flags``; a
@@ -189,24 +255,25 @@ class ServiceEntry:
     """
 
     backend_id: int = 0
-    count: int = 0
+    count: int = 0  # type: ignore[assignment]  # shadows tuple.count, as the C field is named
     preferred: int = 0
     flags: int = 0
 
     @classmethod
     def master(cls, count: int, preferred: int, flags: int = 0) -> ServiceEntry:
-        return cls(backend_id=0, count=count, preferred=preferred, flags=flags)
+        return cls(0, count, preferred, flags)
 
     @classmethod
     def slot(cls, backend_id: int) -> ServiceEntry:
-        return cls(backend_id=backend_id)
+        return cls(backend_id)
 
 
 @dataclass(frozen=True, slots=True)
 class BackendEntry:
-    """Value of the ``cm_backend4`` map (C: ``struct cm_backend4``)."""
+    """Value of the ``cm_backend4`` map (C: ``struct cm_backend4``), or of
+    ``cm_backend6`` for an IPv6 ``ip``."""
 
-    ip: IPv4Address
+    ip: IPAddress
     port: int
     cluster_id: int
     flags: int = 0
@@ -218,7 +285,17 @@ class BackendEntry:
     @property
     def key(self) -> tuple[int, int, int]:
         """The :attr:`Backend.key` of the backend this entry describes."""
-        return int(self.ip), self.port, self.cluster_id
+        return ip_key(self.ip), self.port, self.cluster_id
+
+    def __eq__(self, other: object) -> bool:
+        # A no-change reconcile compares every backend read from the map with
+        # the desired one (a million at 100,000 services): compare integers.
+        if not isinstance(other, BackendEntry):
+            return NotImplemented
+        return (self.key, self.flags) == (other.key, other.flags)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.flags))
 
     @property
     def is_local(self) -> bool:

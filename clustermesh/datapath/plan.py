@@ -22,15 +22,27 @@ empty slot.
 Backend ids are stable: a backend already in the map keeps its id, and a new
 backend never takes an id that is still in the map, because deletions come
 last and slots of live services may still point at that id.
+
+Capacity (:func:`ordered_ops`): puts come before deletes, so a map holds the
+old and the new entries together for a moment. When that union would not fit
+but the desired state does, the services that go away are removed first (a
+whole service at a time: master, slots, then the backends nobody uses); when
+even that does not fit, or the desired state alone does not, nothing is
+written and :class:`~clustermesh.datapath.errors.CapacityError` says which map,
+how many entries and which setting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar, runtime_checkable
 
+from clustermesh.datapath.errors import CapacityError
+from clustermesh.datapath.layout import BACKEND4_MAP, BACKEND6_MAP, SVC4_MAP, SVC6_MAP
 from clustermesh.datapath.model import (
     BE_F_LOCAL,
     MAX_BACKEND_ID,
@@ -51,8 +63,11 @@ V = TypeVar("V")
 # --- operations ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PutBackend:
+# Operations are NamedTuples for the same reason as SlotKey: a first
+# programming of 100,000 services makes two million of them.
+
+
+class PutBackend(NamedTuple):
     backend_id: int
     entry: BackendEntry
 
@@ -61,8 +76,7 @@ class PutBackend:
         return f"put backend {self.backend_id} = {e.ip}:{e.port} cluster {e.cluster_id}"
 
 
-@dataclass(frozen=True)
-class PutService:
+class PutService(NamedTuple):
     key: SlotKey
     entry: ServiceEntry
 
@@ -73,8 +87,7 @@ class PutService:
         return f"put {self.key.frontend} slot {self.key.slot} = backend {self.entry.backend_id}"
 
 
-@dataclass(frozen=True)
-class DeleteService:
+class DeleteService(NamedTuple):
     key: SlotKey
 
     def __str__(self) -> str:
@@ -82,8 +95,7 @@ class DeleteService:
         return f"delete {self.key.frontend} {what}"
 
 
-@dataclass(frozen=True)
-class DeleteBackend:
+class DeleteBackend(NamedTuple):
     backend_id: int
 
     def __str__(self) -> str:
@@ -119,12 +131,26 @@ def _snapshot(source: MutableMapping[K, V]) -> dict[K, V]:
     return dict(source)
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """How many entries each map holds (its max_entries); None: no bound (a dict)."""
+
+    services: int | None = None
+    backends: int | None = None
+    services6: int | None = None
+    backends6: int | None = None
+    services_setting: str = "MapLimits.services"
+    """What to raise when cm_svc4 or cm_svc6 is too small; named in the error."""
+    backends_setting: str = "MapLimits.backends"
+
+
 @dataclass
 class Maps:
     """The two maps the agent writes. Dicts in tests, pinned BPF maps for real."""
 
     services: MutableMapping[SlotKey, ServiceEntry]
     backends: MutableMapping[int, BackendEntry]
+    capacity: Capacity = Capacity()
 
     def read(self) -> MapState:
         return MapState(services=_snapshot(self.services), backends=_snapshot(self.backends))
@@ -163,20 +189,15 @@ def slot_order(spec: ServiceSpec, local_cluster_id: int) -> tuple[list[Backend],
     return ordered, len(preferred)
 
 
-def _id_allocator(taken: Iterable[int]) -> Callable[[], int]:
+def _free_ids(taken: Iterable[int]) -> Iterator[int]:
+    """Backend ids not in ``taken``, lowest first."""
     used = set(taken)
-    counter = itertools.count(1)
-
-    def allocate() -> int:
-        for candidate in counter:
-            if candidate > MAX_BACKEND_ID:
-                break
-            if candidate not in used:
-                used.add(candidate)
-                return candidate
-        raise ValueError("backend ids exhausted")
-
-    return allocate
+    candidate = 0
+    while candidate < MAX_BACKEND_ID:
+        candidate += 1
+        if candidate not in used:
+            yield candidate
+    raise ValueError("backend ids exhausted")
 
 
 def desired_state(
@@ -195,35 +216,42 @@ def desired_state(
         if spec.frontend in specs:
             raise ValueError(f"frontend {spec.frontend} is listed twice")
         specs[spec.frontend] = spec
+    ordered_specs = sorted(specs.values(), key=lambda s: s.frontend.key)
 
+    # Where the map holds one backend twice (an interrupted run), the lowest id wins.
     known: dict[tuple[int, int, int], int] = {}
-    for bid, entry in sorted(current_backends.items()):
-        known.setdefault(entry.key, bid)
-    allocate = _id_allocator(current_backends)
+    for bid, entry in sorted(current_backends.items(), reverse=True):
+        known[entry.key] = bid
+    free = _free_ids(current_backends)
 
     state = MapState()
-    ids: dict[Backend, int] = {}
+    services_out, backends_out = state.services, state.backends
+    ids: dict[tuple[int, int, int], int] = {}
 
-    def id_of(backend: Backend) -> int:
-        if backend not in ids:
-            ids[backend] = known[backend.key] if backend.key in known else allocate()
-            flags = BE_F_LOCAL if backend.cluster_id == local_cluster_id else 0
-            state.backends[ids[backend]] = BackendEntry(backend.ip, backend.port, backend.cluster_id, flags)
-        return ids[backend]
+    def add_backend(backend: Backend, bid: int) -> None:
+        ids[backend.key] = bid
+        flags = BE_F_LOCAL if backend.cluster_id == local_cluster_id else 0
+        backends_out[bid] = BackendEntry(backend.ip, backend.port, backend.cluster_id, flags)
 
-    # Reused ids first, so allocation order (and so the ids) does not depend
-    # on the order services arrive in.
-    for spec in sorted(specs.values(), key=lambda s: s.frontend):
-        for backend in sorted(spec.backends, key=_sort_key):
-            if backend.key in known:
-                id_of(backend)
-    for spec in sorted(specs.values(), key=lambda s: s.frontend):
+    # Reused ids first: whether a backend keeps its id must not depend on
+    # the order services arrive in.
+    for spec in ordered_specs:
+        for backend in spec.backends:
+            if backend.key in known and backend.key not in ids:
+                add_backend(backend, known[backend.key])
+    # New ids in (frontend, slot) order, so the same input gives the same ids.
+    # This loop runs once per slot (a million times at 100,000 services):
+    # kept flat on purpose.
+    for spec in ordered_specs:
+        frontend = spec.frontend
         ordered, preferred = slot_order(spec, local_cluster_id)
-        state.services[SlotKey(spec.frontend)] = ServiceEntry.master(
-            count=len(ordered), preferred=preferred, flags=spec.affinity.flags
-        )
+        services_out[SlotKey(frontend)] = ServiceEntry(0, len(ordered), preferred, spec.affinity.flags)
         for slot, backend in enumerate(ordered, start=1):
-            state.services[SlotKey(spec.frontend, slot)] = ServiceEntry.slot(id_of(backend))
+            known_id = ids.get(backend.key)
+            if known_id is None:
+                known_id = next(free)
+                add_backend(backend, known_id)
+            services_out[SlotKey(frontend, slot)] = ServiceEntry(known_id)
     return state
 
 
@@ -233,7 +261,7 @@ def specs_from_state(state: MapState) -> list[ServiceSpec]:
     one wrote while its remotes sync. Slots that are missing or name no backend are
     left out (they cannot be reached either)."""
     specs: list[ServiceSpec] = []
-    for key, master in sorted(state.services.items()):
+    for key, master in sorted(state.services.items(), key=_by_slot_key):
         if not key.is_master:
             continue
         backends: set[Backend] = set()
@@ -255,7 +283,7 @@ def broken(state: MapState) -> list[str]:
     :func:`diff` keeps this list empty after every single write it orders.
     """
     found: list[str] = []
-    for key, master in sorted(state.services.items()):
+    for key, master in sorted(state.services.items(), key=_by_slot_key):
         if not key.is_master:
             continue
         if master.preferred > master.count:
@@ -275,7 +303,7 @@ def leftovers(state: MapState) -> list[str]:
     found: list[str] = []
     counts = {key.frontend: entry.count for key, entry in state.services.items() if key.is_master}
     referenced: set[int] = set()
-    for key, entry in sorted(state.services.items()):
+    for key, entry in sorted(state.services.items(), key=_by_slot_key):
         if key.is_master:
             continue
         count = counts.get(key.frontend)
@@ -292,27 +320,36 @@ def leftovers(state: MapState) -> list[str]:
 # --- diff and apply ------------------------------------------------------------------
 
 
+def _by_slot_key(item: tuple[SlotKey, ServiceEntry]) -> tuple[tuple[int, int, int], int]:
+    return item[0].order
+
+
+def _order(key: SlotKey) -> tuple[tuple[int, int, int], int]:
+    return key.order
+
+
 def diff(current: MapState, desired: MapState) -> list[Op]:
     """Ordered writes that turn ``current`` into ``desired`` (see the module doc)."""
     ops: list[Op] = []
+    current_backends, current_services = current.backends, current.services
     ops += [
         PutBackend(bid, entry)
         for bid, entry in sorted(desired.backends.items())
-        if current.backends.get(bid) != entry
+        if current_backends.get(bid) != entry
     ]
     changed = sorted(
-        (key for key, entry in desired.services.items() if current.services.get(key) != entry),
+        (key for key, entry in desired.services.items() if current_services.get(key) != entry), key=_order
     )
     ops += [PutService(key, desired.services[key]) for key in changed if not key.is_master]
-    gone = sorted(key for key in current.services if key not in desired.services)
+    gone = sorted((key for key in current_services if key not in desired.services), key=_order)
     masters: list[PutService | DeleteService] = [
         PutService(key, desired.services[key]) for key in changed if key.is_master
     ]
     masters += [DeleteService(key) for key in gone if key.is_master]
-    masters.sort(key=lambda op: op.key)
+    masters.sort(key=lambda op: op.key.order)
     ops += masters
     ops += [DeleteService(key) for key in gone if not key.is_master]
-    ops += [DeleteBackend(bid) for bid in sorted(current.backends) if bid not in desired.backends]
+    ops += [DeleteBackend(bid) for bid in sorted(current_backends) if bid not in desired.backends]
     return ops
 
 
@@ -368,17 +405,112 @@ def apply(ops: Sequence[Op], maps: Maps) -> None:
             _delete(maps.backends, [op.backend_id for op in run if isinstance(op, DeleteBackend)])
 
 
+def _without_gone(current: MapState, desired: MapState) -> MapState:
+    """``current`` minus the services ``desired`` drops and the backends only they used.
+
+    Every surviving service keeps all its entries, so the result is as whole
+    as ``current`` (:func:`broken` finds nothing new).
+    """
+    keep = {key.frontend for key in desired.services if key.is_master}
+    services = {key: entry for key, entry in current.services.items() if key.frontend in keep}
+    used = {entry.backend_id for key, entry in services.items() if not key.is_master}
+    backends = {bid: e for bid, e in current.backends.items() if bid in used or bid in desired.backends}
+    return MapState(services, backends)
+
+
+# Needs per map: (cm_svc4, cm_svc6, cm_backend4, cm_backend6) entries.
+Needs: TypeAlias = tuple[int, int, int, int]
+
+
+def _needs(state: MapState) -> Needs:
+    svc6 = sum(1 for key in state.services if key.frontend.v6)
+    be6 = sum(1 for entry in state.backends.values() if entry.ip.version == 6)
+    return len(state.services) - svc6, svc6, len(state.backends) - be6, be6
+
+
+def _peak(before: MapState, after: MapState) -> Needs:
+    """Entries of each map at its fullest while :func:`diff` turns ``before`` into ``after``."""
+    svc4, svc6, be4, be6 = _needs(after)
+    for key in before.services:
+        if key not in after.services:
+            if key.frontend.v6:
+                svc6 += 1
+            else:
+                svc4 += 1
+    for bid, entry in before.backends.items():
+        if bid not in after.backends:
+            if entry.ip.version == 6:
+                be6 += 1
+            else:
+                be4 += 1
+    return svc4, svc6, be4, be6
+
+
+def _overflow(capacity: Capacity, need: Needs, during_update: bool) -> CapacityError | None:
+    # IPv6 maps are made with the same sizes as their IPv4 twins.
+    limits = (
+        (SVC4_MAP, capacity.services, capacity.services_setting),
+        (SVC6_MAP, capacity.services6, capacity.services_setting),
+        (BACKEND4_MAP, capacity.backends, capacity.backends_setting),
+        (BACKEND6_MAP, capacity.backends6, capacity.backends_setting),
+    )
+    for (name, size, setting), needed in zip(limits, need, strict=True):
+        if size is not None and needed > size:
+            return CapacityError(name, needed, size, setting, during_update=during_update)
+    return None
+
+
+def ordered_ops(current: MapState, desired: MapState, capacity: Capacity = Capacity()) -> list[Op]:
+    """:func:`diff`, with the removals first when the maps could not hold old and
+    new together; raises :class:`CapacityError` (before any write) when even
+    that does not fit. See the module doc."""
+    refused = _overflow(capacity, _needs(desired), False)
+    if refused is not None:
+        raise refused
+    if _overflow(capacity, _peak(current, desired), True) is None:
+        return diff(current, desired)
+    middle = _without_gone(current, desired)
+    refused = _overflow(capacity, _peak(middle, desired), True)
+    if refused is not None:
+        raise refused
+    return diff(current, middle) + diff(middle, desired)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside the block.
+
+    Planning 100,000 services makes millions of small objects, none of them
+    in a cycle (reference counting frees them all); the cyclic collector
+    would walk the growing heap again and again, for seconds.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def plan(maps: Maps, services: Iterable[ServiceSpec], local_cluster_id: int) -> list[Op]:
-    """The writes :func:`reconcile` would do now, without doing them."""
-    current = maps.read()
-    return diff(current, desired_state(services, local_cluster_id, current.backends))
+    """The writes :func:`reconcile` would do now, without doing them.
+
+    Raises :class:`CapacityError` when the maps cannot hold ``services``.
+    """
+    with paused_gc():
+        current = maps.read()
+        desired = desired_state(services, local_cluster_id, current.backends)
+        return ordered_ops(current, desired, maps.capacity)
 
 
 def reconcile(maps: Maps, services: Iterable[ServiceSpec], local_cluster_id: int) -> list[Op]:
     """Make ``maps`` hold exactly ``services``; returns what was written.
 
-    Idempotent: a second call with the same services writes nothing.
+    Idempotent: a second call with the same services writes nothing. When the
+    maps are too small, raises :class:`CapacityError` and writes nothing.
     """
-    ops = plan(maps, services, local_cluster_id)
-    apply(ops, maps)
+    with paused_gc():
+        ops = plan(maps, services, local_cluster_id)
+        apply(ops, maps)
     return ops

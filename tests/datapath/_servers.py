@@ -1,6 +1,6 @@
 """Backends for the datapath tests; runs inside the test's backend netns.
 
-Usage: _servers.py NAME=IP [NAME=IP ...]
+Usage: _servers.py NAME=IP [NAME=IP ...]   (IPv4 or IPv6 addresses)
 Each backend answers on IP:8080/tcp with a tiny HTTP response whose body is its
 NAME, and on IP:5353/udp with its NAME. Prints "ready" once every socket is
 bound, then serves until killed. Standalone on purpose: it starts fast.
@@ -40,11 +40,12 @@ def main(argv: list[str]) -> int:
     threads = []
     for arg in argv:
         name, ip = arg.split("=", 1)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        tcp = socket.socket(family, socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tcp.bind((ip, TCP_PORT))
         tcp.listen(512)
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp = socket.socket(family, socket.SOCK_DGRAM)
         udp.bind((ip, UDP_PORT))
         threads += [
             threading.Thread(target=serve_tcp, args=(tcp, name), daemon=True),

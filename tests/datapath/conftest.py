@@ -118,7 +118,8 @@ class Topology:
     def add_backends(self, names: dict[str, str]) -> None:
         """Start backends NAME -> IP in the backend netns (tcp/8080, udp/5353)."""
         for ip in names.values():
-            _ip("-n", self.backend_ns, "addr", "add", f"{ip}/32", "dev", "lo")
+            prefix = "128" if ":" in ip else "32"
+            _ip("-n", self.backend_ns, "addr", "add", f"{ip}/{prefix}", "dev", "lo")
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.backend_ns, sys.executable, str(HERE / "_servers.py")]
             + [f"{name}={ip}" for name, ip in names.items()],
@@ -167,6 +168,17 @@ class Topology:
         assert proc.stdout.readline().strip() == "started"
         return proc
 
+    def start_hold(self, proto: str, ip: str, port: int, stopfile: Path) -> tuple[subprocess.Popen[str], Any]:
+        """A client holding one connected socket; returns it and its first getpeername()."""
+        proc = subprocess.Popen(
+            [*self.prefix(), sys.executable, str(HERE / "_client.py"), "hold", proto, ip, str(port), str(stopfile)],
+            preexec_fn=self._join_cgroup,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        return proc, json.loads(proc.stdout.readline())
+
     @staticmethod
     def finish_loop(proc: subprocess.Popen[str], stopfile: Path) -> Any:
         stopfile.touch()
@@ -214,3 +226,26 @@ def topology(cgroup: Path) -> Iterator[Topology]:
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
             _kill_all([int(p) for p in pids])
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+@pytest.fixture
+def topology6(topology: Topology) -> Topology:
+    """``topology`` with IPv6 too: fd00:250::1/126 and ::2 on the veth (no DAD, so
+    usable at once) and the backend prefixes fd00:244::/32 and fd00:245::/32
+    routed to the backend netns. IPv6 ClusterIPs (fd00:96::/64) stay unroutable
+    in the client netns, like the IPv4 ones. Unique local addresses, inside
+    namespaces with no link out."""
+    client_dev = _only_veth(topology.client_ns)
+    backend_dev = _only_veth(topology.backend_ns)
+    _ip("-n", topology.client_ns, "addr", "add", "fd00:250::1/126", "dev", client_dev, "nodad")
+    _ip("-n", topology.backend_ns, "addr", "add", "fd00:250::2/126", "dev", backend_dev, "nodad")
+    for prefix in ("fd00:244::/32", "fd00:245::/32"):
+        _ip("-n", topology.client_ns, "-6", "route", "add", prefix, "via", "fd00:250::2")
+    return topology
+
+
+def _only_veth(ns: str) -> str:
+    out = subprocess.run(
+        ["ip", "-n", ns, "-o", "link", "show", "type", "veth"], capture_output=True, text=True, check=True
+    ).stdout
+    return out.split(":")[1].strip().split("@")[0]

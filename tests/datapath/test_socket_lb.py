@@ -126,6 +126,29 @@ def rev_entries(pin_dir: Path) -> dict[tuple[int, IPv4Address, int], tuple[IPv4A
         return rev.snapshot()
 
 
+@pytest.mark.parametrize(("proto", "port"), [("tcp", 80), ("udp", 53)])
+def test_a_connected_socket_keeps_its_translation_while_open_and_across_a_restart(
+    lab: Topology, lb: SocketLB, pin_dir: Path, tmp_path: Path, proto: str, port: int
+) -> None:
+    lb.reconcile([web(), dns()])
+    stopfile = tmp_path / "stop"
+    proc, first = lab.start_hold(proto, CLUSTER_IP, port, stopfile)
+    try:
+        assert tuple(first["peer"]) == (CLUSTER_IP, port)
+        assert set(rev_entries(pin_dir).values()) == {(IPv4Address(CLUSTER_IP), port)}
+        # A restarted agent loads again: the pinned cm_rev4 keeps serving the socket.
+        restarted = SocketLB(lb.cgroup_path, pin_dir, LOCAL_CLUSTER)
+        assert {a.action for a in restarted.load()} == {"kept"}
+        restarted.close()
+    finally:
+        last = lab.finish_loop(proc, stopfile)
+    assert tuple(last["peer"]) == (CLUSTER_IP, port)
+    assert last["name"] in BACKENDS
+    if proto == "udp":
+        assert tuple(last["from"]) == (CLUSTER_IP, port)  # recvmsg on a connected socket
+    assert rev_entries(pin_dir) == {}  # closed: cm_release4 took the entry
+
+
 def test_reverse_entries_live_as_long_as_their_sockets(lab: Topology, lb: SocketLB, pin_dir: Path) -> None:
     lb.reconcile([web(), dns()])
     assert names_of(lab.client("tcp", CLUSTER_IP, "80", "20")) <= set(BACKENDS)
@@ -137,6 +160,24 @@ def test_reverse_entries_live_as_long_as_their_sockets(lab: Topology, lb: Socket
     left = rev_entries(pin_dir)
     assert 1 <= len(left) <= 3
     assert set(left.values()) == {(IPv4Address(CLUSTER_IP), 53)}
+
+
+def test_reverse_map_is_a_per_cpu_lru(lb: SocketLB, pin_dir: Path) -> None:
+    """Each CPU takes and gives back its own elements: no list shared by all CPUs."""
+    with hooks.fd(bpfsys.obj_get(pin_dir / REV4_MAP)) as fd:
+        info = bpfsys.map_info(fd)
+    assert info.type == bpfsys.BPF_MAP_TYPE_LRU_HASH
+    assert info.flags & bpfsys.BPF_F_NO_COMMON_LRU
+
+
+def test_udp_socket_connected_again_elsewhere_shows_its_real_peer(lab: Topology, lb: SocketLB) -> None:
+    # the first connect can only pick remote-c: a stale translation would match the second peer
+    lb.reconcile([dns(["remote-c"])])
+    result = lab.client("udp-reconnect", CLUSTER_IP, "53", BACKENDS["remote-c"], "5353")
+    assert tuple(result["first"]) == (CLUSTER_IP, 53)
+    assert tuple(result["second"]) == (BACKENDS["remote-c"], 5353)
+    assert result["name"] == "remote-c"
+    assert tuple(result["from"]) == (BACKENDS["remote-c"], 5353)
 
 
 def test_addresses_not_in_the_map_pass_untouched(lab: Topology, lb: SocketLB) -> None:
@@ -291,6 +332,10 @@ def test_changed_program_replaces_the_attachment_atomically(
         "cm_recvmsg4": "kept",
         "cm_getpeername4": "kept",
         "cm_release4": "kept",
+        "cm_connect6": "replaced",
+        "cm_sendmsg6": "replaced",
+        "cm_recvmsg6": "kept",
+        "cm_getpeername6": "kept",
     }
     after = upgraded.attached()
     assert all(len(ids) == 1 for ids in after.values())

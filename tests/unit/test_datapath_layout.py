@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 
 from clustermesh.datapath import layout, model
-from clustermesh.datapath.layout import BACKEND_CODEC, MIRRORS, REV4_CODEC, SERVICE_CODEC
+from clustermesh.datapath.layout import (
+    BACKEND6_CODEC,
+    BACKEND_CODEC,
+    MIRRORS,
+    REV4_CODEC,
+    REV6_CODEC,
+    SERVICE6_CODEC,
+    SERVICE_CODEC,
+)
 from clustermesh.datapath.model import BackendEntry, Frontend, ServiceEntry, SlotKey
 from tests.prereq import require_binary
 
@@ -115,6 +123,9 @@ def test_backend_value_bytes() -> None:
         (SERVICE_CODEC, SlotKey(Frontend("10.96.255.1", 65535), 65535), ServiceEntry.slot(0xFFFFFFFF)),
         (BACKEND_CODEC, 7, BackendEntry(Frontend("10.245.2.10", 1).ip, 1, 255, 0)),
         (REV4_CODEC, (2**64 - 1, Frontend("10.245.2.10", 1).ip, 9), (Frontend("10.96.0.1", 1).ip, 443)),
+        (SERVICE6_CODEC, SlotKey(Frontend("fd00:96::10", 53, "UDP"), 3), ServiceEntry.slot(7)),
+        (BACKEND6_CODEC, 9, BackendEntry(Frontend("fd00:245::1", 1).ip, 8080, 2, 0)),
+        (REV6_CODEC, (5, Frontend("fd00:245::1", 1).ip, 9), (Frontend("fd00:96::1", 1).ip, 443)),
     ],
 )
 def test_codecs_round_trip(codec: layout.Codec[Any, Any], key: object, value: object) -> None:
@@ -123,3 +134,41 @@ def test_codecs_round_trip(codec: layout.Codec[Any, Any], key: object, value: ob
     assert ctypes.sizeof(raw_key) == ctypes.sizeof(codec.key_type)
     assert codec.decode_key(codec.key_type.from_buffer_copy(bytes(raw_key))) == key
     assert codec.decode_value(codec.value_type.from_buffer_copy(bytes(raw_value))) == value
+
+
+@pytest.mark.parametrize(
+    ("codec", "keys", "values"),
+    [
+        (
+            SERVICE_CODEC,
+            [SlotKey(Frontend("10.96.0.10", 53, "UDP"), 0), SlotKey(Frontend("10.96.255.1", 65535), 65535)],
+            [ServiceEntry.master(3, 1, 1), ServiceEntry.slot(0xFFFFFFFF)],
+        ),
+        (
+            BACKEND_CODEC,
+            [7, 0xFFFFFFFF],
+            [
+                BackendEntry(Frontend("10.245.2.10", 1).ip, 1, 255, 0),
+                BackendEntry(Frontend("10.244.1.10", 1).ip, 8080, 0xFFFFFFFF, model.BE_F_LOCAL),
+            ],
+        ),
+        (REV4_CODEC, [(1, Frontend("10.245.2.10", 1).ip, 9)], [(Frontend("10.96.0.1", 1).ip, 443)]),
+        (
+            SERVICE6_CODEC,
+            [SlotKey(Frontend("fd00:96::10", 53, "UDP"), 0), SlotKey(Frontend("fd00::ffff", 65535), 65535)],
+            [ServiceEntry.master(3, 1, 1), ServiceEntry.slot(0xFFFFFFFF)],
+        ),
+        (BACKEND6_CODEC, [7], [BackendEntry(Frontend("fd00:245::1", 1).ip, 8080, 3, model.BE_F_LOCAL)]),
+    ],
+)
+def test_bulk_encoding_gives_the_bytes_of_the_ctypes_mirrors(
+    codec: layout.Codec[Any, Any], keys: list[Any], values: list[Any]
+) -> None:
+    """The batch writers' struct formats agree with the mirrors (and so with the header)."""
+    assert codec.pack_keys(keys) == b"".join(bytes(codec.encode_key(k)) for k in keys)
+    assert codec.pack_values(values) == b"".join(bytes(codec.encode_value(v)) for v in values)
+
+
+def test_ipv6_service_key_bytes_are_in_network_order() -> None:
+    key = SERVICE6_CODEC.encode_key(SlotKey(Frontend("fd00:96::a", 80, "TCP"), 2))
+    assert bytes(key) == bytes([0xFD, 0, 0, 0x96] + [0] * 11 + [0x0A, 0, 80, 2, 0, 6, 0, 0, 0])

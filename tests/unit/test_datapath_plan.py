@@ -8,6 +8,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from clustermesh.datapath.errors import CapacityError
 from clustermesh.datapath.model import (
     BE_F_LOCAL,
     SVC_F_AFFINITY_LOCAL,
@@ -23,6 +24,7 @@ from clustermesh.datapath.model import (
     SlotKey,
 )
 from clustermesh.datapath.plan import (
+    Capacity,
     DeleteBackend,
     DeleteService,
     Maps,
@@ -33,6 +35,7 @@ from clustermesh.datapath.plan import (
     desired_state,
     diff,
     leftovers,
+    ordered_ops,
     phase,
     plan,
     reconcile,
@@ -172,7 +175,7 @@ def test_local_cluster_change_rewrites_flags_in_place() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: Frontend("fd00::1", 80), "IPv6"),
+        (lambda: Frontend("fe80::1%eth0", 80), "zoned"),
         (lambda: Frontend("10.96.0.1", 0), "port"),
         (lambda: Frontend("10.96.0.1", 70000), "port"),
         (lambda: Frontend("10.96.0.1", 80, "SCTP"), "protocol"),
@@ -373,3 +376,118 @@ def test_apply_batches_each_run_of_one_kind() -> None:
 def test_apply_tolerates_deleting_what_is_gone() -> None:
     maps, _, _ = fresh_maps()
     apply([DeleteService(SlotKey(FE, 3)), DeleteBackend(42)], maps)
+
+
+# --- capacity ---------------------------------------------------------------------------------
+
+
+def bounded_maps(services: int, backends: int) -> tuple[Maps, dict[SlotKey, ServiceEntry], dict[int, BackendEntry]]:
+    svc_map: dict[SlotKey, ServiceEntry] = {}
+    be_map: dict[int, BackendEntry] = {}
+    return Maps(svc_map, be_map, Capacity(services, backends)), svc_map, be_map
+
+
+@pytest.mark.parametrize(
+    ("specs", "services", "backends", "full_map", "need"),
+    [
+        # 2 masters + 3 slots = 5 service entries, 3 backends
+        ([svc(FE, L1, R1), svc(FE2, R2)], 4, 10, "cm_svc4", 5),
+        ([svc(FE, L1, R1), svc(FE2, R2)], 10, 2, "cm_backend4", 3),
+    ],
+)
+def test_a_state_that_does_not_fit_is_refused_before_any_write(
+    specs: list[ServiceSpec], services: int, backends: int, full_map: str, need: int
+) -> None:
+    maps, svc_map, be_map = bounded_maps(services, backends)
+    with pytest.raises(CapacityError) as caught:
+        reconcile(maps, specs, LOCAL)
+    err = caught.value
+    assert (err.map_name, err.need, err.size, err.during_update) == (full_map, need, min(services, backends), False)
+    setting = "MapLimits.services" if full_map == "cm_svc4" else "MapLimits.backends"
+    assert full_map in str(err) and f"{need:,} entries" in str(err) and setting in str(err)
+    assert svc_map == {} and be_map == {}
+
+
+def test_a_refused_state_leaves_the_previous_one_in_place() -> None:
+    maps, svc_map, be_map = bounded_maps(6, 3)
+    reconcile(maps, [svc(FE, L1, R1)], LOCAL)
+    before = MapState(dict(svc_map), dict(be_map))
+    with pytest.raises(CapacityError):
+        reconcile(maps, [svc(FE, L1, R1), svc(FE2, L2, R2)], LOCAL)  # 4 backends > 3
+    assert MapState(dict(svc_map), dict(be_map)) == before
+    assert broken(before) == []
+
+
+def test_removals_go_first_when_old_and_new_do_not_fit_together() -> None:
+    """Replacing one service by another in maps that hold one at a time."""
+    maps, svc_map, be_map = bounded_maps(3, 2)
+    reconcile(maps, [svc(FE, L1, L2)], LOCAL)
+    start = MapState(dict(svc_map), dict(be_map))
+    target = desired_state([svc(FE2, R1, R2)], LOCAL, start.backends)
+    ops = ordered_ops(start, target, maps.capacity)
+    assert ops != diff(start, target)  # the plain order would need 6 entries and 4 backends
+    for op in ops:
+        apply([op], maps)
+        now = MapState(dict(svc_map), dict(be_map))
+        assert len(svc_map) <= 3 and len(be_map) <= 2, f"after {op}"
+        assert broken(now) == [], f"after {op}"
+    assert MapState(dict(svc_map), dict(be_map)) == target
+
+
+def test_an_update_that_cannot_fit_even_with_removals_first_is_refused() -> None:
+    """All backends of a kept service change: old and new ids coexist for a moment."""
+    maps, svc_map, be_map = bounded_maps(10, 2)
+    reconcile(maps, [svc(FE, L1, L2)], LOCAL)
+    before = dict(svc_map), dict(be_map)
+    with pytest.raises(CapacityError) as caught:
+        reconcile(maps, [svc(FE, R1, R2)], LOCAL)
+    assert (caught.value.map_name, caught.value.need, caught.value.during_update) == ("cm_backend4", 4, True)
+    assert "while updating" in str(caught.value)
+    assert (svc_map, be_map) == before
+
+
+def test_unbounded_maps_keep_the_plain_order() -> None:
+    start = desired_state([svc(FE, L1, R1), svc(FE2, R2)], LOCAL)
+    target = desired_state([svc(FE, L1)], LOCAL, start.backends)
+    assert ordered_ops(start, target) == diff(start, target)
+
+
+# --- IPv6 and dual stack -------------------------------------------------------------------------
+
+FE6 = Frontend("fd00:96::10", 80)
+L6 = Backend("fd00:244:1::10", 8080, 1)
+R6 = Backend("fd00:245:1::10", 8080, 2)
+# ::a.b.c.d has the integer value of a.b.c.d: identities must still differ
+MAPPED = Backend("::10.244.1.10", 8080, 1)
+
+
+def test_both_families_share_one_backend_id_space_and_never_collide() -> None:
+    state = desired_state([svc(FE, L1, R1), svc(FE6, L6, R6, MAPPED)], LOCAL)
+    assert broken(state) == []
+    assert len(state.backends) == 5  # L1 and ::10.244.1.10 are two backends
+    assert {e.ip.version for e in state.backends.values()} == {4, 6}
+    assert [e.backend for e in (state.backends[state.services[SlotKey(FE6, i)].backend_id] for i in (1, 2))] == [
+        MAPPED,
+        L6,
+    ]  # slots sorted within the family
+    assert sorted(specs_from_state(state), key=lambda s: s.frontend) == [
+        svc(FE, L1, R1),
+        svc(FE6, L6, R6, MAPPED),
+    ]
+
+
+def test_mixed_families_sort_ipv4_first_without_comparing_across_families() -> None:
+    assert sorted([FE6, FE2, FE]) == [FE, FE2, FE6]
+    assert sorted([R6, L1]) == [L1, R6]
+    assert str(FE6) == "[fd00:96::10]:80/TCP" and str(L6) == "[fd00:244:1::10]:8080@1"
+
+
+def test_each_family_is_checked_against_its_own_map() -> None:
+    # room for the IPv4 service, not for the IPv6 one (cm_svc6 holds 2 entries)
+    capacity = Capacity(services=3, backends=2, services6=2, backends6=2)
+    maps = Maps({}, {}, capacity)
+    reconcile(maps, [svc(FE, L1, R1)], LOCAL)
+    with pytest.raises(CapacityError) as caught:
+        reconcile(maps, [svc(FE, L1, R1), svc(FE6, L6, R6)], LOCAL)
+    assert (caught.value.map_name, caught.value.need, caught.value.size) == ("cm_svc6", 3, 2)
+    reconcile(maps, [svc(FE, L1, R1), svc(FE6, L6)], LOCAL)  # 2 entries: fits

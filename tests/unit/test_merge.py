@@ -60,11 +60,46 @@ def test_no_backends_anywhere_keeps_the_frontend_with_none() -> None:
     assert result.specs == [ServiceSpec(Frontend("10.96.0.10", 80, Proto.TCP), frozenset())]
 
 
-def test_ipv6_is_left_alone() -> None:
-    result = merge_service(1, local(frontends={"fd00::10": HTTP}), [])
-    assert result.specs == []
-    result = merge_service(1, local({"fd00::1": {"http": PortConfig("TCP", 80)}}), [])
-    assert result.specs[0].backends == frozenset() and result.problems
+def test_ipv6_services_merge_across_clusters() -> None:
+    result = merge_service(
+        1,
+        local({"fd00:244:1::1": {"http": PortConfig("TCP", 8080)}}, frontends={"fd00:96::10": HTTP}),
+        [remote("c2", 2, {"fd00:245:1::1": {"http": PortConfig("TCP", 8081)}})],
+    )
+    assert result.problems == []
+    assert result.specs == [ServiceSpec(
+        Frontend("fd00:96::10", 80, Proto.TCP),
+        frozenset({Backend("fd00:244:1::1", 8080, 1), Backend("fd00:245:1::1", 8081, 2)}),
+    )]
+
+
+def test_dual_stack_frontends_take_the_backends_of_their_own_family() -> None:
+    """A dual-stack Service: ClusterIPs and endpoints of both families, in every cluster."""
+    both = {"10.244.1.1": {"http": PortConfig("TCP", 8080)}, "fd00:244:1::1": {"http": PortConfig("TCP", 8080)}}
+    result = merge_service(
+        1,
+        local(both, frontends={"10.96.0.10": HTTP, "fd00:96::10": HTTP}),
+        [remote("c2", 2, {"10.245.1.1": {"http": PortConfig("TCP", 8080)},
+                          "fd00:245:1::1": {"http": PortConfig("TCP", 8080)}}),
+         remote("c3", 3, {"fd00:246:1::1": {"http": PortConfig("TCP", 8080)}})],  # IPv6-only cluster
+        exclude_remote_cidrs=["fd00:244::/32"],
+    )
+    assert result.problems == []
+    by_frontend = {str(s.frontend): {str(b) for b in s.backends} for s in result.specs}
+    assert by_frontend == {
+        "10.96.0.10:80/TCP": {"10.244.1.1:8080@1", "10.245.1.1:8080@2"},
+        "[fd00:96::10]:80/TCP": {"[fd00:244:1::1]:8080@1", "[fd00:245:1::1]:8080@2", "[fd00:246:1::1]:8080@3"},
+    }
+
+
+def test_ipv6_remote_backends_inside_local_pod_cidrs_are_refused() -> None:
+    result = merge_service(
+        1, local(frontends={"fd00:96::10": HTTP}),
+        [remote("c2", 2, {"fd00:244:1::7": {"http": PortConfig("TCP", 8080)}})],
+        exclude_remote_cidrs=["fd00:244::/32"],
+    )
+    assert result.specs[0].backends == frozenset()
+    assert any("pod CIDRs" in p for p in result.problems)
 
 
 def test_merge_only_serves_local_global_services() -> None:
