@@ -458,6 +458,26 @@ def test_pods_reach_their_api_server_in_cluster_after_their_init_containers(
     lab.kubectl("lab-1", "delete", "pod", name, "--wait=true", "--timeout=30s", timeout=60)
 
 
+def test_a_volume_over_the_checkout_does_not_hide_the_project_image(lab: Lab, tmp_path: Path) -> None:
+    """The store pod mounts an emptyDir at /tmp; a checkout (and its venv) under /tmp must still run
+    as the `clustermesh` image. Here the volume covers the checkout itself."""
+    manifest = tmp_path / "shadow.yaml"
+    manifest.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shadow"},
+        "spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": "clustermesh:dev", "command": ["clustermesh", "--help"],
+                                 "volumeMounts": [{"name": "scratch", "mountPath": str(REPO)}]}],
+                 "volumes": [{"name": "scratch", "emptyDir": {}}]}}))
+    lab.kubectl("lab-1", "apply", "-f", str(manifest))
+
+    def done() -> None:
+        assert lab.json("lab-1", "get", "pod", "shadow")["status"]["phase"] == "Succeeded"
+
+    eventually(done, timeout=60, interval=0.5)
+    assert "usage: clustermesh" in lab.kubectl("lab-1", "logs", "shadow")
+    lab.kubectl("lab-1", "delete", "pod", "shadow", "--wait=true", "--timeout=30s", timeout=60)
+
+
 def test_an_image_outside_the_catalog_waits_with_err_image_pull(lab: Lab) -> None:
     lab.kubectl("lab-1", "run", "nope", "--image=registry.example/nope:1", "--restart=Never")
 

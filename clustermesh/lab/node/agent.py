@@ -98,6 +98,12 @@ def _token_key(source: Obj) -> tuple[str, int]:
     return str(source.get("audience") or ""), int(source.get("expirationSeconds", 3600))
 
 
+# Where the lab's images run from: this venv, the checkout (an editable install) and the Python
+# it was made from. A container's volume mounted above one of them must not hide it.
+HOST_PROGRAM_PATHS = sorted({str(Path(sys.executable).parent.parent), str(Path(__file__).resolve().parents[3]),
+                             sys.base_prefix})
+
+
 def _write_volume(target: Path, volume: Obj, files: dict[str, bytes]) -> None:
     """Make ``target`` hold ``files``: changed files replaced whole (a reader never sees half a
     certificate), files whose key went away removed."""
@@ -271,6 +277,7 @@ class Container:
             "cgroup": str(self.cgroup), "netns": worker.record.netns,
             "hostname": worker.agent.cfg.name if worker.host_network else spec.pod_hostname(worker.pod)[0],
             "mounts": mounts, "etc": self.worker.etc_files(), "argv": argv, "env": self.env, "workdir": self.workdir,
+            "keep": HOST_PROGRAM_PATHS,
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.dir / "launch.json"

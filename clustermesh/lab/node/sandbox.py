@@ -94,10 +94,21 @@ def run(spec: dict[str, Any]) -> None:
                                         for name, src in spec.get("etc", {}).items())]
     # Held open first: a bind over a path that is also a later source must not hide that source.
     held = [os.open(m["source"], os.O_PATH | os.O_CLOEXEC) for m in binds]
+    # Host paths the image's programs run from (the venv, the checkout) stay visible even under a
+    # volume mounted above them (an emptyDir at /tmp over a checkout in /tmp): put back on top.
+    targets = [m["target"].rstrip("/") or "/" for m in binds]
+    shadowed = [k for k in spec.get("keep", [])
+                if any(k == t or k.startswith(t.rstrip("/") + "/") for t in targets) and os.path.exists(k)]
+    kept = [os.open(k, os.O_PATH | os.O_CLOEXEC) for k in shadowed]
     for m, fd in zip(binds, held, strict=True):
         mount(f"/proc/self/fd/{fd}", m["target"], None, MS_BIND | MS_REC)
         if m.get("readOnly"):
             mount(None, m["target"], None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        os.close(fd)
+    for path, fd in zip(shadowed, kept, strict=True):
+        os.makedirs(path, exist_ok=True)
+        # Not recursive: that would copy the volume mounted on this very path back on top.
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
         os.close(fd)
     ready_fd = spec.get("ready_fd")
     if ready_fd is not None:
