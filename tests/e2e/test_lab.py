@@ -200,11 +200,16 @@ def test_kube_proxy_serves_a_non_global_service(lab: Lab) -> None:
         assert '"public"' in out, out
 
     eventually(answered, timeout=30, interval=1)
-    # The rules are kube-proxy's, in the node namespace, not the host's.
-    node_ns = next(iter(lab.state["nodes"].values()))["netns"]
-    rules = subprocess.run(["ip", "netns", "exec", node_ns, "iptables-save", "-t", "nat"],
-                           capture_output=True, text=True).stdout
-    assert "default/xwing-local" in rules
+    # The rules are kube-proxy's, in the node namespace of the client pod's node, not the host's.
+    client_node = lab.json("lab-1", "get", "pods", "-l", "name=rebel-base")["items"][0]["spec"]["nodeName"]
+    node_ns = lab.state["nodes"][client_node]["netns"]
+
+    def in_node() -> None:
+        rules = subprocess.run(["ip", "netns", "exec", node_ns, "iptables-save", "-t", "nat"],
+                               capture_output=True, text=True).stdout
+        assert "default/xwing-local" in rules
+
+    eventually(in_node, timeout=30, interval=1)  # every node's kube-proxy syncs on its own time
     host = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
     assert "xwing-local" not in host
 
