@@ -14,6 +14,7 @@ logs go to stderr. Exit code 0 only when every remote is ready; with
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import sys
@@ -33,6 +34,8 @@ from clustermesh.store.remote import RemoteConfig, mesh_problems, remote_config_
 
 log = logging.getLogger(__name__)
 
+LAB_UNDERLAY = ipaddress.ip_network("192.168.100.0/24")  # clustermesh lab's node addresses (lab/mesh.py)
+
 PROBE_TIMEOUT = 5.0  # seconds per etcd request: a dead remote must not hold up the others for long
 POLL_INTERVAL = 1.0
 MAX_PARALLEL_PROBES = 16
@@ -46,6 +49,12 @@ def probe_remote(config: RemoteConfig, timeout: float = PROBE_TIMEOUT,
     name = config.name
     try:
         endpoint = Endpoint.parse(config.endpoint, config.ca_cert, config.cert_file, config.key_file)
+        if _in_lab_underlay(endpoint.host):
+            # Reachable only inside the lab's node namespaces: from here the connection would
+            # leave the machine by its default route.
+            return RemoteFinding(name, config.id, config.endpoint, error=(
+                "a lab address, reachable only inside the lab's nodes; see kubectl get clustermesh "
+                "(the operator's view) or clustermesh lab status"))
         with KVClient(endpoint, timeout=timeout, user=config.user, password=config.password) as client:
             config_value = client.get(schema.cluster_config_key(name))
             marker_prefix = f"{schema.SYNCED_PREFIX}/{name}/"
@@ -82,6 +91,13 @@ def collect(kube: KubeClient, mesh: Mapping[str, Any], secrets_dir: Path, secret
         with ThreadPoolExecutor(min(MAX_PARALLEL_PROBES, len(usable)), thread_name_prefix="status-probe") as pool:
             findings += pool.map(lambda rc: probe_remote(rc, max_cluster_id=max_id), usable)
     return status_document(mesh, findings)
+
+
+def _in_lab_underlay(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) in LAB_UNDERLAY
+    except ValueError:
+        return False
 
 
 def _int(value: object) -> int | None:

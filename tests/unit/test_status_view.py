@@ -127,3 +127,13 @@ def test_text_without_remotes_or_operator_status() -> None:
         "cluster c1 (id 1): store reachable=Unknown, synced=Unknown, exported - services and - nodes",
         "no remote clusters in the ClusterMesh",
     ]
+
+
+def test_status_never_dials_a_lab_address_from_the_host() -> None:
+    """A lab's store endpoints live on its underlay, reachable only inside its node namespaces:
+    from the host a connection would leave by the default route."""
+    from clustermesh.agent.status import probe_remote
+    from clustermesh.store.remote import RemoteConfig
+
+    finding = probe_remote(RemoteConfig("lab-2", 2, "http://192.168.100.21:32379"), timeout=0.01)
+    assert finding.error is not None and "lab address" in finding.error
