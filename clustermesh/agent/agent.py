@@ -76,6 +76,9 @@ class Agent:
         self.state = ClusterState()
         self.merger = ServiceMerger(0)  # the local cluster ID is known once start() read the ClusterMesh
         self._merged_from: frozenset[int] = frozenset()
+        self._merged_specs: list[ServiceSpec] | None = None
+        self._desired_moved = True
+        self._last_inheriting: frozenset[int] = frozenset()
         self.identity: ClusterIdentity | None = None
         self.remotes: dict[str, RemoteCluster] = {}
         self.refused: dict[str, str] = {}
@@ -98,7 +101,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._lb_factory = socket_lb_factory
         self.lb: Any = None
-        self._last_specs: frozenset[ServiceSpec] | None = None
+        self._last_specs: list[ServiceSpec] | None = None
         self._secrets_dir = Path(tempfile.mkdtemp(prefix="clustermesh-agent-"))
         self.routes: RouteTable | None = None
         if config.routes == "host":
@@ -393,12 +396,17 @@ class Agent:
 
             outcome = self.merger.update(lambda: list(self.state.services), local_of, records_of,
                                          self._local_pod_cidrs())
-            specs = self.merger.specs()
-        for problem in set(outcome.problems) - self._merge_problems:
-            log.warning("merge: %s", problem)
-            metrics.ERRORS.labels("agent", "merge").inc()
-        self._merge_problems = set(outcome.problems)
+            if outcome.changed or self._merged_specs is None:
+                self._merged_specs = self.merger.specs()
+            specs = self._merged_specs
+        if outcome.problems is not None:
+            for problem in set(outcome.problems) - self._merge_problems:
+                log.warning("merge: %s", problem)
+                metrics.ERRORS.labels("agent", "merge").inc()
+            self._merge_problems = set(outcome.problems)
         inheriting = self._inheriting(now)
+        self._desired_moved = outcome.changed or inheriting != self._last_inheriting
+        self._last_inheriting = inheriting
         if not inheriting or not self._inherited:
             return specs
         return [
@@ -428,8 +436,8 @@ class Agent:
             except Exception:  # routes must not hold the datapath back
                 log.exception("route sync failed")
                 metrics.ERRORS.labels("agent", "route").inc()
-        specs = frozenset(self.desired())
-        if specs == self._last_specs:
+        specs = self.desired()
+        if not self._desired_moved and self._last_specs is not None:
             return False
         ops = self.lb.reconcile(specs)
         self._last_specs = specs

@@ -10,7 +10,7 @@ them all. Pure: the agent supplies the inputs as functions over its own state.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from clustermesh.agent.merge import LocalService, merge_service
 from clustermesh.datapath.model import ServiceSpec
@@ -23,7 +23,7 @@ Ref = tuple[str, str]  # (namespace, name)
 class MergeOutcome:
     changed: bool  # whether any Service's specs differ from the last outcome
     merged: int  # Services merged this time
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] | None = None  # every current problem; None when they did not change
 
 
 class ServiceMerger:
@@ -57,20 +57,28 @@ class ServiceMerger:
         exclude = list(exclude_remote_cidrs)
         refs = set(local_refs()) | set(self._specs) if self._everything else self._dirty
         self._everything, self._dirty = False, set()
-        changed = False
+        changed = problems_moved = False
         for ref in refs:
             local = local_of(ref)
             if local is None:  # not (or no longer) a global Service here
                 changed |= self._specs.pop(ref, None) is not None
-                self._problems.pop(ref, None)
+                problems_moved |= self._problems.pop(ref, None) is not None
                 continue
             result = merge_service(self.local_cluster_id, local, records_of(ref), exclude)
             specs = tuple(sorted(result.specs, key=lambda s: s.frontend))
             if self._specs.get(ref) != specs:
                 self._specs[ref] = specs
                 changed = True
-            self._problems[ref] = tuple(result.problems)
-        return MergeOutcome(changed, len(refs), self.problems())
+            problems = tuple(result.problems)
+            if self._problems.get(ref, ()) != problems:
+                problems_moved = True
+            if problems:
+                self._problems[ref] = problems
+            else:
+                self._problems.pop(ref, None)
+        # Listing every Service's specs and problems costs as much as the cluster is big: only
+        # when something moved.
+        return MergeOutcome(changed, len(refs), self.problems() if problems_moved else None)
 
     def specs(self) -> list[ServiceSpec]:
         return [spec for ref in sorted(self._specs) for spec in self._specs[ref]]

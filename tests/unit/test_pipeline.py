@@ -111,3 +111,17 @@ def test_only_touched_services_are_merged_and_changed_says_whether_specs_moved()
     moved = merger.update(lambda: world.locals, world.locals.get, world.records_of)
     assert moved.merged == 1 and moved.changed
     assert merger.update(lambda: world.locals, world.locals.get, world.records_of).merged == 0
+
+
+def test_problems_are_listed_only_when_they_moved() -> None:
+    world, merger = World(random.Random(3)), ServiceMerger(LOCAL_ID)
+    ref = NAMES[0]
+    world.locals[ref] = LocalService(*ref, {"10.96.0.1": {"http": PortConfig("TCP", 80)}}, {}, Affinity.NONE)
+    assert merger.update(lambda: world.locals, world.locals.get, world.records_of).problems is None  # none, still
+    merger.touch(ref)
+    assert merger.update(lambda: world.locals, world.locals.get, world.records_of).problems is None
+    # A remote record that uses our own cluster ID is a problem of this Service.
+    world.records["c2"][ref] = ClusterService("c2", *ref, LOCAL_ID, frontends={}, backends={})
+    merger.touch(ref)
+    problems = merger.update(lambda: world.locals, world.locals.get, world.records_of).problems
+    assert problems is not None and any("uses this cluster's ID" in p for p in problems)
