@@ -252,11 +252,19 @@ class StorePod:
     def write_secrets(self, readers: tuple[str, ...], rotate: bool = False) -> dict[str, dict[str, bytes]]:
         docs = {d.name: d.data for d in make_secrets(CertsConfig("cluster-1", readers=readers), self.pki, rotate)}
         for folder, name in ((self.tls, "clustermesh-store-tls"), (self.users, "clustermesh-store-users")):
+            # As a kubelet updates a mounted Secret: the running etcd, proxy and sync loop never
+            # see a missing or half-written file (they read them again on a reconnect).
             folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.iterdir():
-                old.unlink()
             for key, value in docs[name].items():
-                (folder / key).write_bytes(value)
+                path = folder / key
+                if path.exists() and path.read_bytes() == value:
+                    continue
+                tmp = folder / f".{key}.tmp"
+                tmp.write_bytes(value)
+                tmp.replace(path)
+            for stale in folder.iterdir():
+                if stale.name not in docs[name]:
+                    stale.unlink()
         return docs
 
     def script(self, mode: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
