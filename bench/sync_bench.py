@@ -188,7 +188,8 @@ def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
         def factory(local_id: int) -> TimedLB:
             from clustermesh.datapath import SocketLB
 
-            lbs.append(TimedLB(SocketLB(str(cgroup), str(pin_dir), local_id)))
+            # As the agent runs it: compiled by a child process (clang's memory is not the agent's).
+            lbs.append(TimedLB(SocketLB(str(cgroup), str(pin_dir), local_id, compile_in_child=True)))
             return lbs[-1]
 
         base_rss = rss_kib()

@@ -21,8 +21,10 @@ import datetime as dt
 import ipaddress
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 STATE_PREFIX = "cilium/state"
@@ -188,7 +190,7 @@ def _decode_object(raw: str | bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------- ClusterService
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class PortConfig:
     """Cilium's L4Addr: ``{"Protocol": "TCP", "Port": 80}``.
 
@@ -223,7 +225,31 @@ class PortConfig:
             raise SchemaError(f"Protocol must be a string, got {protocol!r}")
         if isinstance(port, bool) or not isinstance(port, int):
             raise SchemaError(f"Port must be an integer, got {port!r}")
-        return cls(protocol=protocol, port=port).validate()
+        shared = _PORT_CONFIGS.get((protocol, port))
+        if shared is None:
+            shared = cls(protocol=protocol, port=port).validate()
+            if len(_PORT_CONFIGS) < _SHARED_MAX:
+                _PORT_CONFIGS[(protocol, port)] = shared
+        return shared
+
+
+# A mesh of 10,000 Services holds tens of thousands of records, most with the same few
+# ports: decoded records share equal port configs and port maps (both immutable in use)
+# instead of each holding its own copies. Bounded, so odd input cannot grow them forever.
+_SHARED_MAX = 65536
+_PORT_CONFIGS: dict[tuple[str, int], PortConfig] = {}
+_PORT_MAPS: dict[tuple[tuple[str, PortConfig], ...], Mapping[str, PortConfig]] = {}
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _shared_port_map(by_name: dict[str, PortConfig]) -> Mapping[str, PortConfig]:
+    key = tuple(by_name.items())
+    shared = _PORT_MAPS.get(key)
+    if shared is None:
+        shared = MappingProxyType(by_name)
+        if len(_PORT_MAPS) < _SHARED_MAX:
+            _PORT_MAPS[key] = shared
+    return shared
 
 
 # IP -> port name -> PortConfig. The port name is "" for an unnamed port.
@@ -234,26 +260,27 @@ def _ports_to_json(ports: PortsByIP) -> dict[str, dict[str, dict[str, Any]]]:
     return {ip: {name: pc.to_json() for name, pc in by_name.items()} for ip, by_name in ports.items()}
 
 
-def _ports_from_json(what: str, data: object) -> dict[str, dict[str, PortConfig]]:
+def _ports_from_json(what: str, data: object) -> PortsByIP:
     if data is None:
-        return {}
+        return _EMPTY
     if not isinstance(data, dict):
         raise SchemaError(f"{what} must be an object of IP -> port name -> port config, got {data!r}")
-    out: dict[str, dict[str, PortConfig]] = {}
+    out: dict[str, Mapping[str, PortConfig]] = {}
     for ip, by_name in data.items():
         ip_text = _validate_ip(ip)
         if not isinstance(by_name, dict):
             raise SchemaError(f"{what}[{ip}] must be an object of port name -> port config, got {by_name!r}")
         try:
-            out[ip_text] = {name: PortConfig.from_json(pc) for name, pc in by_name.items()}
+            out[ip_text] = _shared_port_map({sys.intern(name): PortConfig.from_json(pc)
+                                             for name, pc in by_name.items()})
         except SchemaError as exc:
             raise SchemaError(f"{what}[{ip}]: {exc}") from exc
     return out
 
 
-def _str_map(what: str, data: object) -> dict[str, str]:
-    if data is None:
-        return {}
+def _str_map(what: str, data: object) -> Mapping[str, str]:
+    if data is None or data == {}:
+        return _EMPTY
     if not isinstance(data, dict):
         raise SchemaError(f"{what} must be an object of strings, got {data!r}")
     for k, v in data.items():
@@ -262,8 +289,9 @@ def _str_map(what: str, data: object) -> dict[str, str]:
     return dict(data)
 
 
-def _ip_str_map(what: str, data: object) -> dict[str, str]:
-    return {_validate_ip(ip): value for ip, value in _str_map(what, data).items()}
+def _ip_str_map(what: str, data: object) -> Mapping[str, str]:
+    checked = _str_map(what, data)
+    return {_validate_ip(ip): value for ip, value in checked.items()} if checked else _EMPTY
 
 
 def _bool(what: str, data: object) -> bool:
@@ -279,14 +307,14 @@ def _optional_bool(what: str, data: Mapping[str, Any], name: str) -> bool:
     return False if value is None else _bool(what, value)
 
 
-def _zones(data: object) -> dict[str, dict[str, Any]]:
+def _zones(data: object) -> Mapping[str, Mapping[str, Any]]:
     """Cilium's zones: backend IP -> {"zone": str, "forZones": [{"name": str}, ...]}.
 
     Kept as Cilium's JSON objects so a record re-encodes to the same bytes;
     Go writes ``null`` for a missing forZones list, so that is accepted too.
     """
-    if data is None:
-        return {}
+    if data is None or data == {}:
+        return _EMPTY
     if not isinstance(data, dict):
         raise SchemaError(f"zones must be an object of backend IP -> zone object, got {data!r}")
     out: dict[str, dict[str, Any]] = {}
@@ -311,7 +339,7 @@ def backend_zone(zone: str, for_zones: Iterable[str] = ()) -> dict[str, Any]:
     return {"zone": zone, "forZones": [{"name": name} for name in for_zones]}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClusterService:
     """One global Service as one cluster offers it (Cilium's ClusterService)."""
 
@@ -383,8 +411,8 @@ class ClusterService:
         """
         data = _decode_object(raw)
         svc = cls(
-            cluster=_str("cluster name", data.get("cluster", "")),
-            namespace=_str("namespace", data.get("namespace", "")),
+            cluster=sys.intern(_str("cluster name", data.get("cluster", ""))),
+            namespace=sys.intern(_str("namespace", data.get("namespace", ""))),
             name=_str("service name", data.get("name", "")),
             # Go writes 0 for an unset ID; validate() refuses it with the range in the message.
             cluster_id=data.get("clusterID", 0),

@@ -64,6 +64,8 @@ class AgentConfig:
     debounce: float = 0.0
     """Seconds to wait after an event before merging (0: at once; events during a step are coalesced)."""
     tick: float = 1.0
+    mesh_poll: float = 2.0
+    """Seconds between two looks for the ClusterMesh object while it does not exist yet."""
     secrets_namespace: str = REMOTE_SECRETS_NAMESPACE
     routes: str = "off"
     """Routes to remote pod CIDRs: "off", "host" (the agent's own netns) or "netns:NAME"."""
@@ -124,7 +126,14 @@ class Agent:
     def start(self) -> None:
         mesh = self.kube.get_mesh(self.config.mesh_name)
         if mesh is None:
-            raise KubeError(f"no ClusterMesh {self.config.mesh_name!r}: apply one (see README) before the agent")
+            # deploy/ is usually applied before the ClusterMesh object: wait for it rather than
+            # exit and be restarted with a growing backoff.
+            log.warning("no ClusterMesh %r yet; waiting for one (kubectl apply it, see README)",
+                        self.config.mesh_name)
+        while mesh is None:
+            if self._stop.wait(self.config.mesh_poll):
+                raise KubeError(f"stopped while waiting for ClusterMesh {self.config.mesh_name!r}")
+            mesh = self.kube.get_mesh(self.config.mesh_name)
         spec = mesh.get("spec") or {}
         local = spec.get("localCluster") or {}
         self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)),
@@ -531,6 +540,7 @@ class Agent:
         return {
             "node": self.config.node,
             "cluster": self.identity.name if self.identity else None,
+            "waiting_for": None if self.identity else f"ClusterMesh {self.config.mesh_name}",
             "remotes": [rc.status() for rc in self._remote_list()],
             "refused": self.refused,
         }

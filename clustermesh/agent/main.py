@@ -31,19 +31,20 @@ def run_agent(args: argparse.Namespace) -> int:
         limits = MapLimits(services=args.lb_service_map_max, backends=args.lb_backend_map_max,
                            rev_nat=args.lb_rev_nat_map_max)
         return SocketLB(args.cgroup, pin_dir, local_cluster_id, limits=limits,
-                        setting_names=("--lb-service-map-max", "--lb-backend-map-max"))
+                        setting_names=("--lb-service-map-max", "--lb-backend-map-max"), compile_in_child=True)
 
     config = AgentConfig(node=args.node, cgroup=args.cgroup, pin_dir=pin_dir, mesh_name=args.clustermesh,
                          grace_period=args.grace_period, heartbeat_timeout=args.heartbeat_timeout,
                          routes=args.routes)
     try:
         agent = Agent(config, KubeClient(args.kubeconfig, args.context), socket_lb)
+        # Served while start() waits for the ClusterMesh object: alive, and saying what it waits for.
+        if args.metrics_port >= 0:
+            metrics.serve(args.metrics_host, args.metrics_port, lambda: (True, json.dumps(agent.status())))
         agent.start()
     except (KubeError, DatapathError, SchemaError, ValueError, RoutingError, KVStoreError) as exc:
         print(f"clustermesh agent: {exc}", file=sys.stderr)
         return 1
-    if args.metrics_port >= 0:
-        metrics.serve(args.metrics_host, args.metrics_port, lambda: (True, json.dumps(agent.status())))
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -7,13 +7,19 @@ quadratic in the number of objects (seconds at 2,000, minutes at 20,000).
 Here events apply in O(1), and a full listing (at start and periodically)
 removes what a missed DELETED event left behind: an object absent from a
 listing and older than the listing's resourceVersion is gone.
+
+The copies are kept as compact JSON text (:class:`PackedObjects`): as Python
+dicts a slim Service or EndpointSlice costs about 3 KB, which is 60 MB for a
+cluster of 10,000 Services; as text, a tenth of that. Only the objects an event
+touches are decoded again (microseconds each).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from clustermesh.cluster.export import SERVICE_NAME_LABEL
 
@@ -34,6 +40,40 @@ class NodeRef:
 
 
 Ref = ServiceRef | NodeRef
+
+K = TypeVar("K")
+
+
+class PackedObjects(MutableMapping[K, dict[str, Any]]):
+    """A dict of JSON objects stored as their compact text; each read decodes a fresh copy
+    (so a caller cannot change what is stored by changing what it got)."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self) -> None:
+        self._text: dict[K, str] = {}
+
+    def __getitem__(self, key: K) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self._text[key])
+        return value
+
+    def __setitem__(self, key: K, value: Mapping[str, Any]) -> None:
+        self._text[key] = json.dumps(value, separators=(",", ":"))
+
+    def __delitem__(self, key: K) -> None:
+        del self._text[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._text
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._text)
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+    def __repr__(self) -> str:
+        return f"PackedObjects({len(self._text)} objects)"
 
 
 def _plain(value: Any) -> Any:
@@ -106,9 +146,9 @@ def _older(existing: Body | None, incoming: Body) -> bool:
 
 @dataclass
 class ClusterState:
-    services: dict[ObjKey, dict[str, Any]] = field(default_factory=dict)
-    slices: dict[ObjKey, dict[str, Any]] = field(default_factory=dict)
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    services: PackedObjects[ObjKey] = field(default_factory=PackedObjects)
+    slices: PackedObjects[ObjKey] = field(default_factory=PackedObjects)
+    nodes: PackedObjects[str] = field(default_factory=PackedObjects)
     # (namespace, service) -> names of its slices; the label can move a slice.
     _by_service: dict[ObjKey, set[str]] = field(default_factory=dict)
     # (kind, key) -> resourceVersion of a deletion seen by event: a listing taken before
@@ -200,16 +240,15 @@ class ClusterState:
             snapshot = int(list_rv) if list_rv is not None else None
         except ValueError:
             snapshot = None
-        held: dict[ObjKey, dict[str, Any]]
+        held: Mapping[ObjKey, dict[str, Any]]
         if kind == "Service":
             held = self.services
         elif kind == "EndpointSlice":
             held = self.slices
         else:
-            held = {("", n): b for n, b in self.nodes.items()}
-        for key, body in list(held.items()):
-            if key in present:
-                continue
+            held = {("", n): b for n, b in self.nodes.items()}  # a few hundred at most
+        for key in [k for k in held if k not in present]:  # only the absent ones are decoded
+            body = held[key]
             rv = _rv(body)
             # Newer than the snapshot: it arrived by an event after the list was taken.
             if snapshot is not None and rv is not None and rv > snapshot:

@@ -8,15 +8,23 @@ Typical agent use::
     lb.close()                     # on shutdown: programs and maps stay in place
 
 bcc is only needed by :meth:`SocketLB.load`; reading and writing the maps,
-detaching and destroying go through :mod:`clustermesh.datapath.bpfsys`.
+detaching and destroying go through :mod:`clustermesh.datapath.bpfsys`. With
+``compile_in_child=True`` (the agent's way) even that happens in a short-lived
+child process (``python -m clustermesh.datapath.loader``): bcc's library and a
+clang compile leave over 100 MB resident in the process that used them, and the
+programs' cgroup attachments and pins outlive the child anyway.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -53,11 +61,18 @@ from clustermesh.datapath.layout import (
 from clustermesh.datapath.model import BackendEntry, MapState, ServiceEntry, ServiceSpec, SlotKey
 from clustermesh.datapath.plan import Capacity, IncrementalPlanner, Maps, Op, drift, plan, reconcile_full
 
-_BCC_IMPORT_ERROR: ImportError | None = None
-try:
-    import bcc
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    _BCC_IMPORT_ERROR = exc
+
+def _import_bcc() -> Any:
+    """bcc, imported on first use only (importing it maps LLVM: ~60 MB resident)."""
+    try:
+        import bcc
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise DatapathError(
+            f"bcc is not importable ({exc}); install python3-bpfcc and make it visible "
+            "to this Python (scripts/setup.sh does both)"
+        ) from exc
+    return bcc
+
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +132,16 @@ class ReconcileSettings:
     """Seconds after which the next reconcile reads the maps back whole (0: every time)."""
     verify_every: int = 1000
     """Incremental reconciles after which the next one reads the maps back whole."""
+
+
+def _release_freed_heap() -> None:
+    """Give the heap that clang and LLVM freed after a compile back to the system: about
+    30 MB an agent would otherwise keep for its whole life (glibc keeps freed memory)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 # map name -> (type, key struct, value struct)
@@ -220,10 +245,12 @@ class SocketLB:
         bpf_dir: str | os.PathLike[str] | None = None,
         setting_names: tuple[str, str] = ("MapLimits.services", "MapLimits.backends"),
         reconcile_settings: ReconcileSettings | None = None,
+        compile_in_child: bool = False,
     ) -> None:
         """``setting_names`` name the knobs of ``limits.services`` and
         ``limits.backends`` as the user sets them (say, the agent's flags); a
-        :class:`CapacityError` tells the user to raise them."""
+        :class:`CapacityError` tells the user to raise them. ``compile_in_child``:
+        :meth:`load` compiles and attaches in a child process (see the module doc)."""
         self.cgroup_path = Path(cgroup_path)
         self.pin_dir = Path(pin_dir)
         self.local_cluster_id = local_cluster_id
@@ -242,15 +269,11 @@ class SocketLB:
         self._incremental = 0  # incremental reconciles since the last full one
         self._verified_at = 0.0
         self._clock: Callable[[], float] = time.monotonic
+        self.compile_in_child = compile_in_child
 
     # --- lifecycle -----------------------------------------------------------------
 
     def _check_environment(self) -> None:
-        if _BCC_IMPORT_ERROR is not None:
-            raise DatapathError(
-                f"bcc is not importable ({_BCC_IMPORT_ERROR}); install python3-bpfcc and make it visible "
-                "to this Python (scripts/setup.sh does both)"
-            )
         if not _SAFE_PATH.match(str(self.pin_dir)):
             raise DatapathError(f"pin dir {self.pin_dir} must be absolute and use only [A-Za-z0-9_/-]")
         existing = self.pin_dir
@@ -288,6 +311,33 @@ class SocketLB:
         restart): the maps keep their contents and no hook is ever detached.
         """
         self._check_environment()
+        if self.compile_in_child:
+            attachments = self._attach_from_child()
+            for a in attachments:
+                log.info("hook %s: %s program id %d (compiled by a child process)", a.hook, a.action, a.prog_id)
+        else:
+            attachments = self._compile_and_attach()
+        self.attachments = attachments
+        self._open_maps()
+        return attachments
+
+    def _attach_from_child(self) -> list[hooks.Attachment]:
+        job = {"cgroup": str(self.cgroup_path), "pin_dir": str(self.pin_dir), "bpf_dir": str(self.bpf_dir),
+               "local_cluster_id": self.local_cluster_id, "limits": dataclasses.asdict(self.limits)}
+        try:
+            res = subprocess.run([sys.executable, "-m", "clustermesh.datapath.loader", json.dumps(job)],
+                                 capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DatapathError(f"the child process compiling {SOURCE} failed: {exc}") from exc
+        if res.returncode != 0:
+            # The child prints the DatapathError's message (what to do next) last.
+            lines = res.stderr.strip().splitlines()
+            raise DatapathError(lines[-1] if lines else f"the child compiling {SOURCE} exited with "
+                                f"{res.returncode} and said nothing")
+        return [hooks.Attachment(**a) for a in json.loads(res.stdout)]
+
+    def _compile_and_attach(self) -> list[hooks.Attachment]:
+        bcc = _import_bcc()
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         check_pinned_maps(self.pin_dir, self.limits)
         source = self.bpf_dir / SOURCE
@@ -315,8 +365,8 @@ class SocketLB:
         finally:
             # Attached programs hold their maps; the module's own fds can go.
             module.cleanup()
-        self.attachments = attachments
-        self._open_maps()
+            del module
+            _release_freed_heap()
         return attachments
 
     def _open_maps(self) -> None:
@@ -470,3 +520,24 @@ class SocketLB:
     def attached(self) -> dict[str, list[int]]:
         """Hook name -> ids of our programs on the cgroup (one each when healthy)."""
         return hooks.attached_ids(self.cgroup_path)
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m clustermesh.datapath.loader JOB``: compile, attach and pin for a parent
+    that keeps no compiler in memory; prints the attachments as JSON."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    job = json.loads(argv[0])
+    lb = SocketLB(job["cgroup"], job["pin_dir"], job["local_cluster_id"], limits=MapLimits(**job["limits"]),
+                  bpf_dir=job["bpf_dir"])
+    try:
+        lb._check_environment()
+        attachments = lb._compile_and_attach()
+    except DatapathError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps([dataclasses.asdict(a) for a in attachments]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -18,6 +18,7 @@ Runs in its own thread: the etcd client's watch is a blocking iterator.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -53,7 +54,9 @@ class WatchStore:
         self.observer = observer
         self.name = name or prefix
         self.backoff_max = backoff_max
-        self.cache: dict[str, str] = {}
+        # key -> digest of its value: enough to skip an unchanged value after a relisting, at a
+        # tenth of the value's size (the observer keeps what it needs of the value itself).
+        self.cache: dict[str, bytes] = {}
         self.synced = threading.Event()
         self.connected = False
         self.last_error: str | None = None
@@ -141,8 +144,9 @@ class WatchStore:
             self._store_replaced(self.max_revision, listing.revision)
         fresh = {k: kv.value for k, kv in listing.items.items()}
         for key, value in fresh.items():
-            if self.cache.get(key) != value:
-                self.cache[key] = value
+            digest = _digest(value)
+            if self.cache.get(key) != digest:
+                self.cache[key] = digest
                 self.observer.on_upsert(key, value)
         for key in [k for k in self.cache if k not in fresh]:  # deleted while we were away
             del self.cache[key]
@@ -165,8 +169,9 @@ class WatchStore:
                     return
                 self.revision = self.max_revision = event.revision
                 if event.kind == "put" and event.value is not None:
-                    if self.cache.get(event.key) != event.value:
-                        self.cache[event.key] = event.value
+                    digest = _digest(event.value)
+                    if self.cache.get(event.key) != digest:
+                        self.cache[event.key] = digest
                         self.observer.on_upsert(event.key, event.value)
                 elif event.key in self.cache:
                     del self.cache[event.key]
@@ -202,3 +207,7 @@ class CallbackObserver:
         self.on_upsert = on_upsert
         self.on_delete = on_delete
         self.on_synced = on_synced
+
+
+def _digest(value: str | bytes) -> bytes:
+    return hashlib.blake2b(value.encode() if isinstance(value, str) else value, digest_size=16).digest()

@@ -347,15 +347,46 @@ def test_changed_program_replaces_the_attachment_atomically(
     upgraded.close()
 
 
-def test_pinned_map_of_another_layout_is_refused(cgroup: Path, pin_dir: Path) -> None:
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-process", "compiled-by-a-child"])
+def test_pinned_map_of_another_layout_is_refused(cgroup: Path, pin_dir: Path, in_child: bool) -> None:
     import bcc  # only to forge an incompatible pinned map
 
     pin_dir.mkdir()
     forged = bcc.BPF(text=f'BPF_TABLE_PINNED("hash", u64, u64, cm_svc4, 16, "{pin_dir}/cm_svc4");'.encode())
     forged.cleanup()
     with pytest.raises(DatapathError, match="another clustermesh version"):
-        SocketLB(cgroup, pin_dir, LOCAL_CLUSTER).load()
+        SocketLB(cgroup, pin_dir, LOCAL_CLUSTER, compile_in_child=in_child).load()
     assert hooks.attached_ids(cgroup) == {h.name: [] for h in hooks.HOOKS}
+
+
+CHILD_COMPILE = """
+import json, sys
+from clustermesh.datapath import Backend, Frontend, ServiceSpec, SocketLB
+lb = SocketLB(sys.argv[1], sys.argv[2], 1, compile_in_child=True)
+attachments = lb.load()
+lb.reconcile([ServiceSpec(Frontend(sys.argv[3], 80, "TCP"), frozenset([Backend(sys.argv[4], 8080, 1)]))])
+status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Rss")}
+print(json.dumps({"bcc": "bcc" in sys.modules, "actions": sorted({a.action for a in attachments}),
+                  "rss_mb": (status["RssAnon"] + status["RssFile"]) // 1024}))
+"""
+
+
+def test_the_agent_compiles_in_a_child_and_keeps_no_compiler_in_memory(
+    lab: Topology, cgroup: Path, pin_dir: Path
+) -> None:
+    try:
+        res = subprocess.run([sys.executable, "-c", CHILD_COMPILE, str(cgroup), str(pin_dir), CLUSTER_IP,
+                              BACKENDS["local-a"]], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        # bcc maps LLVM (~60 MB) on import and a compile leaves more behind: none of it here.
+        assert got["bcc"] is False and got["actions"] == ["attached"], got
+        assert got["rss_mb"] < 80, got
+        # The child's attachments and pins outlived it: the service is served.
+        assert names_of(lab.client("tcp", CLUSTER_IP, "80", "5")) == {"local-a"}
+    finally:
+        hooks.detach(cgroup, pin_dir)
+        hooks.remove_pins(pin_dir)
 
 
 def test_destroy_detaches_and_unpins(lab: Topology, cgroup: Path, pin_dir: Path) -> None:
