@@ -16,10 +16,30 @@ backends each), then measures the added cost of the timed call (connect, or
 sendto for dgram) against the same call to a backend address in the same cgroup
 (the two alternate call by call, bench/connect_lat.c), at the start, after every
 quarter of ``--connects`` sockets through ClusterIPs, and at the end. Each line
-shows p50/p90/p99 of both and the entries in cm_rev4, the one map a socket may
-still write to (unconnected UDP only; connected sockets use their own storage).
+shows p50/p90/p99 of both and the entries left in cm_rev4 (connected sockets
+drop theirs on close; unconnected UDP sockets leave one per backend).
 
 Target: the added p50 stays within +1.5 us, at the start and at the end.
+
+Why the server busy-polls (``--server spin``, the default). The two calls reach
+the same 10 backends (every service has them all), so they face the same
+TIME_WAIT sockets, and the kernel picks their source ports alike (measured:
+for both, in 99% of calls the port is at most 16 past the last one to the same
+backend, no longer scan). What differed is the server: sleeping in accept(), it is woken
+by the connect() that completes its handshake, inside that connect() (~7 us
+here with the server on the other CPU). Under FIN closes the server's accept()
+and close() take long enough that it is often still busy at the next connect,
+which then pays nothing: the client and server fall into step, and one of the
+two alternating calls takes most of the wakeups. Which one depends on timing;
+the service call, slightly longer, usually lost: +5 to +8.6 us "added", with
+the direct connect at ~13 us instead of its ~19 us when alternated with itself
+(two alternating service groups differ by at most 0.09 us). RST closes make
+the server's work short, so it sleeps before every connect and both calls pay.
+A server pinned to the other CPU that polls a non-blocking listener never
+sleeps, so neither call wakes anything and the difference is the hook's own
+cost. ``--server blocking`` keeps the old setup (server sleeping in accept(),
+not pinned) to show that effect. With one CPU the bench cannot spin and uses
+the blocking server on that CPU.
 
 Everything runs in namespaces, cgroups and pins made here (see
 bench/datapath_bench.py), removed at the end.
@@ -105,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=int, default=4, help="measurements between start and end")
     parser.add_argument("--styles", type=lambda s: s.split(","), default=list(STYLES))
     parser.add_argument("--bpf-dir", type=Path, default=None, help="another bpf/ directory, to compare")
+    parser.add_argument(
+        "--server",
+        choices=("spin", "blocking"),
+        default="spin",
+        help="spin: the server busy-polls accept() on a CPU of its own (no wakeup lands in a timed "
+        "connect); blocking: it sleeps in accept(), not pinned (the old setup, see above)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("run as root: the bench makes netns, cgroups and BPF programs", file=sys.stderr)
@@ -116,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown styles {sorted(unknown)}: use {','.join(STYLES)}")
     args.cpu = "1" if (os.cpu_count() or 1) > 1 else "-1"
+    if args.server == "spin" and args.cpu == "-1":
+        print("one CPU: the server cannot busy-poll beside the client, using --server blocking")
+        args.server = "blocking"
 
     def stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -124,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(
         f"clustermesh churn bench: kernel {os.uname().release}, {os.cpu_count()} CPUs, "
-        f"{args.services} services x {len(LAT_BACKENDS)} backends, {args.connects} sockets per style"
+        f"{args.services} services x {len(LAT_BACKENDS)} backends, {args.connects} sockets per style, "
+        + ("server busy-polling on CPU 0, client on CPU 1" if args.server == "spin" else "server blocking in accept()")
     )
     rng = random.Random(7)
     targets = [cluster_ip(rng.randrange(args.services)) for _ in range(256)]
@@ -140,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         # and use the whole port range. Both sysctls are per namespace.
         sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
         sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
-        lab.server(exe, ns)
+        if args.server == "spin":
+            lab.server(exe, ns, cpu=0, spin=True)
+        else:
+            lab.server(exe, ns)
         for style in args.styles:
             cgroup = lab.cgroup(f"churn-{style}")
             lb = lab.socket_lb(f"churn-{style}", cgroup, bpf_dir=args.bpf_dir)  # fresh maps for each style

@@ -2,7 +2,12 @@
  * connect() latency probe for bench/datapath_bench.py (built with gcc at bench time).
  *
  *   connect_lat server PORT
- *       accept and close connections on 0.0.0.0:PORT until killed.
+ *       accept and close connections on 0.0.0.0:PORT until killed; pinned to
+ *       PROBE_CPU if set. With PROBE_SERVER_SPIN set, the listener is
+ *       non-blocking and polled in a loop: the server never sleeps in accept(),
+ *       so no client connect() pays for waking it up (a cross-CPU wakeup done in
+ *       the softirq that completes the handshake, ~7 us here; see
+ *       bench/churn_bench.py for why that matters).
  *   connect_lat client ITERATIONS WARMUP CPU PORT:IP,IP... [PORT:IP,IP...]
  *       pinned to CPU (-1: not pinned), connect to each group's addresses
  *       round-robin, groups taking turns; time only the connect() call with
@@ -25,6 +30,7 @@
 #include <arpa/inet.h>
 #include <sched.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -65,6 +71,13 @@ static int server(int port)
 	}
 	printf("ready\n");
 	fflush(stdout);
+	if (getenv("PROBE_SERVER_SPIN")) {
+		/* Busy-poll a non-blocking listener: the server never sleeps in
+		 * accept(), so no client connect() ever pays for waking it up. */
+		int flags = fcntl(fd, F_GETFL);
+
+		fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+	}
 	for (;;) {
 		int c = accept(fd, NULL, NULL);
 		if (c >= 0)

@@ -125,11 +125,21 @@ class Lab(contextlib.ExitStack):
                 os.kill(int(pid), signal.SIGKILL)
         sh("ip", "netns", "del", ns, check=False)
 
-    def server(self, probe: Path, ns: str) -> None:
+    def server(self, probe: Path, ns: str, *, cpu: int | None = None, spin: bool = False) -> None:
+        """The accept-and-close server on BACKEND_PORT; ``cpu`` pins it, ``spin`` makes it
+        busy-poll a non-blocking listener instead of sleeping in accept() (bench/connect_lat.c)."""
+        env = dict(os.environ)
+        env.pop("PROBE_CPU", None)
+        env.pop("PROBE_SERVER_SPIN", None)
+        if cpu is not None:
+            env["PROBE_CPU"] = str(cpu)
+        if spin:
+            env["PROBE_SERVER_SPIN"] = "1"
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, str(probe), "server", str(BACKEND_PORT)],
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.callback(proc.wait)
         self.callback(proc.kill)
