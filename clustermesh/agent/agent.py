@@ -141,8 +141,18 @@ class Agent:
         self._started_at = time.monotonic()
         self.merger = ServiceMerger(self.identity.id)
         self.lb = self._lb_factory(self.identity.id)
-        self.lb.load()
-        self._inherit_previous()
+        # Compiling and attaching the programs takes seconds (clang): let the first listings of
+        # the local cluster and the remotes run meanwhile. Nothing is programmed before run().
+        load_failed: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                self.lb.load()
+            except BaseException as exc:  # re-raised by start() below
+                load_failed.append(exc)
+
+        loader = threading.Thread(target=load, name="datapath-load", daemon=True)
+        loader.start()
         self._apply_mesh(spec, first=True)
         kinds: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node") if self.routes else ("Service", "EndpointSlice")
         self._listed = {kind: threading.Event() for kind in kinds}
@@ -156,6 +166,11 @@ class Agent:
             t = threading.Thread(target=target, args=args, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        loader.join()
+        if load_failed:
+            self.stop()
+            raise load_failed[0]
+        self._inherit_previous()
         log.info("agent on node %s of cluster %s (id %d): %d remotes", self.config.node, self.identity.name,
                  self.identity.id, len(self.remotes))
 
@@ -351,6 +366,9 @@ class Agent:
         items, rv = self.kube.list_objects(kind)
         with self._lock:
             self._touch(self.state.apply_listing(kind, items, rv))
+        # The watch below runs for as long as this frame lives: the raw listing (80 MB at
+        # 10,000 Services and their slices) must not live with it.
+        del items
         self._listed[kind].set()
         self._dirty.set()
         for event_type, obj in self.kube.watch_objects(kind, rv):

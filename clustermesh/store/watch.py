@@ -151,11 +151,13 @@ class WatchStore:
         for key in [k for k in self.cache if k not in fresh]:  # deleted while we were away
             del self.cache[key]
             self.observer.on_delete(key)
-        self.revision = self.max_revision = listing.revision
+        revision = self.revision = self.max_revision = listing.revision
+        # The watch below runs for as long as this frame lives: not the listing with it.
+        del listing, fresh
         if not self.synced.is_set():
             self.synced.set()
             self.observer.on_synced()
-        watch = self.client.watch_prefix(self.prefix, start_revision=listing.revision + 1)
+        watch = self.client.watch_prefix(self.prefix, start_revision=revision + 1)
         self._watch = watch
         if self._stop.is_set() or self._resync.is_set():
             watch.cancel()
