@@ -148,13 +148,16 @@ def test_agent_merges_remote_backends_and_fails_over(
     with world(control_plane, kubeconfig, cgroup, pin_dir, "a") as w:
         proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
         export_remote(kv, w.ns, ["10.245.1.10"])
-        w.apply_mesh([{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}])
         cluster_ip = w.global_service("echo", {"service.cilium.io/affinity": "local"})
         w.api.create(endpoint_slice(w.ns, "echo-local", "echo", [("10.244.1.10", True)]))
         topology.add_backends({"local-a": "10.244.1.10", "remote-b": "10.245.1.10"})
         agent = AgentProcess(w, cgroup, pin_dir, tmp_path / "agent.log", "--grace-period", "2",
                              "--routes", f"netns:{topology.client_ns}").start()
         try:
+            # Started before its ClusterMesh exists (deploy/ applied first): it waits, it does not exit.
+            eventually(lambda: _eq("waiting for one" in agent.log(), True), timeout=30)
+            assert agent.proc is not None and agent.proc.poll() is None, agent.log()
+            w.apply_mesh([{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}])
             eventually(lambda: _eq(names(topology, cluster_ip), {"local-a"}), timeout=30)
             eventually(lambda: _eq(remote_routes(topology), REMOTE_ROUTE), timeout=10)
 
