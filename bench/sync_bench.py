@@ -12,7 +12,8 @@ each), and the agent (in this process, with the real socket-LB on a cgroup of it
 - local change -> map: an EndpointSlice gains or loses an endpoint (the PATCH returning) until the
   map write has returned;
 - agent CPU time per change (this process, so it includes the bench's own put/PATCH) and the
-  agent's resident memory (this process's RSS growth from before the agent started).
+  agent's resident memory (this process's RSS growth from before the agent started; a standalone
+  agent process adds its interpreter and libraries, about 70 MB, to that).
 
 Needs root (BPF, cgroup v2). usage: .venv/bin/python bench/sync_bench.py [--services 100,1000,10000]
 """
@@ -205,7 +206,8 @@ def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
                                  and all(len(s.backends) == 4 for s in specs), timeout=600)
         cold = programmed - t0
         rss = (rss_kib() - base_rss) / 1024
-        say(f"N={n}: programmed {n} Services x 4 backends {cold:.2f}s after the agent started")
+        say(f"N={n}: programmed {n} Services x 4 backends {cold:.2f}s after the agent started; RSS grew "
+            f"{rss:.0f} MB from {base_rss / 1024:.0f} MB (this process: Python, its libraries, the bench's clients)")
 
         rng = random.Random(n)
         remote_lat: list[float] = []
