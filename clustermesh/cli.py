@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an unreachable remote keeps serving before its backends are withdrawn")
     p.add_argument("--routes", default="off",
                    help="routes to remote pod CIDRs via remote node IPs: off (default), host, or netns:NAME")
+    p.add_argument("--first-sync-wait", type=float, default=5.0,
+                   help="on a node whose maps are empty, wait up to this many seconds from start for every remote's "
+                   "first listing before the first write (one write with everything instead of one per remote)")
     p.add_argument("--heartbeat-timeout", type=float, default=180.0,
                    help="seconds without a remote heartbeat before that remote is listed again (its backends "
                    "stay: only a store that stops answering withdraws them, after --grace-period)")

@@ -41,6 +41,7 @@ from clustermesh.cluster.state import ClusterState, Kind, Ref, ServiceRef
 from clustermesh.datapath.errors import CapacityError
 from clustermesh.datapath.model import Backend, Frontend, ServiceSpec
 from clustermesh.datapath.plan import specs_from_state
+from clustermesh.heap import release_freed_heap
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVStoreError
 from clustermesh.schema import MAX_CLUSTER_ID, ClusterService
@@ -64,6 +65,10 @@ class AgentConfig:
     debounce: float = 0.0
     """Seconds to wait after an event before merging (0: at once; events during a step are coalesced)."""
     tick: float = 1.0
+    first_sync_wait: float = 5.0
+    """A node's first programming (nothing in its maps yet) waits up to this many seconds from
+    start for every remote's first listing, so the maps are written once with everything instead
+    of once more per remote as each syncs (seconds of merging at 10,000 Services)."""
     mesh_poll: float = 2.0
     """Seconds between two looks for the ClusterMesh object while it does not exist yet."""
     secrets_namespace: str = REMOTE_SECRETS_NAMESPACE
@@ -95,6 +100,7 @@ class Agent:
         # What the previous agent programmed for remotes that have not been ready since we
         # started: kept until they are, or until the grace period from our start ends.
         self._inherited: dict[Frontend, frozenset[Backend]] = {}
+        self._fresh_node = False  # the maps held nothing at start: no agent ran here before
         self._inherited_routes: dict[str, str] = {}
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -178,7 +184,9 @@ class Agent:
         """Read the remote backends and routes the previous agent left in the maps."""
         assert self.identity is not None
         local_id = self.identity.id
-        for spec in specs_from_state(self.lb.read()):
+        previous = specs_from_state(self.lb.read())
+        self._fresh_node = not previous
+        for spec in previous:
             remote = frozenset(b for b in spec.backends if b.cluster_id != local_id)
             if remote:
                 self._inherited[spec.frontend] = remote
@@ -451,7 +459,14 @@ class Agent:
         return cidrs
 
     def ready_to_program(self) -> bool:
-        return bool(self._listed) and all(e.is_set() for e in self._listed.values())
+        if not self._listed or not all(e.is_set() for e in self._listed.values()):
+            return False
+        if not self._fresh_node or self._last_specs is not None:
+            return True  # what an earlier agent or step wrote is served: follow changes at once
+        if time.monotonic() - self._started_at >= self.config.first_sync_wait:
+            return True
+        with self._remotes_lock:
+            return all(rc.ready for rc in self.remotes.values())
 
     def step(self) -> bool:
         """Merge and reconcile if anything changed; True when the maps were written."""
@@ -470,6 +485,9 @@ class Agent:
         self._last_specs = specs
         if ops:
             log.info("datapath: %d services, %d map operations", len(specs), len(ops))
+        if len(ops) > 10_000:
+            # A big step (the first, a resync) peaks far above the steady state: keep the steady state.
+            release_freed_heap()
         return True
 
     def _sync_routes(self) -> None:

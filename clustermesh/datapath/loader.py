@@ -60,6 +60,7 @@ from clustermesh.datapath.layout import (
 )
 from clustermesh.datapath.model import BackendEntry, MapState, ServiceEntry, ServiceSpec, SlotKey
 from clustermesh.datapath.plan import Capacity, IncrementalPlanner, Maps, Op, drift, plan, reconcile_full
+from clustermesh.heap import release_freed_heap
 
 
 def _import_bcc() -> Any:
@@ -132,16 +133,6 @@ class ReconcileSettings:
     """Seconds after which the next reconcile reads the maps back whole (0: every time)."""
     verify_every: int = 1000
     """Incremental reconciles after which the next one reads the maps back whole."""
-
-
-def _release_freed_heap() -> None:
-    """Give the heap that clang and LLVM freed after a compile back to the system: about
-    30 MB an agent would otherwise keep for its whole life (glibc keeps freed memory)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
 
 
 # map name -> (type, key struct, value struct)
@@ -366,7 +357,7 @@ class SocketLB:
             # Attached programs hold their maps; the module's own fds can go.
             module.cleanup()
             del module
-            _release_freed_heap()
+            release_freed_heap()  # clang's and LLVM's, in-process: about 30 MB
         return attachments
 
     def _open_maps(self) -> None:

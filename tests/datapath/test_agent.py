@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -257,3 +259,67 @@ def test_membership_follows_the_clustermesh_without_a_restart(
             eventually(lambda: _eq(names(topology, echo, 40), {"b2-new"}), timeout=30)
         finally:
             agent.kill()
+
+
+class RecordingLB:
+    """The real socket-LB, remembering what each reconcile was asked to write."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.calls: list[set[str]] = []  # per reconcile: the backend IPs of every service
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def reconcile(self, specs: object) -> object:
+        specs = list(specs)  # type: ignore[call-overload]
+        self.calls.append({str(b.ip) for s in specs for b in s.backends})
+        return self.inner.reconcile(specs)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("remote_comes", [True, False], ids=["remote-syncs-late", "remote-never-syncs"])
+def test_a_fresh_node_is_programmed_once_with_its_remotes_or_after_the_first_sync_wait(
+    cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str, kv: KVClient, etcd_server, etcd_proxy_factory,
+    remote_comes: bool,
+) -> None:
+    from clustermesh.agent.agent import Agent, AgentConfig
+    from clustermesh.datapath import SocketLB
+    from clustermesh.kube import KubeClient
+
+    with world(control_plane, kubeconfig, cgroup, pin_dir, "f") as w:
+        proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+        export_remote(kv, w.ns, ["10.245.1.10"])
+        proxy.stop()  # not reachable while the agent starts and lists its own cluster
+        w.apply_mesh([{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}])
+        w.global_service("echo")
+        w.api.create(endpoint_slice(w.ns, "echo-local", "echo", [("10.244.1.10", True)]))
+        lbs: list[RecordingLB] = []
+
+        def factory(local_id: int) -> RecordingLB:
+            lbs.append(RecordingLB(SocketLB(cgroup, pin_dir, local_id)))
+            return lbs[-1]
+
+        agent = Agent(AgentConfig(node="test", cgroup=str(cgroup), pin_dir=str(pin_dir), mesh_name=w.mesh,
+                                  first_sync_wait=8.0), KubeClient(kubeconfig), factory)
+        agent.start()
+        runner = threading.Thread(target=agent.run, daemon=True)
+        runner.start()
+        try:
+            eventually(lambda: _eq(all(e.is_set() for e in agent._listed.values()), True), timeout=15)
+            time.sleep(1)  # a negative: with everything local listed, the agent would have written by now
+            if remote_comes:
+                assert lbs[0].calls == []
+                proxy.process.start()
+                eventually(lambda: _eq(bool(lbs[0].calls), True), timeout=20)
+                # Written once with everything, not first without the remote.
+                assert lbs[0].calls[0] == {"10.244.1.10", "10.245.1.10"}, lbs[0].calls
+            else:
+                eventually(lambda: _eq(bool(lbs[0].calls), True), timeout=20)
+                # The wait is bounded: the local backends are programmed without the remote.
+                assert lbs[0].calls[0] == {"10.244.1.10"}, lbs[0].calls
+                assert time.monotonic() - agent._started_at >= 8
+        finally:
+            agent.request_stop()
+            runner.join(15)
+            agent.stop()
+            proxy.process.start()
