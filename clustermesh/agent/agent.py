@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from clustermesh.heap import release_freed_heap
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVStoreError
 from clustermesh.schema import MAX_CLUSTER_ID, ClusterService
+from clustermesh.scratch import private_folder
 from clustermesh.store.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class Agent:
         self._lb_factory = socket_lb_factory
         self.lb: Any = None
         self._last_specs: list[ServiceSpec] | None = None
-        self._secrets_dir = Path(tempfile.mkdtemp(prefix="clustermesh-agent-"))
+        self._secrets_dir = private_folder("agent")
         self.routes: RouteTable | None = None
         if config.routes == "host":
             self.routes = RouteTable(None)

@@ -17,11 +17,9 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
@@ -31,6 +29,7 @@ from clustermesh.cluster.export import ClusterIdentity, export_node, export_serv
 from clustermesh.cluster.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVClient, KVStoreError
+from clustermesh.scratch import private_folder
 from clustermesh.store.remote import RemoteCluster, remote_config_from_spec
 from clustermesh.store.sync import SyncStore, WriterSettings
 
@@ -98,7 +97,7 @@ class Operator:
         self._mesh_spec: Mapping[str, Any] = {}
         self._next_secret_check = 0.0
         self._remotes_lock = threading.Lock()  # ClusterMesh events and the Secret check, in threads
-        self._secrets_dir = Path(tempfile.mkdtemp(prefix="clustermesh-operator-"))
+        self._secrets_dir = private_folder("operator")
         self.failed: str | None = None
         self._starting = False
         self._tasks: list[asyncio.Task[None]] = []

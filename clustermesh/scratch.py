@@ -1,0 +1,41 @@
+"""Private scratch folders for the remotes' credentials (the agent's and the operator's).
+
+Each process writes the TLS keys and passwords of its remotes into a folder of its own. A
+process killed with SIGKILL cannot remove it, so the next one removes the folders of processes
+that are gone: keys do not pile up in /tmp across crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def private_folder(component: str) -> Path:
+    """A new 0700 folder named after ``component`` and this process; the folders of dead
+    processes of the same component are removed first."""
+    base = Path(tempfile.gettempdir())
+    prefix = f"clustermesh-{component}-"
+    for stale in base.glob(f"{prefix}*"):
+        pid = _pid_of(stale.name.removeprefix(prefix))
+        if pid is not None and not _alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
+
+
+def _pid_of(rest: str) -> int | None:
+    """The pid in ``<pid>-<random>``; None for a folder named otherwise (not ours to judge)."""
+    head, sep, _ = rest.partition("-")
+    return int(head) if sep and head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
