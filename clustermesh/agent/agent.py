@@ -83,8 +83,6 @@ class Agent:
         self.state = ClusterState()
         self.merger = ServiceMerger(0)  # the local cluster ID is known once start() read the ClusterMesh
         self._merged_from: frozenset[int] = frozenset()
-        self._merged_specs: list[ServiceSpec] | None = None
-        self._desired_moved = True
         self._last_inheriting: frozenset[int] = frozenset()
         self.identity: ClusterIdentity | None = None
         self.remotes: dict[str, RemoteCluster] = {}
@@ -402,9 +400,10 @@ class Agent:
 
     # ------------------------------------------------------------ the loop
 
-    def desired(self) -> list[ServiceSpec]:
+    def desired(self) -> tuple[list[ServiceSpec], bool]:
         """The datapath's desired state: the merger's, merged again only for the Services touched
-        since the last call, plus what is kept from the previous agent."""
+        since the last call, plus what is kept from the previous agent; and whether it moved
+        since the last call."""
         identity = self.identity
         assert identity is not None
         now = time.monotonic()
@@ -431,25 +430,23 @@ class Agent:
 
             outcome = self.merger.update(lambda: list(self.state.services), local_of, records_of,
                                          self._local_pod_cidrs())
-            if outcome.changed or self._merged_specs is None:
-                self._merged_specs = self.merger.specs()
-            specs = self._merged_specs
+            specs = self.merger.specs()
         if outcome.problems is not None:
             for problem in set(outcome.problems) - self._merge_problems:
                 log.warning("merge: %s", problem)
                 metrics.ERRORS.labels("agent", "merge").inc()
             self._merge_problems = set(outcome.problems)
         inheriting = self._inheriting(now)
-        self._desired_moved = outcome.changed or inheriting != self._last_inheriting
+        moved = outcome.changed or inheriting != self._last_inheriting
         self._last_inheriting = inheriting
         if not inheriting or not self._inherited:
-            return specs
+            return specs, moved
         return [
             ServiceSpec(spec.frontend, spec.backends | {
                 b for b in self._inherited.get(spec.frontend, ()) if b.cluster_id in inheriting
             }, spec.affinity)
             for spec in specs
-        ]
+        ], moved
 
     def _local_pod_cidrs(self) -> list[str]:
         cidrs: list[str] = []
@@ -478,8 +475,8 @@ class Agent:
             except Exception:  # routes must not hold the datapath back
                 log.exception("route sync failed")
                 metrics.ERRORS.labels("agent", "route").inc()
-        specs = self.desired()
-        if not self._desired_moved and self._last_specs is not None:
+        specs, moved = self.desired()
+        if not moved and self._last_specs is not None:
             return False
         ops = self.lb.reconcile(specs)
         self._last_specs = specs

@@ -33,6 +33,7 @@ class ServiceMerger:
         self._problems: dict[Ref, tuple[str, ...]] = {}
         self._dirty: set[Ref] = set()
         self._everything = True
+        self._listed: list[ServiceSpec] | None = None  # specs() until the next change
 
     def touch(self, ref: Ref) -> None:
         """This Service's local objects or remote records changed."""
@@ -76,14 +77,19 @@ class ServiceMerger:
                 self._problems[ref] = problems
             else:
                 self._problems.pop(ref, None)
+        if changed:
+            self._listed = None
         # Listing every Service's specs and problems costs as much as the cluster is big: only
         # when something moved.
         return MergeOutcome(changed, len(refs), self.problems() if problems_moved else None)
 
     def specs(self) -> list[ServiceSpec]:
         """Every Service's specs, in no particular order (the datapath orders what it writes;
-        sorting 10,000 Services on every change would cost more than the change)."""
-        return [spec for specs in self._specs.values() for spec in specs]
+        sorting 10,000 Services on every change would cost more than the change). Listed again
+        only after a change; callers must not modify the list."""
+        if self._listed is None:
+            self._listed = [spec for specs in self._specs.values() for spec in specs]
+        return self._listed
 
     def problems(self) -> list[str]:
         return [p for ref in sorted(self._problems) for p in self._problems[ref]]

@@ -532,10 +532,7 @@ def reconcile(maps: Maps, services: Iterable[ServiceSpec], local_cluster_id: int
     Idempotent: a second call with the same services writes nothing. When the
     maps are too small, raises :class:`CapacityError` and writes nothing.
     """
-    with paused_gc():
-        ops = plan(maps, services, local_cluster_id)
-        apply(ops, maps)
-    return ops
+    return reconcile_full(maps, services, local_cluster_id)[0]
 
 
 # --- incremental ----------------------------------------------------------------------

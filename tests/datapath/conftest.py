@@ -249,3 +249,24 @@ def _only_veth(ns: str) -> str:
         ["ip", "-n", ns, "-o", "link", "show", "type", "veth"], capture_output=True, text=True, check=True
     ).stdout
     return out.split(":")[1].strip().split("@")[0]
+
+
+LB_LOCAL_CLUSTER = 1  # the cluster of the node the `lb` fixture programs
+
+
+@pytest.fixture
+def lb(cgroup: Path, pin_dir: Path) -> Iterator[Any]:
+    """A loaded socket-LB on the test's cgroup and pins, destroyed afterwards."""
+    from clustermesh.datapath import SocketLB
+
+    socket_lb = SocketLB(cgroup, pin_dir, LB_LOCAL_CLUSTER)
+    socket_lb.load()
+    yield socket_lb
+    socket_lb.destroy()
+
+
+def names_of(results: list[dict[str, object]]) -> set[str]:
+    """The backends that answered a client run; every call must have worked."""
+    failed = [r for r in results if not r["ok"]]
+    assert not failed, failed
+    return {str(r["name"]) for r in results}

@@ -6,7 +6,7 @@ See conftest.py (``topology6``) for the addresses and why none can leave the mac
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from ipaddress import IPv6Address
 from pathlib import Path
 
@@ -15,11 +15,11 @@ import pytest
 from clustermesh.datapath import Affinity, Backend, Frontend, ServiceSpec, SocketLB, bpfsys, hooks
 from clustermesh.datapath.layout import REV4_MAP, REV6_CODEC, REV6_MAP
 from clustermesh.datapath.plan import broken, specs_from_state
-from tests.datapath.conftest import Topology
+from tests.datapath.conftest import LB_LOCAL_CLUSTER, Topology, names_of
 
 pytestmark = pytest.mark.datapath
 
-LOCAL_CLUSTER = 1
+LOCAL_CLUSTER = LB_LOCAL_CLUSTER
 CLUSTER_IP6 = "fd00:96::10"
 CLUSTER_IP4 = "10.96.0.10"
 EMPTY_IP6 = "fd00:96::20"
@@ -49,20 +49,6 @@ def web4() -> ServiceSpec:
 def lab6(topology6: Topology) -> Topology:
     topology6.add_backends(BACKENDS6 | BACKENDS4)
     return topology6
-
-
-@pytest.fixture
-def lb(cgroup: Path, pin_dir: Path) -> Iterator[SocketLB]:
-    socket_lb = SocketLB(cgroup, pin_dir, LOCAL_CLUSTER)
-    socket_lb.load()
-    yield socket_lb
-    socket_lb.destroy()
-
-
-def names_of(results: list[dict[str, object]]) -> set[str]:
-    failed = [r for r in results if not r["ok"]]
-    assert not failed, failed
-    return {str(r["name"]) for r in results}
 
 
 def addr(result: list[object]) -> tuple[str, int]:

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -30,12 +30,12 @@ from clustermesh.datapath import (
     hooks,
 )
 from clustermesh.datapath.layout import REV4_CODEC, REV4_MAP
-from tests.datapath.conftest import REPO, Topology
+from tests.datapath.conftest import LB_LOCAL_CLUSTER, REPO, Topology, names_of
 from tests.prereq import require_binary
 
 pytestmark = pytest.mark.datapath
 
-LOCAL_CLUSTER = 1
+LOCAL_CLUSTER = LB_LOCAL_CLUSTER
 CLUSTER_IP = "10.96.0.10"
 EMPTY_IP = "10.96.0.20"
 WEB = Frontend(CLUSTER_IP, 80, "TCP")
@@ -64,20 +64,6 @@ def dns(names: Iterable[str] = tuple(BACKENDS)) -> ServiceSpec:
 def lab(topology: Topology) -> Topology:
     topology.add_backends(BACKENDS)
     return topology
-
-
-@pytest.fixture
-def lb(cgroup: Path, pin_dir: Path) -> Iterator[SocketLB]:
-    socket_lb = SocketLB(cgroup, pin_dir, LOCAL_CLUSTER)
-    socket_lb.load()
-    yield socket_lb
-    socket_lb.destroy()
-
-
-def names_of(results: list[dict[str, object]]) -> set[str]:
-    failed = [r for r in results if not r["ok"]]
-    assert not failed, failed
-    return {str(r["name"]) for r in results}
 
 
 # --- forward and reverse translation -------------------------------------------------------
