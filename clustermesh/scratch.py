@@ -12,17 +12,24 @@ import shutil
 import tempfile
 from pathlib import Path
 
+COMPONENTS = ("agent", "operator")
+
 
 def private_folder(component: str) -> Path:
     """A new 0700 folder named after ``component`` and this process; the folders of dead
     processes of the same component are removed first."""
-    base = Path(tempfile.gettempdir())
+    remove_dead_folders(component)
+    prefix = f"clustermesh-{component}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=tempfile.gettempdir()))
+
+
+def remove_dead_folders(component: str) -> None:
+    """Remove the folders of ``component`` processes that are gone (say, after a lab is down)."""
     prefix = f"clustermesh-{component}-"
-    for stale in base.glob(f"{prefix}*"):
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         pid = _pid_of(stale.name.removeprefix(prefix))
         if pid is not None and not _alive(pid):
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
 
 
 def _pid_of(rest: str) -> int | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clustermesh import scratch
 from clustermesh.connect import connect, load_side
 from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
@@ -542,6 +543,9 @@ def teardown(state: dict[str, Any]) -> list[str]:
         attempt("pod mount points", _remove_made_paths, Path(cluster["state_dirs"]))
     attempt("namespaces", _remove_namespaces, state["netns_prefix"])
     attempt("cgroups", remove_cgroup, root)
+    # The killed agents and operators could not remove their copies of the remotes' credentials.
+    for component in scratch.COMPONENTS:
+        attempt(f"{component} credential folders", scratch.remove_dead_folders, component)
     return problems
 
 

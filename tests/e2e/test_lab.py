@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,11 @@ def leftovers(state: dict[str, Any]) -> list[str]:
                 pass
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if state["directory"] in line]
+    # The remotes' credentials of the killed agents and operators (only processes that are gone).
+    for folder in Path(tempfile.gettempdir()).glob("clustermesh-*-*-*"):
+        pid = folder.name.split("-")[2]
+        if folder.name.split("-")[1] in ("agent", "operator") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            found.append(f"credentials {folder}")
     return found
 
 
