@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-window", type=float, default=0.0,
         help="seconds kopf waits for more events of one object before handling it",
     )
-    p.add_argument("--metrics-port", type=int, default=9963, help="Prometheus /metrics and /healthz; -1: off")
+    p.add_argument("--metrics-port", type=int, default=9963,
+                   help="Prometheus /metrics, /healthz and /readyz (ready: the full export is in the store); -1: off")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--namespace", action="append", default=None, help="watch only these namespaces")
     p.add_argument(
@@ -128,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--priority", type=int, default=None,
         help="peering priority; the highest live one writes, the others stand by (default: random)",
     )
+    p.add_argument(
+        "--status-lease", default=None,
+        help="HA store replicas: every replica exports to its own etcd, and only the holder of this "
+        "coordination.k8s.io Lease writes the ClusterMesh status (default: this operator writes it)",
+    )
+    p.add_argument("--status-lease-namespace", default=os.environ.get("POD_NAMESPACE", "clustermesh-system"),
+                   help="namespace of the --status-lease Lease (default: $POD_NAMESPACE or clustermesh-system)")
+    p.add_argument("--replica", default=os.environ.get("POD_NAME") or socket.gethostname(),
+                   help="this replica's name in the Lease (default: $POD_NAME or the host name)")
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser(

@@ -111,8 +111,9 @@ def _others(into: Side, remote: Side) -> list[dict[str, Any]]:
 
 def check_remote(into: Side, remote: Side) -> tuple[dict[str, Any], dict[str, bytes] | None]:
     """Everything that can refuse the connection, before anything is written."""
-    configs = [RemoteConfig(str(c["name"]), int(c["id"]), str(c["endpoints"][0])) for c in _others(into, remote)]
-    configs.append(RemoteConfig(remote.name, remote.id, "-"))
+    configs = [RemoteConfig(str(c["name"]), int(c["id"]), tuple(map(str, c.get("endpoints") or ())))
+               for c in _others(into, remote)]
+    configs.append(RemoteConfig(remote.name, remote.id, ("-",)))
     if into.max_cluster_id != remote.max_cluster_id:
         raise ConnectError(f"{into.name} allows cluster IDs up to {into.max_cluster_id}, {remote.name} up to "
                            f"{remote.max_cluster_id}: set the same spec.maxConnectedClusters on both")

@@ -186,6 +186,36 @@ class KubeClient:
                 return None
             raise
 
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A coordination.k8s.io/v1 Lease (None when absent)."""
+        try:
+            return self._get_json(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}")
+        except KubeError as exc:
+            if " 404 " in f" {exc} ":
+                return None
+            raise
+
+    def write_lease(self, namespace: str, name: str, spec: dict[str, Any], resource_version: str | None) -> None:
+        """Create the Lease (``resource_version`` None) or replace the one read at that
+        version; a Lease changed meanwhile by another holder raises KubeConflict."""
+        coordination = kubernetes.client.CoordinationV1Api(self.api)
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if resource_version is not None:
+            metadata["resourceVersion"] = resource_version
+        # A plain dict: the typed V1Lease would send its datetimes without the microseconds MicroTime needs.
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
+        try:
+            if resource_version is None:
+                coordination.create_namespaced_lease(namespace, body)  # type: ignore[arg-type]
+            else:
+                coordination.replace_namespaced_lease(name, namespace, body)  # type: ignore[arg-type]
+        except ApiException as exc:
+            if exc.status == 409:
+                raise KubeConflict(f"Lease {namespace}/{name} changed meanwhile") from exc
+            raise KubeError(f"writing Lease {namespace}/{name}: {exc.status} {exc.reason}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise KubeError(f"writing Lease {namespace}/{name}: {exc}") from exc
+
     def put_secret(
         self, namespace: str, name: str, data: dict[str, bytes], labels: dict[str, str] | None = None
     ) -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 import etcd3
 import etcd3.exceptions
+import etcd3.transactions
 import grpc
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,30 @@ class WatchEvent:
 
 
 @dataclass(frozen=True)
+class StoreId:
+    """Which etcd answered (cluster and member ID from the response header): a store
+    replaced behind the same address, or another replica behind a Service, has another."""
+
+    cluster: int
+    member: int
+
+    def __str__(self) -> str:
+        return f"{self.cluster:x}/{self.member:x}"
+
+
+@dataclass(frozen=True)
 class Listing:
     items: dict[str, KeyValue]
     revision: int
+    store: StoreId | None = None
+
+
+@dataclass(frozen=True)
+class StoreView:
+    """What a probe saw: the store's revision and identity."""
+
+    revision: int
+    store: StoreId
 
 
 _TRANSIENT_GRPC = {
@@ -134,6 +156,26 @@ def _unauthenticated(exc: BaseException) -> bool:
     return code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in str(exc)
 
 
+def _store_of(header: Any) -> StoreId:
+    return StoreId(int(header.cluster_id), int(header.member_id))
+
+
+class _ConnectionWatcher:
+    """Calls ``lost()`` once when a channel that was connected loses its connection."""
+
+    def __init__(self, lost: Callable[[], None]) -> None:
+        self._lost = lost
+        self._was_ready = False
+        self._fired = False
+
+    def __call__(self, state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            self._was_ready = True
+        elif self._was_ready and not self._fired and state != grpc.ChannelConnectivity.SHUTDOWN:
+            self._fired = True
+            self._lost()
+
+
 def _text(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
@@ -145,11 +187,21 @@ class KVClient:
 
     Blocking calls; async callers use ``asyncio.to_thread``. Thread-safe as
     far as the underlying gRPC channel is.
+
+    A *session* is one gRPC channel and, with a user, one login. Every failed call ends
+    the session it ran on, so the next call opens a new connection (and logs in again)
+    and, with several endpoints, tries the next one in order. A store replaced behind
+    the same address does not know the old login token: etcd 3.4 holds a request with
+    a token from the future (``<random>.<raft index>``) until its deadline, so the
+    refusal looks like a timeout, never like an auth error. Ending the session on any
+    failure is what makes such a reader log in again. A logged-in session also ends
+    when its channel loses its connection: gRPC would reconnect by itself, possibly to
+    another etcd behind a Service, with a token that etcd never issued.
     """
 
     def __init__(
         self,
-        endpoint: Endpoint | str,
+        endpoint: Endpoint | str | Sequence[Endpoint | str],
         timeout: float = 5.0,
         prefix: str = "",
         user: str | None = None,
@@ -157,34 +209,72 @@ class KVClient:
     ) -> None:
         """``prefix`` is prepended to every key sent and removed from every key read, the
         way ``etcd grpc-proxy --namespace`` does: a store written with prefix P is read
-        through a proxy with ``--namespace=P`` in the plain ``cilium/...`` layout."""
-        self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
+        through a proxy with ``--namespace=P`` in the plain ``cilium/...`` layout.
+
+        ``endpoint`` may be several: the first is used until a call fails, then the next."""
+        given = [endpoint] if isinstance(endpoint, Endpoint | str) else list(endpoint)
+        if not given:
+            raise KVStoreError("no etcd endpoint given")
+        self.endpoints = tuple(Endpoint.parse(e) if isinstance(e, str) else e for e in given)
+        self._current = 0
         self.timeout = timeout
         self.prefix = prefix
         self._user = user
         self._password = password
         self._lock = threading.Lock()
         self._etcd: Any = None
+        self._generation = 0
+        self.sessions = 0
+        """How many sessions (connections, logins) this client opened: a test's window on re-logins."""
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint in use (or tried next)."""
+        return self.endpoints[self._current]
+
+    def _session(self) -> tuple[Any, int]:
+        """The etcd3 client of the current session and its generation; opens one when there is
+        none (with a user it logs in, and the remote may be down when we start)."""
+        with self._lock:
+            if self._etcd is None:
+                try:
+                    self._etcd = self._connect(self.endpoint, self._generation + 1)
+                except KVStoreError:
+                    self._advance()
+                    raise
+                self._generation += 1
+                self.sessions += 1
+            return self._etcd, self._generation
 
     @property
     def _client(self) -> Any:
-        """The etcd3 client, made on first use: with a user it logs in, and the
-        remote may be down when we start."""
-        with self._lock:
-            if self._etcd is None:
-                self._etcd = self._connect()
-            return self._etcd
+        return self._session()[0]
 
-    def _connect(self) -> Any:
+    def _advance(self) -> None:
+        self._current = (self._current + 1) % len(self.endpoints)
+
+    def _end_session(self, generation: int, next_endpoint: bool) -> None:
+        """End session ``generation`` if it is still the current one: the next call connects
+        (and logs in) again, on the next endpoint when ``next_endpoint``."""
+        with self._lock:
+            if generation != self._generation or self._etcd is None:
+                return
+            old, self._etcd = self._etcd, None
+            if next_endpoint:
+                self._advance()
+        with contextlib.suppress(Exception):  # closing a broken channel must never mask the real error
+            old.close()
+
+    def _connect(self, endpoint: Endpoint, generation: int) -> Any:
         if (self._user is None) != (self._password is None):
-            raise KVStoreError(f"etcd {self.endpoint}: give both a user and a password, or neither")
+            raise KVStoreError(f"etcd {endpoint}: give both a user and a password, or neither")
         try:
             client = etcd3.client(
-                host=self.endpoint.host,
-                port=self.endpoint.port,
-                ca_cert=self.endpoint.ca_cert,
-                cert_key=self.endpoint.key_file,
-                cert_cert=self.endpoint.cert_file,
+                host=endpoint.host,
+                port=endpoint.port,
+                ca_cert=endpoint.ca_cert,
+                cert_key=endpoint.key_file,
+                cert_cert=endpoint.cert_file,
                 timeout=self.timeout,
                 user=self._user,
                 password=self._password,
@@ -197,40 +287,37 @@ class KVClient:
                 ],
             )
         except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
-            raise _translate(exc, f"connect as {self._user}", self.endpoint) from exc
+            raise _translate(exc, f"connect as {self._user}", endpoint) from exc
         # The client benches an endpoint for 5 minutes after one failed call; with a
         # single etcd that is 5 minutes of refusing to even try. Retry at once instead.
         for ep in getattr(client, "endpoints", {}).values():
             ep.time_retry = 0.0
+            if self._user is not None:
+                ep.channel.subscribe(_ConnectionWatcher(lambda: self._end_session(generation, False)))
         return client
 
-    def _reconnect(self) -> None:
-        with self._lock:
-            old, self._etcd = self._etcd, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.close()
-
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """``fn(etcd3 client)`` on the current session; a failure ends the session."""
         for attempt in (1, 2):
+            client, generation = self._session()
             try:
-                return fn(*args, **kwargs)
+                return fn(client)
             except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
-                if attempt == 1 and self._user and _unauthenticated(exc):
-                    # The login token expired (etcd's --auth-token-ttl): log in again, once.
-                    self._reconnect()
-                    fn = getattr(self._client, fn.__name__, fn)
-                    continue
-                raise _translate(exc, what, self.endpoint) from exc
+                auth = bool(self._user) and _unauthenticated(exc)
+                error = _translate(exc, what, self.endpoints[self._current])
+                self._end_session(generation, next_endpoint=isinstance(error, KVUnavailable) and not auth)
+                if attempt == 1 and auth:
+                    continue  # the token expired (--auth-token-ttl) or the store is new: log in again, once
+                raise error from exc
             except ValueError as exc:  # the client's "failed node" state
+                self._end_session(generation, next_endpoint=True)
                 raise KVUnavailable(f"{what} on etcd {self.endpoint}: {exc}") from exc
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        try:
-            self._reconnect()
-        except Exception:  # closing a broken channel must never mask the real error
-            log.debug("closing etcd client for %s failed", self.endpoint, exc_info=True)
+        with self._lock:
+            generation = self._generation
+        self._end_session(generation, next_endpoint=False)
 
     def __enter__(self) -> KVClient:
         return self
@@ -241,48 +328,45 @@ class KVClient:
     # ------------------------------------------------------------ KV
 
     def get(self, key: str) -> str | None:
-        value, _meta = self._call(f"get {key}", self._client.get, self.prefix + key)
+        value, _meta = self._call(f"get {key}", lambda c: c.get(self.prefix + key))
         return _text(value)
 
     def list_prefix(self, prefix: str) -> Listing:
         """All keys under ``prefix`` and the store revision they were read at."""
         if self.prefix + prefix:
-            resp = self._call(f"list {prefix}", self._client.get_prefix_response, self.prefix + prefix)
+            resp = self._call(f"list {prefix}", lambda c: c.get_prefix_response(self.prefix + prefix))
         else:  # etcd refuses an empty key; the whole keyspace is the range \0..\0
-            resp = self._call("list everything", self._client.get_all_response)
+            resp = self._call("list everything", lambda c: c.get_all_response())
         items = {}
         for kv in resp.kvs:
             key = (_text(kv.key) or "")[len(self.prefix) :]
             items[key] = KeyValue(key, _text(kv.value) or "", kv.mod_revision, kv.lease)
-        return Listing(items, resp.header.revision)
+        return Listing(items, resp.header.revision, _store_of(resp.header))
 
     def count_prefix(self, prefix: str) -> int:
         """How many keys are under ``prefix``, without reading their values (etcd's
         count_only): cheap against a store with 10,000 records."""
-        resp = self._call(f"count {prefix}", self._client.get_prefix_response, self.prefix + prefix,
-                          count_only=True)
+        resp = self._call(f"count {prefix}", lambda c: c.get_prefix_response(self.prefix + prefix, count_only=True))
         return int(resp.count)
 
-    def probe(self, key: str, timeout: float) -> int:
+    def probe(self, key: str, timeout: float) -> StoreView:
         """Is the store answering? One linearizable count of ``key`` with its own deadline
         (a frozen proxy keeps TCP up and answers nothing, so only a deadline tells).
-        Returns the store's revision: lower than one seen before means the store behind a
-        proxy was replaced."""
-        def call() -> Any:
-            client = self._client
+        Returns the store's revision and identity: a lower revision than one seen before,
+        or another member, means the store behind the proxy was replaced."""
+        def call(client: Any) -> Any:
             request = client._build_get_range_request(self.prefix + key, count_only=True)
             return client.kvstub.Range(request, timeout, credentials=client.call_credentials,
                                        metadata=client.metadata)
         resp = self._call(f"probe {key}", call)
-        return int(resp.header.revision)
+        return StoreView(int(resp.header.revision), _store_of(resp.header))
 
     def put(self, key: str, value: str, lease: int | None = None) -> None:
-        self._call(f"put {key}", self._client.put, self.prefix + key, value, lease=lease)
+        self._call(f"put {key}", lambda c: c.put(self.prefix + key, value, lease=lease))
 
     def apply(self, puts: dict[str, str], deletes: list[str], lease: int | None = None) -> None:
         """Many puts and deletes in as few round trips as etcd allows: one txn per
         128 operations or about 1 MiB, whichever comes first."""
-        tx = self._client.transactions
         p = self.prefix
         chunk: list[Any] = []
         size = 0
@@ -290,12 +374,12 @@ class KVClient:
         def flush() -> None:
             nonlocal chunk, size
             if chunk:
-                self._call(f"txn of {len(chunk)} ops", self._client.transaction, compare=[], success=chunk,
-                           failure=[])
+                ops = chunk
+                self._call(f"txn of {len(ops)} ops", lambda c: c.transaction(compare=[], success=ops, failure=[]))
             chunk, size = [], 0
 
-        ops = [(tx.put(p + k, v, lease=lease), len(k) + len(v)) for k, v in puts.items()]
-        ops += [(tx.delete(p + k), len(k)) for k in deletes]
+        ops = [(etcd3.transactions.Put(p + k, v, lease=lease), len(k) + len(v)) for k, v in puts.items()]
+        ops += [(etcd3.transactions.Delete(p + k), len(k)) for k in deletes]
         for op, op_size in ops:
             if chunk and (len(chunk) >= MAX_TXN_OPS or size + op_size > MAX_TXN_BYTES):
                 flush()
@@ -304,40 +388,38 @@ class KVClient:
         flush()
 
     def delete(self, key: str) -> bool:
-        return bool(self._call(f"delete {key}", self._client.delete, self.prefix + key))
+        return bool(self._call(f"delete {key}", lambda c: c.delete(self.prefix + key)))
 
     def delete_prefix(self, prefix: str) -> int:
-        resp = self._call(f"delete {prefix}*", self._client.delete_prefix, self.prefix + prefix)
+        resp = self._call(f"delete {prefix}*", lambda c: c.delete_prefix(self.prefix + prefix))
         return int(getattr(resp, "deleted", 0))
 
     def revision(self) -> int:
-        resp = self._call("revision", self._client.get_response, "\0")
+        resp = self._call("revision", lambda c: c.get_response("\0"))
         return int(resp.header.revision)
 
     def status(self) -> dict[str, Any]:
-        st = self._call("status", self._client.status)
+        st = self._call("status", lambda c: c.status())
         return {"version": st.version, "db_size": st.db_size, "raft_index": st.raft_index}
 
     # ------------------------------------------------------------ leases
 
     def grant_lease(self, ttl: int) -> int:
-        lease = self._call(f"grant lease ttl={ttl}", self._client.lease, ttl)
+        lease = self._call(f"grant lease ttl={ttl}", lambda c: c.lease(ttl))
         return int(lease.id)
 
     def keepalive(self, lease_id: int) -> int:
         """Refresh a lease once; return its new TTL (0 or less: the lease is gone)."""
-        responses = self._call(
-            f"keep-alive lease {lease_id:x}", lambda: list(self._client.refresh_lease(lease_id))
-        )
+        responses = self._call(f"keep-alive lease {lease_id:x}", lambda c: list(c.refresh_lease(lease_id)))
         return int(responses[0].TTL) if responses else 0
 
     def lease_ttl(self, lease_id: int) -> int:
         """Remaining TTL; -1 when the lease does not exist (expired or revoked)."""
-        info = self._call(f"lease info {lease_id:x}", self._client.get_lease_info, lease_id)
+        info = self._call(f"lease info {lease_id:x}", lambda c: c.get_lease_info(lease_id))
         return int(info.TTL)
 
     def revoke_lease(self, lease_id: int) -> None:
-        self._call(f"revoke lease {lease_id:x}", self._client.revoke_lease, lease_id)
+        self._call(f"revoke lease {lease_id:x}", lambda c: c.revoke_lease(lease_id))
 
     # ------------------------------------------------------------ watch
 
@@ -345,19 +427,25 @@ class KVClient:
         kwargs: dict[str, Any] = {}
         if start_revision is not None:
             kwargs["start_revision"] = start_revision
+        with self._lock:
+            generation = self._generation
         responses, cancel = self._call(
-            f"watch {prefix}", self._client.watch_prefix_response, self.prefix + prefix, **kwargs
+            f"watch {prefix}", lambda c: c.watch_prefix_response(self.prefix + prefix, **kwargs)
         )
-        return Watch(responses, cancel, self.endpoint, prefix, strip=len(self.prefix))
+        # A stream that breaks ends its session too: what answers next may be another etcd.
+        return Watch(responses, cancel, self.endpoint, prefix, strip=len(self.prefix),
+                     on_error=lambda: self._end_session(generation, next_endpoint=True))
 
 
 class Watch:
     """An iterator of :class:`WatchEvent`; ``cancel()`` ends it from any thread."""
 
     def __init__(
-        self, responses: Iterator[Any], cancel: Callable[[], None], endpoint: Endpoint, prefix: str, strip: int = 0
+        self, responses: Iterator[Any], cancel: Callable[[], None], endpoint: Endpoint, prefix: str, strip: int = 0,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._strip = strip
+        self._on_error = on_error
         self._responses = responses
         self._cancel = cancel
         self._endpoint = endpoint
@@ -384,6 +472,7 @@ class Watch:
         except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
             if self._cancelled:
                 return
+            self._on_error()
             raise _translate(exc, f"watch {self._prefix}", self._endpoint) from exc
 
 

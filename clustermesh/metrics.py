@@ -59,15 +59,17 @@ DATAPATH_MAP_CAPACITY = Gauge(
 
 class _Handler(BaseHTTPRequestHandler):
     health: Callable[[], tuple[bool, str]] = staticmethod(lambda: (True, "ok"))
+    ready: Callable[[], tuple[bool, str]] | None = None
 
     def do_GET(self) -> None:
         if self.path.startswith("/metrics"):
             body, status, ctype = generate_latest(), 200, CONTENT_TYPE_LATEST
-        elif self.path.startswith("/healthz"):
-            ok, text = self.health()
+        elif self.path.startswith("/healthz") or self.path.startswith("/readyz"):
+            check = self.ready if self.path.startswith("/readyz") and self.ready else self.health
+            ok, text = check()
             body, status, ctype = (text + "\n").encode(), 200 if ok else 503, "text/plain"
         else:
-            body, status, ctype = b"not found: try /metrics or /healthz\n", 404, "text/plain"
+            body, status, ctype = b"not found: try /metrics, /healthz or /readyz\n", 404, "text/plain"
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -78,10 +80,15 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics http: " + format, *args)
 
 
-def serve(host: str, port: int, health: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz from a daemon thread; ``health`` returns (ok, text)."""
-    handler = type("Handler", (_Handler,), {"health": staticmethod(health)})
+def serve(
+    host: str, port: int, health: Callable[[], tuple[bool, str]],
+    ready: Callable[[], tuple[bool, str]] | None = None,
+) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz (alive: ``health``) and /readyz (serving: ``ready``, or
+    ``health`` when not given) from a daemon thread; each check returns (ok, text)."""
+    handler = type("Handler", (_Handler,), {"health": staticmethod(health),
+                                            "ready": staticmethod(ready) if ready else None})
     server = ThreadingHTTPServer((host, port), handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    log.info("metrics and /healthz on http://%s:%d", host, server.server_address[1])
+    log.info("metrics, /healthz and /readyz on http://%s:%d", host, server.server_address[1])
     return server

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import shutil
 import threading
@@ -199,12 +200,19 @@ class Agent:
 
     # ------------------------------------------------------------ membership
 
-    def _apply_mesh(self, spec: dict[str, Any], first: bool = False) -> None:
-        """Make the running remotes what ``spec.clusters`` says: start the new ones, remove
-        the ones that left (only their backends leave), and switch a remote whose endpoint
-        or Secret changed to a new connection once that one is ready."""
+    def _apply_mesh(self, spec: dict[str, Any] | None, first: bool = False) -> None:
+        """Make the running remotes what ``spec.clusters`` says (None: the last spec seen, with
+        its Secrets read again): start the new ones, remove the ones that left (only their
+        backends leave), and switch a remote whose endpoint or Secret changed to a new
+        connection once that one is ready.
+
+        The spec is taken under the same lock that applies it: a refresh that read the spec
+        before a watch event and applied it after would undo the event (a re-added remote
+        dropped again until the next change of the object)."""
         assert self.identity is not None
         with self._remotes_lock:
+            if spec is None:
+                spec = self._mesh_spec
             self._mesh_spec = spec
             local = spec.get("localCluster") or {}
             if (str(local.get("name", "")), int(local.get("id", 0) or 0)) != (self.identity.name, self.identity.id):
@@ -313,9 +321,7 @@ class Agent:
         """Read the remotes' Secrets again now and then: rotated credentials take effect."""
         while not self._stop.wait(self.config.secret_refresh):
             try:
-                with self._remotes_lock:
-                    spec = self._mesh_spec
-                self._apply_mesh(spec)
+                self._apply_mesh(None)
             except Exception:
                 log.exception("re-reading the remotes' settings failed; trying again later")
 
@@ -569,6 +575,19 @@ class Agent:
             self.lb.close()
         shutil.rmtree(self._secrets_dir, ignore_errors=True)
 
+    def ready(self) -> tuple[bool, str]:
+        """Serving (a readiness probe): this agent has programmed the maps, and no longer keeps a
+        previous agent's remote backends on faith (every remote synced, or its grace ran out). A
+        remote that is down does not make the agent unready: the rest of the mesh is served."""
+        if self.identity is None:
+            return False, f"waiting for ClusterMesh {self.config.mesh_name}"
+        if self._last_specs is None:
+            return False, "the maps are not programmed yet"
+        kept = self._inheriting(time.monotonic())
+        if kept:
+            return False, f"keeping the previous agent's backends of {len(kept)} remotes until they sync"
+        return True, json.dumps(self.status())
+
     def status(self) -> dict[str, Any]:
         return {
             "node": self.config.node,
@@ -582,7 +601,7 @@ class Agent:
 def _fingerprint(config: RemoteConfig) -> str:
     """What identifies a remote's settings, Secret contents included (the file paths change
     with every read)."""
-    digest = hashlib.sha256(repr((config.name, config.id, config.endpoint, config.user, config.password)).encode())
+    digest = hashlib.sha256(repr((config.name, config.id, config.endpoints, config.user, config.password)).encode())
     for path in (config.ca_cert, config.cert_file, config.key_file):
         digest.update(Path(path).read_bytes() if path else b"-")
     return digest.hexdigest()

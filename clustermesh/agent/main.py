@@ -41,7 +41,8 @@ def run_agent(args: argparse.Namespace) -> int:
         agent = Agent(config, KubeClient(args.kubeconfig, args.context), socket_lb)
         # Served while start() waits for the ClusterMesh object: alive, and saying what it waits for.
         if args.metrics_port >= 0:
-            metrics.serve(args.metrics_host, args.metrics_port, lambda: (True, json.dumps(agent.status())))
+            metrics.serve(args.metrics_host, args.metrics_port, lambda: (True, json.dumps(agent.status())),
+                          agent.ready)
         agent.start()
     except (KubeError, DatapathError, SchemaError, ValueError, RoutingError, KVStoreError) as exc:
         print(f"clustermesh agent: {exc}", file=sys.stderr)

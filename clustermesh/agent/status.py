@@ -28,7 +28,7 @@ from typing import Any
 from clustermesh import schema
 from clustermesh.agent.status_view import RemoteFinding, not_ready, render_text, status_document
 from clustermesh.kube import KubeClient, KubeError
-from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.kvstore import Endpoint, KVStoreError
 from clustermesh.store import remote
 from clustermesh.store.remote import RemoteConfig, mesh_problems, remote_config_from_spec
 
@@ -48,14 +48,14 @@ def probe_remote(config: RemoteConfig, timeout: float = PROBE_TIMEOUT,
     Three small reads and two counts; no record value is fetched."""
     name = config.name
     try:
-        endpoint = Endpoint.parse(config.endpoint, config.ca_cert, config.cert_file, config.key_file)
-        if _in_lab_underlay(endpoint.host):
+        hosts = [Endpoint.parse(e, config.ca_cert).host for e in config.endpoints]
+        if any(_in_lab_underlay(host) for host in hosts):
             # Reachable only inside the lab's node namespaces: from here the connection would
             # leave the machine by its default route.
             return RemoteFinding(name, config.id, config.endpoint, error=(
                 "a lab address, reachable only inside the lab's nodes; see kubectl get clustermesh "
                 "(the operator's view) or clustermesh lab status"))
-        with KVClient(endpoint, timeout=timeout, user=config.user, password=config.password) as client:
+        with config.client(timeout) as client:
             config_value = client.get(schema.cluster_config_key(name))
             marker_prefix = f"{schema.SYNCED_PREFIX}/{name}/"
             synced = [key.removeprefix(marker_prefix) for key in client.list_prefix(marker_prefix).items]

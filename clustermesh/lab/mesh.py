@@ -330,7 +330,8 @@ class LabMesh:
         c.kubectl("apply", "-k", str(overlay), timeout=180)
 
     def _mesh_object_for_deploy(self, c: LabCluster) -> None:
-        access = {"endpoints": [f"https://{c.nodes[0].netns.address}:{STORE_NODE_PORT}"],
+        # Every node serves the NodePort: readers move to the next address when one fails.
+        access = {"endpoints": [f"https://{n.netns.address}:{STORE_NODE_PORT}" for n in c.nodes],
                   "tls": {"secretName": "clustermesh-access-remote", "secretNamespace": "clustermesh-system"}}
         mesh = {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": "default"},
                 "spec": {"localCluster": {"name": c.name, "id": c.index}, "access": access}}

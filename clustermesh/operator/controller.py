@@ -29,6 +29,7 @@ from clustermesh.cluster.export import ClusterIdentity, export_node, export_serv
 from clustermesh.cluster.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVClient, KVStoreError
+from clustermesh.operator.leader import StatusLeader
 from clustermesh.scratch import private_folder
 from clustermesh.store.remote import RemoteCluster, remote_config_from_spec
 from clustermesh.store.sync import SyncStore, WriterSettings
@@ -59,6 +60,13 @@ class OperatorConfig:
     peering: str | None = None
     """kopf peering name; with it, a replica that sees a higher-priority live peer stops."""
     priority: int = 0
+    status_lease: str | None = None
+    """A Lease name: HA replicas all export (each to its own etcd) and only its holder
+    writes the ClusterMesh status. None: this operator writes it."""
+    status_lease_namespace: str = "clustermesh-system"
+    replica: str = "operator"
+    ready_probe_timeout: float = 1.0
+    """Seconds /readyz gives the local etcd to answer."""
 
 
 class ProblemLog:
@@ -103,6 +111,8 @@ class Operator:
         self._tasks: list[asyncio.Task[None]] = []
         self._conditions: dict[str, dict[str, str]] = {}
         self._last_status: dict[str, Any] | None = None
+        self.leader = (StatusLeader(kube, config.status_lease_namespace, config.status_lease, config.replica)
+                       if config.status_lease else None)
 
     # ------------------------------------------------------------ identity
 
@@ -157,11 +167,12 @@ class Operator:
                  f"(maxConnectedClusters {self.identity.max_connected_clusters}): restart the operator to apply it"],
             )
 
-    def _sync_remotes(self, spec: Mapping[str, Any]) -> None:
+    def _sync_remotes(self, spec: Mapping[str, Any] | None) -> None:
         """One RemoteCluster per spec.clusters entry, made again when its entry or the
-        Secret it references changes (credentials rotated)."""
+        Secret it references changes (credentials rotated). None: the last spec seen, taken
+        under the lock that applies it (a refresh must never undo a newer event)."""
         with self._remotes_lock:
-            self._sync_remotes_locked(spec)
+            self._sync_remotes_locked(self._mesh_spec if spec is None else spec)
 
     def _sync_remotes_locked(self, spec: Mapping[str, Any]) -> None:
         self._mesh_spec = spec
@@ -213,7 +224,7 @@ class Operator:
         if not self.config.watch_remotes or not self._mesh_spec or now < self._next_secret_check:
             return
         self._next_secret_check = now + self.config.secret_refresh
-        await asyncio.to_thread(self._sync_remotes, self._mesh_spec)
+        await asyncio.to_thread(self._sync_remotes, None)
 
     # ------------------------------------------------------------ changes
 
@@ -365,6 +376,7 @@ class Operator:
         return self.writer.count(prefix)
 
     def health(self) -> tuple[bool, str]:
+        """Alive (a liveness probe): waiting and an unreachable store are not reasons to restart."""
         if self.failed:
             return False, self.failed
         if self.writer is None:
@@ -372,6 +384,24 @@ class Operator:
         if self.writer.reachable is False:
             return True, f"state store unreachable: {self.writer.last_error}"
         return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Serving (a readiness probe): the store holds the full export and answers now.
+        In a store pod this keeps readers away from a replica that would show them an
+        empty or half-written store, or none."""
+        alive, why = self.health()
+        if not alive:
+            return False, why
+        writer = self.writer
+        if writer is None:
+            return False, "waiting for the ClusterMesh object and the first listing"
+        if not writer.synced:
+            return False, f"first full export not in the store yet ({len(writer.dirty)} records to write)"
+        try:
+            self.kv.probe(schema.HEARTBEAT_KEY, self.config.ready_probe_timeout)
+        except KVStoreError as exc:
+            return False, f"state store does not answer: {exc}"
+        return True, "ok: the full export is in the store"
 
     def _condition(self, kind: str, ok: bool | None, reason: str, message: str) -> dict[str, str]:
         status = "Unknown" if ok is None else ("True" if ok else "False")
@@ -456,7 +486,9 @@ class Operator:
             await self._check_peering()
             await self._refresh_secrets()
             status = self.status_payload()
-            if status != self._last_status:
+            if self.leader is not None and not await asyncio.to_thread(self.leader.refresh):
+                self._last_status = None  # write it all when this replica leads again
+            elif status != self._last_status:
                 try:
                     await asyncio.to_thread(self.kube.patch_mesh_status, self.config.mesh_name, status)
                     self._last_status = status

@@ -34,6 +34,9 @@ def run_operator(args: argparse.Namespace) -> int:
             resync_interval=args.resync_interval,
             peering=args.peering,
             priority=priority,
+            status_lease=args.status_lease,
+            status_lease_namespace=args.status_lease_namespace,
+            replica=args.replica,
             writer=WriterSettings(
                 lease_ttl=args.lease_ttl,
                 heartbeat_interval=args.heartbeat_interval,
@@ -47,7 +50,7 @@ def run_operator(args: argparse.Namespace) -> int:
         return 1
     if args.metrics_port >= 0:
         try:
-            metrics.serve(args.metrics_host, args.metrics_port, operator.health)
+            metrics.serve(args.metrics_host, args.metrics_port, operator.health, operator.ready)
         except OSError as exc:
             print(f"clustermesh operator: metrics port {args.metrics_port}: {exc}; "
                   "pick another with --metrics-port (or -1 to disable)", file=sys.stderr)

@@ -44,12 +44,23 @@ class RemoteConfig:
 
     name: str
     id: int
-    endpoint: str
+    endpoints: tuple[str, ...]
+    """``access.endpoints`` in order: the first until it fails, then the next."""
     ca_cert: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        """The first endpoint: what a person is told about."""
+        return self.endpoints[0]
+
+    def client(self, timeout: float = 5.0) -> KVClient:
+        """A client of this remote's store (nothing is dialled before its first call)."""
+        return KVClient([Endpoint.parse(e, self.ca_cert, self.cert_file, self.key_file) for e in self.endpoints],
+                        timeout=timeout, user=self.user, password=self.password)
 
 
 def remote_config_from_spec(kube: Any, spec: dict[str, Any], secrets_dir: Path, default_namespace: str) -> RemoteConfig:
@@ -71,7 +82,10 @@ def remote_config_from_spec(kube: Any, spec: dict[str, Any], secrets_dir: Path, 
         ca, cert, key = paths.get("ca.crt"), paths.get("tls.crt"), paths.get("tls.key")
         user = data["username"].decode() if "username" in data else None
         password = data["password"].decode() if "password" in data else None
-    return RemoteConfig(spec["name"], int(spec["id"]), spec["endpoints"][0], ca, cert, key, user, password)
+    endpoints = tuple(str(e) for e in spec.get("endpoints") or ())
+    if not endpoints:
+        raise ValueError(f"remote {spec['name']}: no endpoints; give spec.clusters[].endpoints")
+    return RemoteConfig(spec["name"], int(spec["id"]), endpoints, ca, cert, key, user, password)
 
 
 def mesh_problems(
@@ -181,10 +195,7 @@ class RemoteCluster:
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.on_change = on_change
-        self.client = client or KVClient(
-            Endpoint.parse(config.endpoint, config.ca_cert, config.cert_file, config.key_file),
-            user=config.user, password=config.password,
-        )
+        self.client = client or config.client()
         self.services: dict[tuple[str, str], ClusterService] = {}
         self._changed_refs: set[tuple[str, str]] = set()
         self.nodes: dict[str, Node] = {}
@@ -269,21 +280,27 @@ class RemoteCluster:
 
     def _probe_loop(self) -> None:
         try:
-            while not self._stop.wait(self.probe_interval):
-                self.probe()
+            wait = self.probe_interval
+            while not self._stop.wait(wait):
+                # After a failure, ask again soon: the failed call ended its connection, and the
+                # next one may reach another replica (or log in to a replaced store).
+                wait = self.probe_interval if self.probe() else min(self.probe_interval, self.RETRY_INTERVAL)
         except Exception:  # a bug here must be visible, not a silently dead thread
             log.exception("[remote %s] liveness probe stopped by an unexpected error", self.name)
             raise
 
+    RETRY_INTERVAL = 0.5
+    """Seconds between probes while the store does not answer."""
+
     def probe(self) -> bool:
         """Ask the remote's store once, with a deadline. Returns whether it answered.
 
-        Also catches a store that was replaced behind its proxy (wiped and restarted:
-        its revision went backwards) and a stale heartbeat: both make every prefix list
-        again, neither counts as unreachable."""
+        Also catches a store that was replaced behind its proxy or Service (another etcd
+        member answers, or its revision went backwards) and a stale heartbeat: both make
+        the prefixes read from elsewhere list again, neither counts as unreachable."""
         seen = max((s.max_revision for s in self._stores), default=0)  # before asking: see WatchStore
         try:
-            revision = self.client.probe(schema.HEARTBEAT_KEY, self.probe_timeout)
+            view = self.client.probe(schema.HEARTBEAT_KEY, self.probe_timeout)
         except KVStoreError as exc:
             first = self._probe_ok is not False
             if first:
@@ -302,12 +319,22 @@ class RemoteCluster:
         self._probe_ok, self._probe_error = True, None
         if was is False:
             log.info("[remote %s] store answers again", self.name)
-        if revision < seen:
+        if view.revision < seen:
             log.warning("[remote %s] store revision went back from %d to %d: the store behind the proxy "
-                        "was replaced; listing everything again", self.name, seen, revision)
+                        "was replaced; listing everything again", self.name, seen, view.revision)
             metrics.ERRORS.labels("agent", "store-replaced").inc()
             for store in self._stores:
                 store.resync()
+        else:
+            elsewhere = [s for s in self._stores if s.store is not None and s.store != view.store]
+            if elsewhere:
+                log.warning("[remote %s] etcd %s answers, %d prefixes were read from %s; listing them again",
+                            self.name, view.store, len(elsewhere), elsewhere[0].store)
+                metrics.ERRORS.labels("agent", "store-replaced").inc()
+            # A prefix still backing off after the outage is listed now, not at its next retry.
+            for store in self._stores:
+                if store in elsewhere or not store.connected:
+                    store.resync()
         self.check_heartbeat()
         if self._track_reachability(time.monotonic()) or was is False:
             self._changed()

@@ -27,7 +27,7 @@ from typing import Protocol
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics
-from clustermesh.kvstore import KVClient, KVStoreError, RevisionCompacted, Watch
+from clustermesh.kvstore import KVClient, KVStoreError, RevisionCompacted, StoreId, Watch
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,13 @@ class WatchStore:
         """The highest store revision seen (listing or event). A lower one later means the
         store behind a proxy was replaced (wiped and restarted): what we have is from
         another store, so we list again."""
+        self.store: StoreId | None = None
+        """The etcd that the last listing came from (its events too)."""
         self.replaced = 0
         self.listings = 0
         self._stop = threading.Event()
         self._resync = threading.Event()
+        self._wake = threading.Event()  # cuts a backoff short: stop() or resync()
         self._watch: Watch | None = None
         self._thread: threading.Thread | None = None
 
@@ -83,6 +86,7 @@ class WatchStore:
         """Stop reading. The cache and what the observer was told stay as they are:
         stopping is not removing (an agent restart must not drain the datapath)."""
         self._stop.set()
+        self._wake.set()
         watch = self._watch
         if watch is not None:
             watch.cancel()
@@ -93,6 +97,7 @@ class WatchStore:
         """List again now (e.g. the data looks stale): ends the current watch. A request
         made while listing or creating the watch is kept for right after."""
         self._resync.set()
+        self._wake.set()
         watch = self._watch
         if watch is not None:
             watch.cancel()
@@ -121,7 +126,8 @@ class WatchStore:
             raise
 
     def _sleep(self, seconds: float) -> None:
-        self._stop.wait(seconds)  # a stop request cuts the backoff short
+        self._wake.wait(seconds)  # a stop or resync request cuts the backoff short
+        self._wake.clear()
 
     def _on_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -136,12 +142,16 @@ class WatchStore:
         if self._stop.is_set():
             return
         self._resync.clear()  # this listing answers every request made so far
+        self._wake.clear()
         listing = self.client.list_prefix(self.prefix)
         self.listings += 1
         self.connected = True
         self.last_error = None
         if listing.revision < self.max_revision:
             self._store_replaced(self.max_revision, listing.revision)
+        elif self.store is not None and listing.store is not None and listing.store != self.store:
+            log.info("[%s] now reading etcd %s (was %s)", self.name, listing.store, self.store)
+        self.store = listing.store
         fresh = {k: kv.value for k, kv in listing.items.items()}
         for key, value in fresh.items():
             digest = _digest(value)
@@ -165,6 +175,13 @@ class WatchStore:
             return
         try:
             for event in watch:
+                if not event.key.startswith(self.prefix):
+                    # The client's shared watch stream can hand a late reply of one timed-out
+                    # watch to the next one created: this stream carries another prefix.
+                    log.warning("[%s] the watch delivered %s, outside %s; listing again", self.name,
+                                event.key, self.prefix)
+                    metrics.ERRORS.labels("reader", "crossed-watch").inc()
+                    return
                 if event.revision < self.max_revision:
                     # Not from the store we listed: the listing that follows is the truth.
                     self._store_replaced(self.max_revision, event.revision)

@@ -34,9 +34,14 @@ ctl() {
         --key="$TLS/root.key" --dial-timeout=3s --command-timeout=10s "$@"
 }
 
+# Each replica's etcd is a cluster of its own, with its own cluster and member IDs (etcd derives them
+# from the peer URLs and this token): a reader tells by the IDs that it reaches another store. Read
+# once, when the data folder is made; kept across restarts of the container.
+TOKEN=${STORE_CLUSTER_TOKEN:-clustermesh-$(cat /proc/sys/kernel/hostname)-$(date +%s%N)}
+
 # etcd's command line; $1: the client URL.
 etcd_argv() {
-    set -- etcd --name=store --data-dir="$DATA/etcd" \
+    set -- etcd --name=store --data-dir="$DATA/etcd" --initial-cluster-token="$TOKEN" \
         --listen-client-urls="$1" --advertise-client-urls="$1" \
         --listen-peer-urls="http://127.0.0.1:$PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$PEER_PORT" \
         --initial-cluster="store=http://127.0.0.1:$PEER_PORT" --initial-cluster-state=new \

@@ -52,7 +52,7 @@ def test_exported_backends_take_over_when_local_ones_are_gone(
         # The consuming cluster's node: a local backend and the datapath.
         topology.add_backends({"local-a": "10.244.1.10", "exported-b": "10.245.1.10"})
         lb.load()
-        remote = RemoteCluster(RemoteConfig(EXPORTING, EXPORTING_ID, proxy.url)).start()
+        remote = RemoteCluster(RemoteConfig(EXPORTING, EXPORTING_ID, (proxy.url,))).start()
 
         def program(local_backends: dict[str, dict[str, PortConfig]]) -> None:
             local = LocalService(ns, "echo", {CLUSTER_IP: HTTP}, local_backends, Affinity.LOCAL)

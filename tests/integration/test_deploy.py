@@ -23,6 +23,7 @@ import yaml
 from clustermesh.certs import CertsConfig, make_secrets
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.lab.node.agent import write_projected
 from clustermesh.lab.servers import free_port
 from clustermesh.store.remote import remote_config_from_spec
 from tests.kubectl import REPO, apply_crds, kubectl
@@ -83,7 +84,7 @@ def test_every_build_passes_a_server_side_dry_run(installed: str, path: str) -> 
     kinds = {line.split("/", 1)[0] for line in out.splitlines()}
     assert {"deployment.apps", "daemonset.apps", "service", "poddisruptionbudget.policy", "configmap",
             "role.rbac.authorization.k8s.io", "clusterrole.rbac.authorization.k8s.io", "namespace",
-            "serviceaccount", "clusterkopfpeering.kopf.dev"} <= kinds, out
+            "serviceaccount", "priorityclass.scheduling.k8s.io"} <= kinds, out
 
 
 def test_the_crds_pass_a_server_side_dry_run(installed: str) -> None:
@@ -140,6 +141,8 @@ def can_i(kubeconfig: str, who: str, *args: str) -> bool:
 
 
 REMOTES = ["-n", "clustermesh-remotes"]
+SYSTEM = ["-n", "clustermesh-system"]
+LEASES = "leases.coordination.k8s.io"
 MESH = "clustermeshes.clustermesh.io"
 SLICES = "endpointslices.discovery.k8s.io"
 
@@ -148,7 +151,8 @@ OPERATOR_MAY = [
     ("list", SLICES), ("watch", SLICES), ("get", f"{MESH}/default"), ("watch", MESH),
     ("patch", f"{MESH}/default", "--subresource=status"),
     ("get", "secrets/clustermesh-remote-cluster-2", *REMOTES),
-    ("patch", "clusterkopfpeerings.kopf.dev/clustermesh"), ("watch", "clusterkopfpeerings.kopf.dev"),
+    ("create", LEASES, *SYSTEM), ("get", f"{LEASES}/clustermesh-operator", *SYSTEM),
+    ("update", f"{LEASES}/clustermesh-operator", *SYSTEM),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"), ("create", "events", "-n", "default"),
 ]
 OPERATOR_MAY_NOT = [
@@ -156,7 +160,9 @@ OPERATOR_MAY_NOT = [
     ("get", "secrets", "-n", "kube-system"), ("get", "secrets", "-n", "clustermesh-system"),
     ("create", "secrets", *REMOTES), ("update", "secrets", *REMOTES), ("list", "secrets", *REMOTES),
     ("patch", f"{MESH}/default"), ("create", MESH), ("delete", f"{MESH}/default"),
-    ("patch", "nodes"), ("create", SLICES), ("patch", "clusterkopfpeerings.kopf.dev/other"),
+    ("patch", "nodes"), ("create", SLICES), ("patch", "clusterkopfpeerings.kopf.dev/clustermesh"),
+    ("update", f"{LEASES}/other", *SYSTEM), ("create", LEASES, "-n", "kube-system"),
+    ("delete", f"{LEASES}/clustermesh-operator", *SYSTEM),
 ]
 AGENT_MAY = [
     ("list", "services"), ("watch", "services"), ("list", SLICES), ("watch", SLICES),
@@ -252,19 +258,8 @@ class StorePod:
     def write_secrets(self, readers: tuple[str, ...], rotate: bool = False) -> dict[str, dict[str, bytes]]:
         docs = {d.name: d.data for d in make_secrets(CertsConfig("cluster-1", readers=readers), self.pki, rotate)}
         for folder, name in ((self.tls, "clustermesh-store-tls"), (self.users, "clustermesh-store-users")):
-            # As a kubelet updates a mounted Secret: the running etcd, proxy and sync loop never
-            # see a missing or half-written file (they read them again on a reconnect).
-            folder.mkdir(parents=True, exist_ok=True)
-            for key, value in docs[name].items():
-                path = folder / key
-                if path.exists() and path.read_bytes() == value:
-                    continue
-                tmp = folder / f".{key}.tmp"
-                tmp.write_bytes(value)
-                tmp.replace(path)
-            for stale in folder.iterdir():
-                if stale.name not in docs[name]:
-                    stale.unlink()
+            # As the kubelet updates a mounted Secret: every file of a version at once.
+            write_projected(folder, docs[name])
         return docs
 
     def script(self, mode: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -95,6 +95,20 @@ def test_unreachable_etcd_raises_kvunavailable() -> None:
         client.get("x")
 
 
+def test_a_failed_call_moves_the_client_to_the_next_endpoint(etcd_server) -> None:
+    from clustermesh.lab.servers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with KVClient([dead, etcd_server.url], timeout=1) as client:
+        with pytest.raises(KVUnavailable):
+            client.get("x")
+        assert client.get("x") is None, "the second endpoint answers"
+        assert str(client.endpoint) == etcd_server.url
+        assert client.sessions == 2
+        client.get("x")
+        assert client.sessions == 2, "a working session is kept"
+
+
 def test_a_write_under_a_missing_lease_raises_lease_not_found(kv: KVClient) -> None:
     lease = kv.grant_lease(60)
     kv.revoke_lease(lease)  # what a wiped store or an expired lease looks like to the writer
@@ -111,7 +125,7 @@ def test_probe_reports_the_revision_and_a_frozen_proxy_by_its_deadline(
     kv.put("ns/cilium/x", "1")
     proxy = etcd_proxy_factory(etcd_server.url, namespace="ns/")
     with KVClient(proxy.url) as remote:
-        assert remote.probe("cilium/.heartbeat", 2.0) == kv.revision()
+        assert remote.probe("cilium/.heartbeat", 2.0).revision == kv.revision()
         pid = proxy.process.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
@@ -122,4 +136,4 @@ def test_probe_reports_the_revision_and_a_frozen_proxy_by_its_deadline(
             assert time.monotonic() - start < 3, "the probe's own deadline, not the client's"
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert remote.probe("cilium/.heartbeat", 2.0) == kv.revision()
+        assert remote.probe("cilium/.heartbeat", 2.0).revision == kv.revision()

@@ -56,7 +56,7 @@ def usable_remote(kv: KVClient, etcd_server: Any, etcd_proxy_factory: Any, remot
     """cluster-2's export behind its own grpc-proxy, and a RemoteCluster reading it, in use."""
     export(kv, "c2/")
     proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=grace_period)
+    rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)), grace_period=grace_period)
     remotes.append(rc.start())
     eventually(lambda: _eq(rc.usable(), True))
     return proxy, rc
@@ -134,7 +134,7 @@ def test_a_writer_paused_longer_than_the_old_15s_lease_withdraws_nothing(
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == b"synced"
         # A short heartbeat timeout: a stale heartbeat must not withdraw anything either.
-        rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=1.0, heartbeat_timeout=3.0)
+        rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)), grace_period=1.0, heartbeat_timeout=3.0)
         remotes.append(rc.start())
         eventually(lambda: _eq(rc.usable(), True))
         key = schema.service_key(NAME, "ns", "echo")
@@ -160,7 +160,7 @@ def test_a_store_replaced_behind_a_running_proxy_is_listed_again(
     with KVClient(etcd_server.url) as kv:
         export(kv, "c2/", services=("echo", "old-1", "old-2", "old-3"))
     proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), probe_interval=0.5)
+    rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)), probe_interval=0.5)
     remotes.append(rc.start())
     eventually(lambda: _eq((rc.ready, len(rc.services)), (True, 4)))
     # The store is wiped and restarted on the same port; the proxy keeps running and its
@@ -183,7 +183,7 @@ def test_a_cluster_id_change_lists_the_remote_again(
 ) -> None:
     export(kv, "c2/")
     proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url))
+    rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)))
     remotes.append(rc.start())
     eventually(lambda: _eq(rc.usable(), True))
     listings = [s.listings for s in rc._stores]

@@ -35,7 +35,7 @@ def proxied(kv: KVClient, etcd_server, etcd_proxy_factory):
 
 
 def remote(url: str, grace: float = 60.0) -> RemoteCluster:
-    return RemoteCluster(RemoteConfig(NAME, ID, url), grace_period=grace).start()
+    return RemoteCluster(RemoteConfig(NAME, ID, (url,)), grace_period=grace).start()
 
 
 def test_ready_only_after_config_and_synced_markers(proxied) -> None:
@@ -115,7 +115,7 @@ def test_expired_records_leave_at_once_and_remove_drains(proxied) -> None:
     extra = ClusterService(NAME, "ns", "leased", ID)
     kv.put("c2/" + extra.key, extra.encode(), lease=lease)
     changes: list[str] = []
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), on_change=changes.append).start()
+    rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)), on_change=changes.append).start()
     try:
         eventually(lambda: _eq(set(rc.services), {("ns", "echo"), ("ns", "leased")}))
         eventually(lambda: _eq(set(rc.services), {("ns", "echo")}), timeout=10)  # the lease expired
@@ -130,7 +130,7 @@ def test_a_stale_heartbeat_lists_again_and_withdraws_nothing(proxied) -> None:
     kv, proxy = proxied
     export(kv, "c2/")
     kv.put("c2/" + schema.HEARTBEAT_KEY, schema.rfc3339_now())
-    rc = RemoteCluster(RemoteConfig(NAME, ID, proxy.url), grace_period=1.0, heartbeat_timeout=2.0,
+    rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)), grace_period=1.0, heartbeat_timeout=2.0,
                        probe_interval=0.2).start()
     try:
         eventually(lambda: _eq(rc.usable(), True))
@@ -172,8 +172,8 @@ def test_ids_up_to_511_when_the_mesh_allows_them(kv: KVClient, etcd_server, etcd
     for p in (schema.SERVICES_PREFIX, schema.NODES_PREFIX):
         kv.put("big/" + schema.synced_key(name, p), schema.rfc3339_now())
     proxy = etcd_proxy_factory(etcd_server.url, namespace="big/")
-    wide = RemoteCluster(RemoteConfig(name, cid, proxy.url), max_cluster_id=511).start()
-    narrow = RemoteCluster(RemoteConfig(name, cid, proxy.url)).start()
+    wide = RemoteCluster(RemoteConfig(name, cid, (proxy.url,)), max_cluster_id=511).start()
+    narrow = RemoteCluster(RemoteConfig(name, cid, (proxy.url,))).start()
     try:
         eventually(lambda: _eq((wide.ready, set(wide.services), set(wide.nodes)), (True, {("ns", "echo")}, {"n1"})))
         eventually(lambda: _eq("outside 1..255" in str(narrow.status().get("lastFailure")), True))

@@ -3,6 +3,7 @@ identity may only read cilium/ keys, so a remote reader cannot write or look els
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,11 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.lab.kubeapi import eventually
 from clustermesh.lab.pki import CertificateAuthority
 from clustermesh.lab.servers import EtcdGrpcProxy, EtcdServer, ServerError
+from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from tests.integration.test_liveness import ID, NAME, export
 from tests.prereq import require_binary
 
 
@@ -84,3 +88,39 @@ def test_plain_store_has_no_client_certificates(tmp_path: Path) -> None:
     require_binary("etcd")
     with pytest.raises(ServerError):
         EtcdServer(tmp_path / "plain").client_cert("x")
+
+
+def test_a_reader_logs_in_again_to_a_replaced_store(secure_store) -> None:
+    """A store pod replaced behind the same address: the reader's login token names a raft
+    index the new etcd has not reached, so etcd 3.4 holds every request until its deadline
+    instead of refusing the token. The reader must log in again anyway, list the new store,
+    and keep nothing of the old one."""
+    store, proxy, pki = secure_store
+    assert store.admin is not None
+    admin_endpoint = Endpoint.parse(store.url, str(pki.cert_path), str(store.admin.cert), str(store.admin.key))
+    with KVClient(admin_endpoint) as admin:
+        export(admin, "", services=("echo", "old"))
+        for i in range(300):  # the old store's raft index, and so the reader's token, far ahead
+            admin.put("private/pad", str(i))
+    pair = pki.issue("client-cluster-2", "", server=False)
+    config = RemoteConfig(NAME, ID, (proxy.url,), str(pki.cert_path), str(pair.cert), str(pair.key),
+                          "cluster-2", PASSWORD)
+    rc = RemoteCluster(config, probe_interval=0.5).start()
+    try:
+        eventually(lambda: _eq((rc.ready, set(rc.services)), (True, {("ns", "echo"), ("ns", "old")})))
+        sessions = rc.client.sessions
+        store.stop()
+        shutil.rmtree(store.directory / "data")
+        store.start()
+        store.enable_auth({"cluster-2": (PASSWORD, ["cilium/"])})
+        with KVClient(admin_endpoint) as admin:
+            export(admin, "", services=("echo", "new"))
+        eventually(lambda: _eq(set(rc.services), {("ns", "echo"), ("ns", "new")}), timeout=15)
+        assert rc.client.sessions > sessions, "read the new store without logging in again?"
+        assert rc.usable()
+    finally:
+        rc.stop()
+
+
+def _eq(got: object, want: object) -> None:
+    assert got == want, got

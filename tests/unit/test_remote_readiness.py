@@ -47,9 +47,9 @@ def test_ids_above_255_need_a_mesh_configured_for_511() -> None:
 
 
 def test_mesh_problems_refuse_bad_and_colliding_remotes() -> None:
-    remotes = [RemoteConfig("b", 2, "http://x"), RemoteConfig("c", 2, "http://x"), RemoteConfig("a", 5, "http://x"),
-               RemoteConfig("Bad", 6, "http://x"), RemoteConfig("d", 0, "http://x"),
-               RemoteConfig("e", 300, "http://x"), RemoteConfig("b", 7, "http://x")]
+    remotes = [RemoteConfig("b", 2, ("http://x",)), RemoteConfig("c", 2, ("http://x",)), RemoteConfig("a", 5, ("http://x",)),
+               RemoteConfig("Bad", 6, ("http://x",)), RemoteConfig("d", 0, ("http://x",)),
+               RemoteConfig("e", 300, ("http://x",)), RemoteConfig("b", 7, ("http://x",))]
     refused = mesh_problems("a", 1, remotes)
     assert set(refused) == {"c", "a", "Bad", "d", "e", "b"}
     assert refused["c"] == "cluster ID 2 is already used by b"
@@ -57,4 +57,4 @@ def test_mesh_problems_refuse_bad_and_colliding_remotes() -> None:
     assert "outside 1..255" in refused["e"]
     assert refused["b"] == "cluster name b is used twice in the mesh"  # the second "b"
     assert "e" not in mesh_problems("a", 1, remotes[5:6], max_cluster_id=511)
-    assert "outside 1..511" in mesh_problems("a", 1, [RemoteConfig("f", 512, "http://x")], max_cluster_id=511)["f"]
+    assert "outside 1..511" in mesh_problems("a", 1, [RemoteConfig("f", 512, ("http://x",))], max_cluster_id=511)["f"]

@@ -135,5 +135,5 @@ def test_status_never_dials_a_lab_address_from_the_host() -> None:
     from clustermesh.agent.status import probe_remote
     from clustermesh.store.remote import RemoteConfig
 
-    finding = probe_remote(RemoteConfig("lab-2", 2, "http://192.168.100.21:32379"), timeout=0.01)
+    finding = probe_remote(RemoteConfig("lab-2", 2, ("http://192.168.100.21:32379",)), timeout=0.01)
     assert finding.error is not None and "lab address" in finding.error

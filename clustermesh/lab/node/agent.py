@@ -104,26 +104,59 @@ HOST_PROGRAM_PATHS = sorted({str(Path(sys.executable).parent.parent), str(Path(_
                              sys.base_prefix})
 
 
-def _write_volume(target: Path, volume: Obj, files: dict[str, bytes]) -> None:
-    """Make ``target`` hold ``files``: changed files replaced whole (a reader never sees half a
-    certificate), files whose key went away removed."""
-    mode = int((volume.get("configMap") or volume.get("secret") or {}).get("defaultMode", 0o644)) & 0o777
+def write_projected(target: Path, files: dict[str, bytes], mode: int = 0o644) -> bool:
+    """Make ``target`` hold ``files`` the way a kubelet's AtomicWriter does: each version in its
+    own hidden folder, one rename of the ``..data`` link switching every file at once, and each
+    top-level name a link through ``..data``. A reader never sees a new certificate beside an old
+    key (etcd's grpc-proxy, started between two file writes, once died of such a pair). Returns
+    whether anything changed."""
+    data = target / "..data"
+    if data.is_dir() and _holds(data, files):
+        return False
+    version = target / f"..{time.time_ns()}"
     for rel, content in files.items():
-        path = target / rel
+        path = version / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if path.read_bytes() == content:
-                continue
-        except OSError:
-            pass
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(content)
-        tmp.chmod(mode)
-        tmp.replace(path)
-    wanted = {target / rel for rel in files}
-    for path in target.rglob("*"):
-        if path.is_file() and path not in wanted and not path.name.startswith("."):
-            path.unlink()
+        path.write_bytes(content)
+        path.chmod(mode)
+    version.mkdir(parents=True, exist_ok=True)  # a volume with no files still gets its version
+    link = target / "..data_tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(version.name)
+    link.replace(data)
+    tops = {rel.split("/", 1)[0] for rel in files}
+    for top in tops:
+        entry = target / top
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.exists():
+            entry.unlink()
+        entry.symlink_to(f"..data/{top}")
+    for entry in target.iterdir():
+        if entry.name.startswith(".."):
+            if entry.name not in ("..data", version.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+        elif entry.name not in tops and not entry.name.startswith("."):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return True
+
+
+def _holds(folder: Path, files: dict[str, bytes]) -> bool:
+    try:
+        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        return present == set(files) and all((folder / rel).read_bytes() == v for rel, v in files.items())
+    except OSError:
+        return False
+
+
+def _write_volume(target: Path, volume: Obj, files: dict[str, bytes]) -> None:
+    mode = int((volume.get("configMap") or volume.get("secret") or {}).get("defaultMode", 0o644)) & 0o777
+    write_projected(target, files, mode)
 
 
 def remove_made_path(path: Path) -> None:

@@ -1,0 +1,432 @@
+"""Chaos against the mesh as deploy/ installs it: lab-2's store tier (and lab-1's agents) broken the
+way real clusters break them, with a client that cannot hide a loss.
+
+One lab for the module, as ``clustermesh lab up`` makes it by default (from deploy/, 2 clusters x 2
+nodes), the Star Wars demo in both clusters and lab-1's rebel-base scaled to 0: lab-1's x-wing is then
+served only by lab-2's backends through the socket-LB (kube-proxy has no local endpoint to fall back on),
+and lab-1's agents know those backends only from lab-2's store.
+
+Each case runs a fresh strict loop (``clustermesh.lab.attempts``) in lab-1's x-wing from before the
+break until 10 s after the broken component is back and Ready, and every error exit, answer that is not
+Cluster-2's JSON and gap of more than 1 s counts. Cases a-f must lose nothing; g (every store replica gone
+past the agents' grace period) loses by design and is checked for its withdraw and return. Each case also
+times how long a change made right after the new component is Ready takes to reach lab-1's maps (the
+``chaos-probe`` Service), and the figures go to ``<lab>/store-chaos-figures.txt`` for the README.
+
+Nothing here connects to a lab address from the host: the maps are read from their pins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clustermesh.cli import build_parser
+from clustermesh.datapath.dump import read as read_maps
+from clustermesh.datapath.errors import DatapathError
+from clustermesh.datapath.plan import specs_from_state
+from clustermesh.lab.attempts import AttemptLoop, LoopEnded, Verdict, judge
+from tests.e2e.test_lab import Lab, apply_demo, open_lab
+
+# Backstop only (every wait below has its own bound): the module's lab comes up inside the first test's
+# time, and a rolling restart of two store replicas on a busy 2-core machine takes minutes at worst.
+pytestmark = pytest.mark.timeout(1200)
+
+CLIENT, SERVER = "lab-1", "lab-2"  # x-wing asks in lab-1; lab-2's store tier is what breaks
+SERVER_ID = 2  # lab-2's cluster ID: its backends in lab-1's maps carry it
+NS = "clustermesh-system"
+STORE = "app.kubernetes.io/name=clustermesh-store"
+AGENT = "app.kubernetes.io/name=clustermesh-agent"
+EXPECT = frozenset({"Cluster-2"})
+MAX_GAP = 1.0
+TAIL = 10.0  # the issue's "10 s more" once the broken component is back
+READY_TIMEOUT = 240.0  # a replaced store or agent pod back and Ready
+READ_TIMEOUT = 90.0  # a change in lab-2 seen in lab-1's maps
+NOTICE = 10.0  # an unreachable store is noticed within this (the agents probe every 2 s, 3 s deadline)
+FIGURES = "store-chaos-figures.txt"
+
+PROBE = [
+    {"apiVersion": "v1", "kind": "Service",
+     "metadata": {"name": "chaos-probe", "annotations": {"service.cilium.io/global": "true"}},
+     "spec": {"selector": {"app": "chaos-probe"}, "ports": [{"port": 80}]}},
+    {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chaos-probe"},
+     "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "chaos-probe"}},
+              "template": {"metadata": {"labels": {"app": "chaos-probe"}},
+                           "spec": {"terminationGracePeriodSeconds": 1,
+                                    "containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.2"}]}}}},
+]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with open_lab(tmp_path_factory.mktemp("store-chaos") / "lab", 2, 2) as lab:
+        try:
+            set_up(lab)
+            yield lab
+        finally:
+            figures = lab.dir / FIGURES
+            if figures.exists():
+                print("\n" + figures.read_text())
+
+
+def set_up(lab: Lab) -> None:
+    apply_demo(lab)
+    service, deployment = (lab.dir / "chaos-probe-service.json", lab.dir / "chaos-probe-deployment.json")
+    service.write_text(json.dumps(PROBE[0]))
+    deployment.write_text(json.dumps(PROBE[1]))
+    for context in (CLIENT, SERVER):
+        lab.kubectl(context, "apply", "-f", str(service))
+    lab.kubectl(SERVER, "apply", "-f", str(deployment))
+    lab.kubectl(CLIENT, "scale", "deployment/rebel-base", "--replicas=0")
+    wait_until(lambda: not lab.pods(CLIENT, "name=rebel-base"), 120, "lab-1's rebel-base pods gone")
+    wait_until(lambda: store_ready(lab), READY_TIMEOUT, "lab-2's store Ready")
+    wait_until(lambda: agents_ready(lab), READY_TIMEOUT, "lab-1's agents Ready")
+    wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT, "lab-2's rebel-base backends in lab-1's maps")
+    with AttemptLoop.in_xwing(lab.kubeconfig, CLIENT, raw=lab.dir / "attempts-setup.log") as loop:
+        loop.wait_clean(EXPECT, seconds=5, max_gap=MAX_GAP, timeout=120)
+
+
+# ---------------------------------------------------------------- waiting
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> float:
+    """The wall time (``time.time()``, the attempts' clock) at which ``check()`` first held."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
+        time.sleep(interval)
+    return time.time()
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    return not pod["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+
+# ---------------------------------------------------------------- lab-2's store, lab-1's agents
+
+
+def store_pods(lab: Lab) -> list[dict[str, Any]]:
+    """lab-2's store pods, terminating ones included."""
+    return list(lab.json(SERVER, "-n", NS, "get", "pods", "-l", STORE)["items"])
+
+
+def store_deployment(lab: Lab) -> dict[str, Any]:
+    return dict(lab.json(SERVER, "-n", NS, "get", "deployment", "clustermesh-store"))
+
+
+def store_ready(lab: Lab, gone: Collection[str] = ()) -> bool:
+    """The rollout is complete (``kubectl rollout status``'s rules), every replica Ready, and none of
+    the pods named in ``gone`` exists any more, not even terminating."""
+    dep = store_deployment(lab)
+    want = dep["spec"].get("replicas", 1)
+    status = dep.get("status", {})
+    if status.get("observedGeneration", 0) < dep["metadata"]["generation"]:
+        return False
+    if not (status.get("replicas", 0) == status.get("updatedReplicas", 0) == status.get("readyReplicas", 0)
+            == status.get("availableReplicas", 0) == want):
+        return False
+    pods = store_pods(lab)
+    return len(pods) == want and all(is_ready(p) for p in pods) and not {name(p) for p in pods} & set(gone)
+
+
+def agent_pods(lab: Lab) -> list[dict[str, Any]]:
+    return list(lab.json(CLIENT, "-n", NS, "get", "pods", "-l", AGENT)["items"])
+
+
+def agents_ready(lab: Lab, gone: Collection[str] = ()) -> bool:
+    ds = lab.json(CLIENT, "-n", NS, "get", "daemonset", "clustermesh-agent")
+    status = ds.get("status", {})
+    want = status.get("desiredNumberScheduled", -1)
+    if status.get("observedGeneration", 0) < ds["metadata"]["generation"] or want < 1:
+        return False
+    if not (status.get("numberReady") == status.get("updatedNumberScheduled") == status.get("numberAvailable")
+            == want):
+        return False
+    pods = agent_pods(lab)
+    return len(pods) == want and all(is_ready(p) for p in pods) and not {name(p) for p in pods} & set(gone)
+
+
+def name(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def grace_period(lab: Lab) -> float:
+    """The agents' grace period as deployed: their arguments (deploy/overlays/lab's) read by the agent's
+    own command line, so its default applies when the overlay sets none."""
+    ds = lab.json(CLIENT, "-n", NS, "get", "daemonset", "clustermesh-agent")
+    container = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+    args, _ = build_parser().parse_known_args(["agent", *container.get("args", [])])
+    return float(args.grace_period)
+
+
+def etcd_pid(lab: Lab, pod: dict[str, Any]) -> int:
+    """The etcd process of a store pod, found from the host: the lab's kubelet runs each container in
+    ``<node cgroup>/pod-<uid>/<container>`` (clustermesh/lab/node/agent.py, PodWorker.cgroup and
+    Container.cgroup), so the etcd container's cgroup holds etcd and whatever store.sh still runs."""
+    node = lab.state["nodes"][pod["spec"]["nodeName"]]
+    procs = Path(node["cgroup"], f"pod-{pod['metadata']['uid']}", "etcd", "cgroup.procs").read_text().split()
+    found = []
+    for pid in procs:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "etcd":
+                found.append(int(pid))
+    assert len(found) == 1, f"etcd processes in {name(pod)}'s etcd container: {found} (of {procs})"
+    return found[0]
+
+
+def restarts_of(pod: dict[str, Any], container: str) -> int:
+    return next((int(s["restartCount"]) for s in pod["status"].get("containerStatuses", [])
+                 if s["name"] == container), 0)
+
+
+# ---------------------------------------------------------------- what lab-1's maps hold
+
+_cluster_ips: dict[tuple[str, str], str] = {}
+
+
+def cluster_ip(lab: Lab, service: str) -> str:
+    key = (str(lab.dir), service)
+    if key not in _cluster_ips:
+        _cluster_ips[key] = lab.kubectl(CLIENT, "get", "svc", service, "-o", "jsonpath={.spec.clusterIP}").strip()
+    return _cluster_ips[key]
+
+
+def lab1_backends_of(lab: Lab, service: str) -> dict[str, set[str]]:
+    """Per lab-1 node: lab-2's backends of ``service`` (port 80) in that node's pinned maps."""
+    ip = cluster_ip(lab, service)
+    found: dict[str, set[str]] = {}
+    for node_name, node in lab.state["nodes"].items():
+        if node["cluster"] != CLIENT:
+            continue
+        try:
+            specs = specs_from_state(read_maps(node["pin_dir"]).state)
+        except (DatapathError, OSError):
+            specs = []  # no maps pinned yet: nothing served
+        found[node_name] = next(({str(b.ip) for b in s.backends if b.cluster_id == SERVER_ID} for s in specs
+                                 if str(s.frontend.ip) == ip and s.frontend.port == 80), set())
+    assert found, "no lab-1 node in the lab's state"
+    return found
+
+
+def server_backends(lab: Lab) -> set[str]:
+    """lab-2's Ready rebel-base pod IPs."""
+    return {p["status"]["podIP"] for p in lab.pods(SERVER, "name=rebel-base") if is_ready(p)}
+
+
+def maps_hold_server_backends(lab: Lab) -> bool:
+    want = server_backends(lab)
+    return bool(want) and all(held == want for held in lab1_backends_of(lab, "rebel-base").values())
+
+
+def propagation(lab: Lab, ready_at: float) -> float:
+    """Seconds from ``ready_at`` (the new component seen Ready) until every lab-1 agent has a backend
+    of lab-2's chaos-probe, scaled up at that moment (so it includes the probe pod's start); then
+    the probe goes back to 0 and its backend leaves lab-1's maps."""
+    lab.kubectl(SERVER, "scale", "deployment/chaos-probe", "--replicas=1")
+    seen = wait_until(lambda: all(lab1_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
+                      "lab-2's new chaos-probe backend in every lab-1 node's maps")
+    lab.kubectl(SERVER, "scale", "deployment/chaos-probe", "--replicas=0")
+    wait_until(lambda: not any(lab1_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
+               "chaos-probe's backend gone from lab-1's maps")
+    return seen - ready_at
+
+
+# ---------------------------------------------------------------- one case
+
+
+@dataclass
+class Outcome:
+    verdict: Verdict
+    propagation: float | None  # None: the case did not get that far
+    garbled: list[str]
+
+    def clean(self) -> bool:
+        return self.verdict.failures == 0 and not self.garbled
+
+    def why(self) -> str:
+        failed = "\n".join(f"  {f.t:.3f} {f.why} {f.attempt}" for f in self.verdict.failed[:20])
+        return f"{self.verdict.describe()}\n{failed}\ngarbled lines: {self.garbled[:5]}"
+
+
+def record(lab: Lab, case: str, outcome: Outcome, notes: str = "") -> None:
+    v = outcome.verdict
+    path = lab.dir / FIGURES
+    if not path.exists():
+        path.write_text("| case | attempts | failures | largest gap | propagation | notes |\n"
+                        "| --- | ---: | ---: | ---: | ---: | --- |\n")
+    took = "-" if outcome.propagation is None else f"{outcome.propagation:.1f} s"
+    line = f"| {case} | {v.attempts} | {v.failures} | {v.largest_gap:.2f} s | {took} | {notes} |"
+    print(line)
+    with path.open("a") as out:
+        out.write(line + "\n")
+
+
+def finish(lab: Lab, loop: AttemptLoop) -> float:
+    """The tail: lab-2's backends held by every lab-1 node, 10 s more, and the loop's report past the
+    end (a loop that stalled or died shows as a gap up to the end, not as a wait that failed)."""
+    wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT, "lab-2's rebel-base backends in lab-1's maps")
+    time.sleep(TAIL)
+    end = time.time()
+    with contextlib.suppress(TimeoutError, LoopEnded):
+        loop.wait_past(end)
+    return end
+
+
+def run_case(lab: Lab, case: str, act: Callable[[], object], back: Callable[[], bool], what: str) -> Outcome:
+    """One case: a fresh loop, ``act`` breaks something, ``back()`` holds once the broken component is
+    back and Ready; then the propagation figure, the tail, the verdict over the whole case."""
+    slug = case.split(".")[0]
+    with AttemptLoop.in_xwing(lab.kubeconfig, CLIENT, raw=lab.dir / f"attempts-{slug}.log") as loop:
+        start = loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=90)
+        try:
+            act()
+            ready_at = wait_until(back, READY_TIMEOUT, what, interval=0.5)
+            took = propagation(lab, ready_at)
+            end = finish(lab, loop)
+        except AssertionError as exc:
+            # What the client lost meanwhile is the figure that explains a component that never came back.
+            so_far = Outcome(judge(loop.attempts(), EXPECT, MAX_GAP, start, time.time()), None, list(loop.garbled))
+            record(lab, case, so_far, f"did not recover: {str(exc).splitlines()[0]}")
+            raise AssertionError(f"{exc}\nthe client meanwhile: {so_far.why()}") from exc
+    outcome = Outcome(judge(loop.attempts(), EXPECT, MAX_GAP, start, end), took, list(loop.garbled))
+    record(lab, case, outcome)
+    return outcome
+
+
+# ---------------------------------------------------------------- the cases, in order
+
+
+def test_a_deleting_a_store_replica_loses_no_request(lab: Lab) -> None:
+    victim = name(store_pods(lab)[0])
+    outcome = run_case(
+        lab, "a. kubectl delete pod of a store replica",
+        lambda: lab.kubectl(SERVER, "-n", NS, "delete", "pod", victim, "--wait=false"),
+        lambda: store_ready(lab, gone={victim}), f"lab-2's store with {victim} replaced, Ready")
+    assert outcome.clean(), outcome.why()
+
+
+def test_b_a_rollout_restart_of_the_store_loses_no_request(lab: Lab) -> None:
+    old = {name(p) for p in store_pods(lab)}
+    outcome = run_case(
+        lab, "b. kubectl rollout restart of the store",
+        lambda: lab.kubectl(SERVER, "-n", NS, "rollout", "restart", "deployment/clustermesh-store"),
+        lambda: store_ready(lab, gone=old), "lab-2's store restarted, every replica Ready")
+    assert outcome.clean(), outcome.why()
+
+
+def test_c_an_image_upgrade_of_the_store_loses_no_request(lab: Lab) -> None:
+    old = {name(p) for p in store_pods(lab)}
+    images = {c["image"] for c in store_deployment(lab)["spec"]["template"]["spec"]["containers"]}
+    new = "clustermesh:v3" if images == {"clustermesh:v2"} else "clustermesh:v2"  # the lab runs any tag
+
+    def upgraded() -> bool:
+        return store_ready(lab, gone=old) and all(
+            c["image"] == new for p in store_pods(lab) for c in p["spec"]["containers"])
+
+    outcome = run_case(
+        lab, f"c. image tag change of the store ({new})",
+        lambda: lab.kubectl(SERVER, "-n", NS, "set", "image", "deployment/clustermesh-store", f"*={new}"),
+        upgraded, f"lab-2's store on {new}, every replica Ready")
+    assert outcome.clean(), outcome.why()
+
+
+def test_d_kill_9_of_etcd_in_a_store_pod_loses_no_request(lab: Lab) -> None:
+    pod = store_pods(lab)[0]
+    before = restarts_of(pod, "etcd")
+
+    def restarted() -> bool:
+        now = next((p for p in store_pods(lab) if name(p) == name(pod)), None)
+        return now is not None and restarts_of(now, "etcd") > before and store_ready(lab)
+
+    outcome = run_case(lab, "d. kill -9 of etcd in a store pod", lambda: os.kill(etcd_pid(lab, pod), signal.SIGKILL),
+                       restarted, f"etcd of {name(pod)} restarted, the store Ready")
+    etcd = next(s for p in store_pods(lab) if name(p) == name(pod)
+                for s in p["status"]["containerStatuses"] if s["name"] == "etcd")
+    assert etcd.get("lastState", {}).get("terminated", {}).get("exitCode") == 137, etcd  # it was our kill
+    assert outcome.clean(), outcome.why()
+
+
+def test_e_draining_a_node_of_a_store_replica_loses_no_request(lab: Lab) -> None:
+    node = store_pods(lab)[0]["spec"]["nodeName"]
+    # What a drain deletes in the mesh's namespace: everything on the node but DaemonSet pods.
+    victims = [name(p) for p in lab.json(SERVER, "-n", NS, "get", "pods", "--field-selector",
+                                         f"spec.nodeName={node}")["items"]
+               if not any(o.get("kind") == "DaemonSet" for o in p["metadata"].get("ownerReferences", []))]
+    assert victims, f"no store pod on {node}"
+
+    def drain() -> None:
+        lab.kubectl(SERVER, "cordon", node)
+        lab.kubectl(SERVER, "-n", NS, "delete", "pod", *victims, "--wait=false")
+
+    def moved() -> bool:
+        return store_ready(lab, gone=victims) and all(p["spec"].get("nodeName") != node for p in store_pods(lab))
+
+    try:
+        outcome = run_case(lab, f"e. drain of a store node ({len(victims)} replica(s) on it)", drain, moved,
+                           f"lab-2's store off {node}, every replica Ready")
+    finally:
+        lab.kubectl(SERVER, "uncordon", node)
+    assert outcome.clean(), outcome.why()
+
+
+def test_f_deleting_every_agent_of_the_client_cluster_loses_no_request(lab: Lab) -> None:
+    old = {name(p) for p in agent_pods(lab)}
+    assert old
+    outcome = run_case(
+        lab, "f. kubectl delete pod of every lab-1 agent",
+        lambda: lab.kubectl(CLIENT, "-n", NS, "delete", "pod", "-l", AGENT, "--wait=false"),
+        lambda: agents_ready(lab, gone=old) and maps_hold_server_backends(lab),
+        "lab-1's new agents Ready, lab-2's backends in their maps")
+    assert outcome.clean(), outcome.why()
+
+
+def test_g_every_store_replica_gone_past_the_grace_period_withdraws_then_returns(lab: Lab) -> None:
+    """By design the one case that loses requests: the backends leave no earlier than the grace period
+    after the stores went, and come back once a store answers again."""
+    grace = grace_period(lab)
+    replicas = int(store_deployment(lab)["spec"].get("replicas", 1))
+    first_drop: dict[str, float] = {}
+
+    def withdrawn() -> bool:
+        held = lab1_backends_of(lab, "rebel-base")
+        for node, backends in held.items():
+            if not backends:
+                first_drop.setdefault(node, time.time())
+        return len(first_drop) == len(held)
+
+    with AttemptLoop.in_xwing(lab.kubeconfig, CLIENT, raw=lab.dir / "attempts-g.log") as loop:
+        start = loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=90)
+        assert maps_hold_server_backends(lab)
+        went = time.time()  # the earliest the stores can have stopped answering
+        lab.kubectl(SERVER, "-n", NS, "scale", "deployment/clustermesh-store", "--replicas=0")
+        try:
+            wait_until(withdrawn, grace + NOTICE + 120, "lab-2's rebel-base backends gone from lab-1's maps")
+        finally:
+            lab.kubectl(SERVER, "-n", NS, "scale", "deployment/clustermesh-store", f"--replicas={replicas}")
+        ready_at = wait_until(lambda: store_ready(lab), READY_TIMEOUT, "lab-2's store back, every replica Ready",
+                              interval=0.5)
+        back = wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT,
+                          "lab-2's rebel-base backends back in lab-1's maps")
+        took = propagation(lab, ready_at)
+        answering = loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=60)
+        end = finish(lab, loop)
+    attempts = loop.attempts()
+    outcome = Outcome(judge(attempts, EXPECT, MAX_GAP, start, end), took, list(loop.garbled))
+    after = judge(attempts, EXPECT, MAX_GAP, answering, end)
+    gone_after = min(first_drop.values()) - went
+    record(lab, f"g. every store replica gone past the grace period ({grace:g} s)", outcome,
+           f"withdrawn {gone_after:.1f} s after the scale to 0 (all nodes by "
+           f"{max(first_drop.values()) - went:.1f} s); back {back - ready_at:.1f} s after the store was Ready; "
+           f"since: {after.failures} failures")
+    assert gone_after >= grace, f"withdrawn {gone_after:.1f}s after the stores went, before the {grace:g}s grace"
+    assert after.failures == 0 and not outcome.garbled, after.describe()
