@@ -231,16 +231,20 @@ class AttemptLoop:
 
     def wait_clean(self, expect: Collection[str] = EXPECT, seconds: float = 3.0, max_gap: float = 1.0,
                    timeout: float = 90.0) -> float:
-        """Until the last ``seconds`` of attempts, up to now, are all clean; returns where that clean
-        window began (wall time), a safe start for judging what follows."""
+        """Until the last ``seconds`` of attempts, up to now, are all clean; returns the start of the
+        first attempt in that clean window (wall time), a safe start for judging what follows (the
+        time before the loop's first attempt is not a stall of the mesh)."""
         since = 0.0
 
         def clean(attempts: list[Attempt]) -> bool:
             nonlocal since
             now = time.time()
             verdict = judge(attempts, expect, max_gap, start=now - seconds, end=now)
-            since = now - seconds
-            return verdict.attempts > 0 and verdict.failures == 0
+            if verdict.attempts == 0 or verdict.failures:
+                return False
+            assert verdict.first is not None
+            since = verdict.first
+            return True
 
         self.wait_for(clean, timeout, f"{seconds:.0f}s of clean answers from {sorted(expect)}")
         return since
