@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
+
+# gRPC's fork handlers abort a child forked while other threads are in gRPC calls (pyroute2
+# forks to open a netlink socket in another network namespace, while watches run): nothing
+# here forks to use gRPC in the child, so they are off before grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import etcd3
 import etcd3.exceptions
@@ -160,22 +166,6 @@ def _store_of(header: Any) -> StoreId:
     return StoreId(int(header.cluster_id), int(header.member_id))
 
 
-class _ConnectionWatcher:
-    """Calls ``lost()`` once when a channel that was connected loses its connection."""
-
-    def __init__(self, lost: Callable[[], None]) -> None:
-        self._lost = lost
-        self._was_ready = False
-        self._fired = False
-
-    def __call__(self, state: grpc.ChannelConnectivity) -> None:
-        if state == grpc.ChannelConnectivity.READY:
-            self._was_ready = True
-        elif self._was_ready and not self._fired and state != grpc.ChannelConnectivity.SHUTDOWN:
-            self._fired = True
-            self._lost()
-
-
 def _text(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
@@ -194,9 +184,7 @@ class KVClient:
     the same address does not know the old login token: etcd 3.4 holds a request with
     a token from the future (``<random>.<raft index>``) until its deadline, so the
     refusal looks like a timeout, never like an auth error. Ending the session on any
-    failure is what makes such a reader log in again. A logged-in session also ends
-    when its channel loses its connection: gRPC would reconnect by itself, possibly to
-    another etcd behind a Service, with a token that etcd never issued.
+    failure (a broken watch stream too) is what makes such a reader log in again.
     """
 
     def __init__(
@@ -238,7 +226,7 @@ class KVClient:
         with self._lock:
             if self._etcd is None:
                 try:
-                    self._etcd = self._connect(self.endpoint, self._generation + 1)
+                    self._etcd = self._connect(self.endpoint)
                 except KVStoreError:
                     self._advance()
                     raise
@@ -265,7 +253,7 @@ class KVClient:
         with contextlib.suppress(Exception):  # closing a broken channel must never mask the real error
             old.close()
 
-    def _connect(self, endpoint: Endpoint, generation: int) -> Any:
+    def _connect(self, endpoint: Endpoint) -> Any:
         if (self._user is None) != (self._password is None):
             raise KVStoreError(f"etcd {endpoint}: give both a user and a password, or neither")
         try:
@@ -292,8 +280,6 @@ class KVClient:
         # single etcd that is 5 minutes of refusing to even try. Retry at once instead.
         for ep in getattr(client, "endpoints", {}).values():
             ep.time_retry = 0.0
-            if self._user is not None:
-                ep.channel.subscribe(_ConnectionWatcher(lambda: self._end_session(generation, False)))
         return client
 
     def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:

@@ -26,5 +26,7 @@ def apply_object(kubeconfig: str, obj: dict[str, Any]) -> None:
     kubectl(kubeconfig, "apply", "-f", "-", stdin=json.dumps(obj))
 
 
-def apply_peering(kubeconfig: str) -> None:
-    kubectl(kubeconfig, "apply", "-f", str(REPO / "deploy" / "base" / "peering.yaml"))
+def apply_peering_crd(kubeconfig: str) -> None:
+    """kopf's ClusterKopfPeering CRD (crds/), for operators run with --peering outside deploy/."""
+    apply_crds(kubeconfig)
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")

@@ -36,14 +36,18 @@ def _running_and_ready(pod: dict) -> None:
 def test_the_mesh_runs_as_pods_from_deploy(lab: Lab) -> None:
     for context in ("lab-1", "lab-2"):
         pods = components(lab, context)
-        assert sorted("-".join(n.split("-")[:2]) for n in pods) == ["clustermesh-agent", "clustermesh-store"], pods
+        nodes = len(lab.json(context, "get", "nodes")["items"])
+        # An agent per node, and deploy/'s two store replicas (HA by default).
+        assert sorted("-".join(n.split("-")[:2]) for n in pods) == \
+            ["clustermesh-agent"] * nodes + ["clustermesh-store"] * 2, pods
         for pod in pods.values():
             _running_and_ready(pod)
         agent = next(p for n, p in pods.items() if n.startswith("clustermesh-agent"))
         assert agent["spec"]["hostNetwork"] and agent["status"]["podIP"] == agent["status"]["hostIP"]
-        store = next(p for n, p in pods.items() if n.startswith("clustermesh-store"))
-        assert {c["name"] for c in store["status"]["containerStatuses"]} == {
-            "etcd", "etcd-users", "grpc-proxy", "operator"}
+        for store in (p for n, p in pods.items() if n.startswith("clustermesh-store")):
+            assert {c["name"] for c in store["status"]["containerStatuses"]} == {
+                "etcd", "etcd-users", "grpc-proxy", "operator"}
+        assert "2/2" in lab.kubectl(context, "-n", "clustermesh-system", "get", "deploy", "clustermesh-store")
     # What runs is what deploy/ says: the lab itself started no operator and no agent.
     assert _lab_pids(lab, "clustermesh.cli operator") == [] and _lab_pids(lab, "clustermesh.cli agent") == []
     status = lab.json("lab-1", "get", "clustermesh", "default")["status"]

@@ -25,7 +25,7 @@ from clustermesh import schema
 from clustermesh.kvstore import KVClient
 from clustermesh.lab.kubeapi import KubeAPI, eventually
 from clustermesh.lab.servers import free_port
-from tests.kubectl import apply_crds, apply_object, apply_peering, kubectl
+from tests.kubectl import apply_crds, apply_object, apply_peering_crd, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 GLOBAL = {"service.cilium.io/global": "true"}
@@ -399,7 +399,7 @@ def _assert_eq(actual: object, expected: object) -> None:
 def own_peering(kubeconfig: str, cluster: str) -> str:
     """A peering object for one test: peers of other tests (killed, but alive in the object
     for their lifetime) must not pause or outrank this test's operators."""
-    apply_peering(kubeconfig)  # the CRD (and the shared object, unused here)
+    apply_peering_crd(kubeconfig)
     name = f"peering-{cluster}"
     apply_object(kubeconfig, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
                               "metadata": {"name": name}})
