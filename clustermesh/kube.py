@@ -177,23 +177,22 @@ class KubeClient:
             resp.release_conn()
             pool.clear()
 
-    def get_peering(self, name: str) -> dict[str, Any] | None:
-        """kopf's ClusterKopfPeering object (None when absent)."""
+    def _get_json_or_none(self, path: str) -> dict[str, Any] | None:
+        """``_get_json``, with None for an object that does not exist."""
         try:
-            return self._get_json(f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")
+            return self._get_json(path)
         except KubeError as exc:
             if " 404 " in f" {exc} ":
                 return None
             raise
 
+    def get_peering(self, name: str) -> dict[str, Any] | None:
+        """kopf's ClusterKopfPeering object (None when absent)."""
+        return self._get_json_or_none(f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")
+
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A coordination.k8s.io/v1 Lease (None when absent)."""
-        try:
-            return self._get_json(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}")
-        except KubeError as exc:
-            if " 404 " in f" {exc} ":
-                return None
-            raise
+        return self._get_json_or_none(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}")
 
     def write_lease(self, namespace: str, name: str, spec: dict[str, Any], resource_version: str | None) -> None:
         """Create the Lease (``resource_version`` None) or replace the one read at that
