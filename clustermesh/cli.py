@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an unreachable remote keeps serving before its backends are withdrawn")
     p.add_argument("--routes", default="off",
                    help="routes to remote pod CIDRs via remote node IPs: off (default), host, or netns:NAME")
+    p.add_argument("--route-drain", type=float, default=5.0,
+                   help="seconds a remote's route stays after its backends left the maps (requests under way finish)")
     p.add_argument("--first-sync-wait", type=float, default=5.0,
                    help="on a node whose maps are empty, wait up to this many seconds from start for every remote's "
                    "first listing before the first write (one write with everything instead of one per remote)")

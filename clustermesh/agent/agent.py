@@ -75,6 +75,9 @@ class AgentConfig:
     secrets_namespace: str = REMOTE_SECRETS_NAMESPACE
     routes: str = "off"
     """Routes to remote pod CIDRs: "off", "host" (the agent's own netns) or "netns:NAME"."""
+    route_drain: float = 5.0
+    """Seconds a remote's route stays after its backends left the maps, so the connections
+    already open to them finish instead of losing their path mid-request."""
 
 
 class Agent:
@@ -118,6 +121,7 @@ class Agent:
         elif config.routes != "off":
             raise ValueError(f"--routes {config.routes!r}: use off, host or netns:NAME")
         self._last_routes: dict[str, str] | None = None
+        self._draining: dict[str, tuple[str, float]] = {}  # cidr -> (via, until)
         self._route_problems: set[str] = set()
         self._route_failures: set[str] = set()
         # A restarted agent must not program a half-listed cluster (Services without their
@@ -406,14 +410,20 @@ class Agent:
 
     # ------------------------------------------------------------ the loop
 
-    def desired(self) -> tuple[list[ServiceSpec], bool]:
+    def _usable_sources(self, now: float) -> list[RemoteCluster]:
+        return [rc for rc in self._sources(now) if rc.usable(now)]
+
+    def desired(self, now: float | None = None, sources: list[RemoteCluster] | None = None
+                ) -> tuple[list[ServiceSpec], bool]:
         """The datapath's desired state: the merger's, merged again only for the Services touched
         since the last call, plus what is kept from the previous agent; and whether it moved
-        since the last call."""
+        since the last call. ``sources``: the usable remotes at ``now`` (judged here if not given)."""
         identity = self.identity
         assert identity is not None
-        now = time.monotonic()
-        sources = [rc for rc in self._sources(now) if rc.usable(now)]
+        if now is None:
+            now = time.monotonic()
+        if sources is None:
+            sources = self._usable_sources(now)
         with self._remotes_lock:
             everyone = [*self.remotes.values(), *(old for old, _ in self._retiring.values())]
         with self._lock:
@@ -475,45 +485,72 @@ class Agent:
         """Merge and reconcile if anything changed; True when the maps were written."""
         if not self.ready_to_program():
             return False  # the maps keep what the previous agent wrote until we know better
-        if self.routes is not None:
-            try:
-                self._sync_routes()
-            except Exception:  # routes must not hold the datapath back
-                log.exception("route sync failed")
-                metrics.ERRORS.labels("agent", "route").inc()
-        specs, moved = self.desired()
-        if not moved and self._last_specs is not None:
-            return False
-        ops = self.lb.reconcile(specs)
-        self._last_specs = specs
-        if ops:
-            log.info("datapath: %d services, %d map operations", len(specs), len(ops))
-        if len(ops) > 10_000:
-            # A big step (the first, a resync) peaks far above the steady state: keep the steady state.
-            release_freed_heap()
-        return True
-
-    def _sync_routes(self) -> None:
-        assert self.routes is not None
-        with self._lock:
-            local_cidrs = self._local_pod_cidrs()
+        # One judgement of which remotes are usable for both the maps and the routes, so a
+        # backend is never written without the route to it.
         now = time.monotonic()
-        nodes = [node for rc in self._sources(now) if rc.usable(now) for node in rc.node_records()]
-        plan = plan_routes(local_cidrs, nodes)
-        if self._inheriting(now):
-            # Which remote a kept route belongs to is unknown until it syncs: keep them all.
-            for cidr, via in self._inherited_routes.items():
-                plan.routes.setdefault(cidr, via)
+        sources = self._usable_sources(now)
+        routes = self._route_plan(now, sources) if self.routes is not None else None
+        if routes is not None:
+            # A remote's routes go in before its backends and leave only after them: a connect()
+            # the socket-LB sends to a remote backend always finds its route.
+            self._apply_routes({**(self._last_routes or {}), **routes})
+        specs, moved = self.desired(now, sources)
+        wrote = False
+        if moved or self._last_specs is None:
+            ops = self.lb.reconcile(specs)
+            self._last_specs = specs
+            wrote = True
+            if ops:
+                log.info("datapath: %d services, %d map operations", len(specs), len(ops))
+            if len(ops) > 10_000:
+                # A big step (the first, a resync) peaks far above the steady state: keep the steady state.
+                release_freed_heap()
+        if routes is not None:
+            self._apply_routes(routes)
+        return wrote
+
+    def _route_plan(self, now: float, sources: list[RemoteCluster]) -> dict[str, str] | None:
+        """The routes to the usable remotes' pod CIDRs (None if they cannot be planned now)."""
+        try:
+            with self._lock:
+                local_cidrs = self._local_pod_cidrs()
+            nodes = [node for rc in sources for node in rc.node_records()]
+            plan = plan_routes(local_cidrs, nodes)
+            if self._inheriting(now):
+                # Which remote a kept route belongs to is unknown until it syncs: keep them all.
+                for cidr, via in self._inherited_routes.items():
+                    plan.routes.setdefault(cidr, via)
+            for cidr, via in (self._last_routes or {}).items():
+                if cidr not in plan.routes and cidr not in self._draining:
+                    self._draining[cidr] = (via, now + self.config.route_drain)
+            for cidr, (via, until) in list(self._draining.items()):
+                if cidr in plan.routes or now >= until:
+                    del self._draining[cidr]
+                else:
+                    plan.routes.setdefault(cidr, via)
+        except Exception:  # routes must not hold the datapath back
+            log.exception("route planning failed")
+            metrics.ERRORS.labels("agent", "route").inc()
+            return None
         for problem in set(plan.problems) - self._route_problems:
             log.warning("routes: %s", problem)
             metrics.ERRORS.labels("agent", "route").inc()
         self._route_problems = set(plan.problems)
-        if plan.routes == self._last_routes:
+        return plan.routes
+
+    def _apply_routes(self, routes: dict[str, str]) -> None:
+        assert self.routes is not None
+        if routes == self._last_routes:
             return
         try:
-            changes = self.routes.apply(plan.routes)
+            changes = self.routes.apply(routes)
         except RoutingError as exc:
             log.error("routes: %s", exc)
+            metrics.ERRORS.labels("agent", "route").inc()
+            self._last_routes = None
+            return
+        except Exception:  # routes must not hold the datapath back
+            log.exception("route sync failed")
             metrics.ERRORS.labels("agent", "route").inc()
             self._last_routes = None
             return
@@ -522,12 +559,12 @@ class Agent:
             metrics.ERRORS.labels("agent", "route").inc()
         self._route_failures = set(changes.failed.values())
         # With a failure, try again on the next change; the routes that went in stay.
-        self._last_routes = None if changes.failed else dict(plan.routes)
+        self._last_routes = None if changes.failed else dict(routes)
         if changes.added or changes.replaced or changes.removed:
             log.info("routes: +%d ~%d -%d", len(changes.added), len(changes.replaced), len(changes.removed))
 
     def run(self) -> None:
-        last_usable: tuple[frozenset[str], frozenset[int], frozenset[str]] | None = None
+        last_usable: tuple[frozenset[str], frozenset[int], frozenset[str], frozenset[str]] | None = None
         while not self._stop.is_set():
             self._dirty.wait(self.config.tick)
             if self._stop.is_set():
@@ -542,8 +579,9 @@ class Agent:
             # The tick exists for grace periods running out: merge again only when an event
             # came in or the set of usable remotes moved, not every second.
             now = time.monotonic()
+            draining = frozenset(cidr for cidr, (_, until) in self._draining.items() if now < until)
             usable = (frozenset(rc.name for rc in self._sources(now) if rc.usable(now)), self._inheriting(now),
-                      frozenset(self._retiring))
+                      frozenset(self._retiring), draining)
             if not changed and usable == last_usable and self._last_specs is not None:
                 continue
             last_usable = usable

@@ -36,7 +36,7 @@ def run_agent(args: argparse.Namespace) -> int:
     config = AgentConfig(node=args.node, cgroup=args.cgroup, pin_dir=pin_dir, mesh_name=args.clustermesh,
                          grace_period=args.grace_period, heartbeat_timeout=args.heartbeat_timeout,
                          first_sync_wait=args.first_sync_wait,
-                         routes=args.routes)
+                         routes=args.routes, route_drain=args.route_drain)
     try:
         agent = Agent(config, KubeClient(args.kubeconfig, args.context), socket_lb)
         # Served while start() waits for the ClusterMesh object: alive, and saying what it waits for.

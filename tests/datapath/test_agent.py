@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -318,6 +319,87 @@ def test_a_fresh_node_is_programmed_once_with_its_remotes_or_after_the_first_syn
                 # The wait is bounded: the local backends are programmed without the remote.
                 assert lbs[0].calls[0] == {"10.244.1.10"}, lbs[0].calls
                 assert time.monotonic() - agent._started_at >= 8
+        finally:
+            agent.request_stop()
+            runner.join(15)
+            agent.stop()
+            proxy.process.start()
+
+
+def test_a_remote_route_is_there_whenever_its_backends_are(
+    topology: Topology, cgroup: Path, pin_dir: Path, control_plane, kubeconfig: str, kv: KVClient,
+    etcd_server, etcd_proxy_factory,
+) -> None:
+    """A remote's route goes in before its backends are written and leaves only after they are
+    gone, and a drain period later (withdrawn past the grace period, then back): a connect() the
+    socket-LB sends to a remote backend never finds no route, and a request under way finishes."""
+    from clustermesh.agent.agent import Agent, AgentConfig
+    from clustermesh.datapath import SocketLB
+    from clustermesh.kube import KubeClient
+
+    remote_backend, remote_cidr = "10.245.1.10", REMOTE_ROUTE[0].split()[0]
+    history: list[tuple[str, bool, float]] = []  # ("lb" | "routes", whether the remote's part is in, when)
+    lock = threading.Lock()
+
+    class RecordingRoutes:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def apply(self, desired: dict[str, str]) -> object:
+            changes = self.inner.apply(desired)
+            with lock:
+                history.append(("routes", remote_cidr in desired, time.monotonic()))
+            return changes
+
+    class OrderedLB(RecordingLB):
+        def reconcile(self, specs: object) -> object:
+            specs = list(specs)  # type: ignore[call-overload]
+            ops = self.inner.reconcile(specs)  # type: ignore[attr-defined]
+            with lock:
+                history.append(("lb", any(str(b.ip) == remote_backend for s in specs for b in s.backends),
+                                time.monotonic()))
+            return ops
+
+    def invariant_held() -> None:
+        served = {"lb": False, "routes": False}
+        with lock:
+            for what, remote_in, _ in history:
+                served[what] = remote_in
+                assert served["routes"] or not served["lb"], f"remote backends served without their route: {history}"
+
+    def last(what: str) -> bool | None:
+        with lock:
+            return next((r for w, r, _ in reversed(history) if w == what), None)
+
+    def when(what: str, remote_in: bool) -> float:
+        with lock:
+            return next(t for w, r, t in reversed(history) if w == what and r == remote_in)
+
+    with world(control_plane, kubeconfig, cgroup, pin_dir, "r") as w:
+        proxy = etcd_proxy_factory(etcd_server.url, namespace="c2/")
+        export_remote(kv, w.ns, [remote_backend])
+        w.apply_mesh([{"name": REMOTE, "id": REMOTE_ID, "endpoints": [proxy.url]}])
+        w.global_service("echo")
+        agent = Agent(AgentConfig(node="test", cgroup=str(cgroup), pin_dir=str(pin_dir), mesh_name=w.mesh,
+                                  grace_period=2.0, routes=f"netns:{topology.client_ns}", route_drain=3.0),
+                      KubeClient(kubeconfig), lambda local_id: OrderedLB(SocketLB(cgroup, pin_dir, local_id)))
+        assert agent.routes is not None
+        agent.routes = RecordingRoutes(agent.routes)  # type: ignore[assignment]
+        agent.start()
+        runner = threading.Thread(target=agent.run, daemon=True)
+        runner.start()
+        try:
+            eventually(lambda: _eq((last("lb"), last("routes")), (True, True)), timeout=30)
+            proxy.stop()  # withdrawn after the 2 s grace period: backends first, then the route
+            eventually(lambda: _eq((last("lb"), last("routes")), (False, False)), timeout=30)
+            drained = when("routes", False) - when("lb", False)
+            assert drained >= 3.0 - 0.5, f"the route left {drained:.2f}s after the backends, not after the drain"
+            proxy.process.start()  # back: the route first, then the backends
+            eventually(lambda: _eq((last("lb"), last("routes")), (True, True)), timeout=30)
+            invariant_held()
         finally:
             agent.request_stop()
             runner.join(15)

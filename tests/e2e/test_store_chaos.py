@@ -10,8 +10,9 @@ Each case runs a fresh strict loop (``clustermesh.lab.attempts``) in lab-1's x-w
 break until 10 s after the broken component is back and Ready, and every error exit, answer that is not
 Cluster-2's JSON and gap of more than 1 s counts. Cases a-f must lose nothing; g (every store replica gone
 past the agents' grace period) loses by design and is checked for its withdraw and return. Each case also
-times how long a change made right after the new component is Ready takes to reach lab-1's maps (the
-``chaos-probe`` Service), and the figures go to ``<lab>/store-chaos-figures.txt`` for the README.
+times how long a change made right after the new component is Ready takes to reach lab-1's maps (an
+EndpointSlice of the selector-less ``chaos-probe`` Service, written by the test: no pod start in the
+figure), and the figures go to ``<lab>/store-chaos-figures.txt`` for the README.
 
 Nothing here connects to a lab address from the host: the maps are read from their pins.
 """
@@ -19,6 +20,7 @@ Nothing here connects to a lab address from the host: the maps are read from the
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -54,16 +56,20 @@ READ_TIMEOUT = 90.0  # a change in lab-2 seen in lab-1's maps
 NOTICE = 10.0  # an unreachable store is noticed within this (the agents probe every 2 s, 3 s deadline)
 FIGURES = "store-chaos-figures.txt"
 
-PROBE = [
-    {"apiVersion": "v1", "kind": "Service",
-     "metadata": {"name": "chaos-probe", "annotations": {"service.cilium.io/global": "true"}},
-     "spec": {"selector": {"app": "chaos-probe"}, "ports": [{"port": 80}]}},
-    {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chaos-probe"},
-     "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "chaos-probe"}},
-              "template": {"metadata": {"labels": {"app": "chaos-probe"}},
-                           "spec": {"terminationGracePeriodSeconds": 1,
-                                    "containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.2"}]}}}},
-]
+PROBE_SERVICE = {
+    "apiVersion": "v1", "kind": "Service",
+    "metadata": {"name": "chaos-probe", "annotations": {"service.cilium.io/global": "true"}},
+    "spec": {"ports": [{"port": 80}]},  # no selector: its EndpointSlice is the test's
+}
+
+
+def probe_slice(api_version: str, ip: str) -> dict[str, Any]:
+    """The chaos-probe's one EndpointSlice, with one ready endpoint (nothing ever connects to it: the
+    figure is the records' way from lab-2's API server to lab-1's maps)."""
+    return {"apiVersion": api_version, "kind": "EndpointSlice",
+            "metadata": {"name": "chaos-probe-1", "labels": {"kubernetes.io/service-name": "chaos-probe"}},
+            "addressType": "IPv4", "ports": [{"name": "", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]}
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +86,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 def set_up(lab: Lab) -> None:
     apply_demo(lab)
-    service, deployment = (lab.dir / "chaos-probe-service.json", lab.dir / "chaos-probe-deployment.json")
-    service.write_text(json.dumps(PROBE[0]))
-    deployment.write_text(json.dumps(PROBE[1]))
+    service = lab.dir / "chaos-probe-service.json"
+    service.write_text(json.dumps(PROBE_SERVICE))
     for context in (CLIENT, SERVER):
         lab.kubectl(context, "apply", "-f", str(service))
-    lab.kubectl(SERVER, "apply", "-f", str(deployment))
+    versions = lab.kubectl(SERVER, "api-versions").split()
+    api_version = "discovery.k8s.io/v1" if "discovery.k8s.io/v1" in versions else "discovery.k8s.io/v1beta1"
+    # An address in lab-2's pod CIDR that no pod gets (the lab's IPAM hands out from the bottom).
+    cidr = ipaddress.ip_network(next(n["pod_cidr"] for n in lab.state["nodes"].values() if n["cluster"] == SERVER))
+    (lab.dir / "chaos-probe-slice.json").write_text(json.dumps(probe_slice(api_version, str(cidr[-3]))))
     lab.kubectl(CLIENT, "scale", "deployment/rebel-base", "--replicas=0")
     wait_until(lambda: not lab.pods(CLIENT, "name=rebel-base"), 120, "lab-1's rebel-base pods gone")
     wait_until(lambda: store_ready(lab), READY_TIMEOUT, "lab-2's store Ready")
@@ -230,12 +239,12 @@ def maps_hold_server_backends(lab: Lab) -> bool:
 
 def propagation(lab: Lab, ready_at: float) -> float:
     """Seconds from ``ready_at`` (the new component seen Ready) until every lab-1 agent has a backend
-    of lab-2's chaos-probe, scaled up at that moment (so it includes the probe pod's start); then
-    the probe goes back to 0 and its backend leaves lab-1's maps."""
-    lab.kubectl(SERVER, "scale", "deployment/chaos-probe", "--replicas=1")
+    of lab-2's chaos-probe, whose EndpointSlice is written at that moment; then the slice goes and
+    its backend leaves lab-1's maps."""
+    lab.kubectl(SERVER, "apply", "-f", str(lab.dir / "chaos-probe-slice.json"))
     seen = wait_until(lambda: all(lab1_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
-                      "lab-2's new chaos-probe backend in every lab-1 node's maps")
-    lab.kubectl(SERVER, "scale", "deployment/chaos-probe", "--replicas=0")
+                      "lab-2's new chaos-probe backend in every lab-1 node's maps", interval=0.05)
+    lab.kubectl(SERVER, "delete", "endpointslice", "chaos-probe-1")
     wait_until(lambda: not any(lab1_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
                "chaos-probe's backend gone from lab-1's maps")
     return seen - ready_at
