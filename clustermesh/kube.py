@@ -5,6 +5,7 @@ the kubernetes client; kopf (the operator's watches) logs in with the same crede
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -41,9 +42,41 @@ class KubeError(Exception):
     pass
 
 
-
 class KubeConflict(KubeError):
-    """The object changed since it was read (HTTP 409): read it again and retry."""
+    """The object changed since it was read, or exists already (HTTP 409): read it again and retry."""
+
+
+class KubeNotFound(KubeError):
+    """The object (or its kind: ``body`` says which) does not exist (HTTP 404)."""
+
+    def __init__(self, message: str, body: str = "") -> None:
+        super().__init__(message)
+        self.body = body
+
+
+def _reason(exc: ApiException) -> str:
+    """The API server's own words (a Status object's message) when it sent them."""
+    try:
+        message = json.loads(exc.body or "").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
+@contextlib.contextmanager
+def _api_errors(what: str, conflict: str | None = None) -> Iterator[None]:
+    """Our errors for the API calls inside: 404 KubeNotFound, 409 KubeConflict (with ``conflict`` as
+    its message when given), anything else KubeError, each naming ``what`` was being done."""
+    try:
+        yield
+    except ApiException as exc:
+        if exc.status == 404:
+            raise KubeNotFound(f"{what}: {_reason(exc)}", str(exc.body or "")) from exc
+        if exc.status == 409:
+            raise KubeConflict(conflict or f"{what}: {_reason(exc)}") from exc
+        raise KubeError(f"{what}: {_reason(exc)}") from exc
+    except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, TLS, timeouts
+        raise KubeError(f"{what}: {exc}; is the API server reachable?") from exc
 
 
 class KubeClient:
@@ -98,14 +131,10 @@ class KubeClient:
         clients no longer ship typed v1beta1 APIs."""
         url = self.configuration.host + path + (f"?{urlencode(query)}" if query else "")
         headers = self._headers()
-        try:
+        with _api_errors(f"GET {path}"):
             resp = self.api.rest_client.request(  # type: ignore[no-untyped-call]
                 "GET", url, headers=headers, _request_timeout=60
             )
-        except ApiException as exc:
-            raise KubeError(f"GET {path}: {exc.status} {exc.reason}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, TLS, timeouts
-            raise KubeError(f"GET {path}: {exc}") from exc
         data = resp.data if getattr(resp, "data", None) is not None else resp.read()
         if not 200 <= resp.status < 300:
             raise KubeError(f"GET {path}: {resp.status} {resp.reason}")
@@ -181,10 +210,8 @@ class KubeClient:
         """``_get_json``, with None for an object that does not exist."""
         try:
             return self._get_json(path)
-        except KubeError as exc:
-            if " 404 " in f" {exc} ":
-                return None
-            raise
+        except KubeNotFound:
+            return None
 
     def get_peering(self, name: str) -> dict[str, Any] | None:
         """kopf's ClusterKopfPeering object (None when absent)."""
@@ -203,17 +230,11 @@ class KubeClient:
             metadata["resourceVersion"] = resource_version
         # A plain dict: the typed V1Lease would send its datetimes without the microseconds MicroTime needs.
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
-        try:
+        with _api_errors(f"writing Lease {namespace}/{name}", conflict=f"Lease {namespace}/{name} changed meanwhile"):
             if resource_version is None:
                 coordination.create_namespaced_lease(namespace, body)  # type: ignore[arg-type]
             else:
                 coordination.replace_namespaced_lease(name, namespace, body)  # type: ignore[arg-type]
-        except ApiException as exc:
-            if exc.status == 409:
-                raise KubeConflict(f"Lease {namespace}/{name} changed meanwhile") from exc
-            raise KubeError(f"writing Lease {namespace}/{name}: {exc.status} {exc.reason}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"writing Lease {namespace}/{name}: {exc}") from exc
 
     def put_secret(
         self, namespace: str, name: str, data: dict[str, bytes], labels: dict[str, str] | None = None
@@ -224,40 +245,28 @@ class KubeClient:
             metadata=kubernetes.client.V1ObjectMeta(name=name, namespace=namespace, labels=labels or {}),
             type="Opaque", data={k: base64.b64encode(v).decode() for k, v in data.items()},
         )
+        what = f"writing Secret {namespace}/{name}"
         try:
-            try:
+            with _api_errors(what):
                 core.create_namespaced_secret(namespace, body)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
+        except KubeConflict:  # it exists: replace it
+            with _api_errors(what):
                 core.replace_namespaced_secret(name, namespace, body)
-        except ApiException as exc:
-            raise KubeError(f"writing Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"writing Secret {namespace}/{name}: {exc}") from exc
 
     def ensure_namespace(self, name: str) -> None:
         """Create the namespace unless it exists (deploy/ makes it; a bare cluster may not have it)."""
         core = kubernetes.client.CoreV1Api(self.api)
-        try:
+        with contextlib.suppress(KubeConflict), _api_errors(f"creating namespace {name}"):
             core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=name)))
-        except ApiException as exc:
-            if exc.status != 409:
-                raise KubeError(f"creating namespace {name}: {exc.status} {exc.reason}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"creating namespace {name}: {exc}; is the API server reachable?") from exc
 
     def read_secret(self, namespace: str, name: str) -> SecretState | None:
         """The Secret's data, labels and resourceVersion; None when there is none."""
         core = kubernetes.client.CoreV1Api(self.api)
         try:
-            obj = core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise KubeError(f"reading Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"reading Secret {namespace}/{name}: {exc}; is the API server reachable?") from exc
+            with _api_errors(f"reading Secret {namespace}/{name}"):
+                obj = core.read_namespaced_secret(name, namespace)
+        except KubeNotFound:
+            return None
         data = {k: base64.b64decode(v) for k, v in (obj.data or {}).items()}
         meta = obj.metadata or kubernetes.client.V1ObjectMeta()
         return SecretState(data, dict(meta.labels or {}), str(meta.resource_version or ""))
@@ -267,30 +276,19 @@ class KubeClient:
         core = kubernetes.client.CoreV1Api(self.api)
         options = kubernetes.client.V1DeleteOptions(
             preconditions=kubernetes.client.V1Preconditions(resource_version=resource_version))
-        try:
+        with contextlib.suppress(KubeNotFound), _api_errors(
+                f"deleting Secret {namespace}/{name}",
+                conflict=f"Secret {namespace}/{name} changed meanwhile; left as it is now"):
             core.delete_namespaced_secret(name, namespace, body=options)
-        except ApiException as exc:
-            if exc.status == 404:
-                return
-            if exc.status == 409:
-                raise KubeConflict(f"Secret {namespace}/{name} changed meanwhile; left as it is now") from exc
-            raise KubeError(f"deleting Secret {namespace}/{name}: {exc.status} {exc.reason}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"deleting Secret {namespace}/{name}: {exc}; is the API server reachable?") from exc
 
     def patch_mesh_spec(self, name: str, spec: dict[str, Any], resource_version: str | None = None) -> None:
         """Merge-patch the spec; with ``resource_version``, only if nobody changed the object since."""
         body: dict[str, Any] = {"spec": spec}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        try:
+        with _api_errors(f"updating ClusterMesh {name}",
+                         conflict=f"ClusterMesh {name} changed while connecting; run the command again"):
             self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, body)
-        except ApiException as exc:
-            if exc.status == 409:
-                raise KubeConflict(f"ClusterMesh {name} changed while connecting; run the command again") from exc
-            raise KubeError(f"updating ClusterMesh {name}: {exc.status} {exc.reason}: {exc.body}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"updating ClusterMesh {name}: {exc}") from exc
 
     def get_secret(self, namespace: str, name: str) -> dict[str, bytes]:
         data = self._get_json(f"/api/v1/namespaces/{namespace}/secrets/{name}").get("data") or {}
@@ -329,19 +327,13 @@ class KubeClient:
 
     def get_mesh(self, name: str) -> dict[str, Any] | None:
         try:
-            return cast(dict[str, Any], self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name))
-        except ApiException as exc:
-            if exc.status == 404:
-                if "could not find the requested resource" in (exc.body or "") or "page not found" in (
-                    exc.body or ""
-                ):
-                    raise KubeError(
-                        "the ClusterMesh CRD is not installed; run: kubectl apply -f crds/"
-                    ) from exc
-                return None
-            raise KubeError(f"reading ClusterMesh {name}: {exc.status} {exc.reason}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"reading ClusterMesh {name}: {exc}; is the API server reachable?") from exc
+            with _api_errors(f"reading ClusterMesh {name}"):
+                return cast(dict[str, Any], self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name))
+        except KubeNotFound as exc:
+            # The kind itself missing is answered with a 404 too, in other words.
+            if "could not find the requested resource" in exc.body or "page not found" in exc.body:
+                raise KubeError("the ClusterMesh CRD is not installed; run: kubectl apply -f crds/") from exc
+            return None
 
     def create_mesh(self, name: str, cluster_name: str, cluster_id: int) -> dict[str, Any]:
         body = {
@@ -350,23 +342,15 @@ class KubeClient:
             "metadata": {"name": name},
             "spec": {"localCluster": {"name": cluster_name, "id": cluster_id}},
         }
-        try:
+        with _api_errors(f"creating ClusterMesh {name}"):
             return cast(dict[str, Any], self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body))
-        except ApiException as exc:
-            raise KubeError(f"creating ClusterMesh {name}: {exc.status} {exc.reason}: {exc.body}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"creating ClusterMesh {name}: {exc}") from exc
 
     def patch_mesh_status(self, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status. The API client sends "" as null, which a string field
         rejects; an empty value therefore becomes an explicit null (removing the field)."""
         body = {k: (None if v == "" else v) for k, v in status.items()}
-        try:
+        with _api_errors(f"updating ClusterMesh {name} status"):
             self.custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {"status": body})
-        except ApiException as exc:
-            raise KubeError(f"updating ClusterMesh {name} status: {exc.status} {exc.reason}: {exc.body}") from exc
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise KubeError(f"updating ClusterMesh {name} status: {exc}") from exc
 
 
 def _in_cluster() -> bool:
