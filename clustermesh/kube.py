@@ -63,18 +63,23 @@ def _reason(exc: ApiException) -> str:
     return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
 
 
+def _status_error(what: str, exc: ApiException, conflict: str | None = None) -> KubeError:
+    """Our error for an answer that is not a success: 404 KubeNotFound, 409 KubeConflict (with
+    ``conflict`` as its message when given), anything else KubeError, naming what was being done."""
+    if exc.status == 404:
+        return KubeNotFound(f"{what}: {_reason(exc)}", str(exc.body or ""))
+    if exc.status == 409:
+        return KubeConflict(conflict or f"{what}: {_reason(exc)}")
+    return KubeError(f"{what}: {_reason(exc)}")
+
+
 @contextlib.contextmanager
 def _api_errors(what: str, conflict: str | None = None) -> Iterator[None]:
-    """Our errors for the API calls inside: 404 KubeNotFound, 409 KubeConflict (with ``conflict`` as
-    its message when given), anything else KubeError, each naming ``what`` was being done."""
+    """Our errors (``_status_error``) for the API calls inside, and for a server out of reach."""
     try:
         yield
     except ApiException as exc:
-        if exc.status == 404:
-            raise KubeNotFound(f"{what}: {_reason(exc)}", str(exc.body or "")) from exc
-        if exc.status == 409:
-            raise KubeConflict(conflict or f"{what}: {_reason(exc)}") from exc
-        raise KubeError(f"{what}: {_reason(exc)}") from exc
+        raise _status_error(what, exc, conflict) from exc
     except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, TLS, timeouts
         raise KubeError(f"{what}: {exc}; is the API server reachable?") from exc
 
@@ -136,8 +141,8 @@ class KubeClient:
                 "GET", url, headers=headers, _request_timeout=60
             )
         data = resp.data if getattr(resp, "data", None) is not None else resp.read()
-        if not 200 <= resp.status < 300:
-            raise KubeError(f"GET {path}: {resp.status} {resp.reason}")
+        if not 200 <= resp.status < 300:  # this client returns some failures instead of raising them
+            raise _status_error(f"GET {path}", ApiException(http_resp=resp))
         return cast(dict[str, Any], json.loads(data))
 
     def endpointslice_version(self) -> str:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from clustermesh import metrics
 from clustermesh.kube import KubeClient, KubeConflict, KubeError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class StatusLeader:
         self.me = me
         self.duration = duration
         self.leading = False
+        self._last_error = ""
 
     def refresh(self, now: dt.datetime | None = None) -> bool:
         """Renew or take the Lease when free; blocking (call it from a thread)."""
@@ -74,11 +76,16 @@ class StatusLeader:
         except KubeConflict:
             spec = None  # another replica wrote it first: it leads
         except KubeError as exc:
-            # Unsure: stop speaking (another replica may take over meanwhile).
-            if self.leading:
+            # Unsure: stop speaking (another replica may take over meanwhile). Said once per cause:
+            # a Lease this replica may not read or write (RBAC) would otherwise keep status unwritten unseen.
+            if self.leading or str(exc) != self._last_error:
                 log.warning("status lease %s/%s: %s; not writing status until it is renewed",
                             self.namespace, self.name, exc)
+                metrics.ERRORS.labels("operator", "kube-api").inc()
+            self._last_error = str(exc)
             spec = None
+        else:
+            self._last_error = ""
         leading = spec is not None
         if leading != self.leading:
             log.info("status lease %s/%s: this replica (%s) %s", self.namespace, self.name, self.me,
