@@ -479,8 +479,10 @@ class LabMesh:
             if synced and len(ready) >= want:
                 return
             time.sleep(0.5)
+        # The logs outlive the lab's teardown: the files, not kubectl logs.
+        where = c.directory / ("nodes/*/pods/*/operator.log" if self.from_manifests else "operator.log")
         raise ServerError(f"{c.name}: the operator did not report Synced with {want} ready remotes in {timeout:.0f}s; "
-                          f"see {c.directory / 'operator.log'}")
+                          f"see {where}")
 
     # ------------------------------------------------------------ supervision
 

@@ -79,6 +79,10 @@ class Process:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start it unless it runs: a second copy would lose its port to the first and hide it
+        from stop(), which would then leave the first running."""
+        if self.running:
+            return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         procs = self.cgroup / "cgroup.procs" if self.cgroup else None
 
