@@ -413,17 +413,12 @@ class Agent:
     def _usable_sources(self, now: float) -> list[RemoteCluster]:
         return [rc for rc in self._sources(now) if rc.usable(now)]
 
-    def desired(self, now: float | None = None, sources: list[RemoteCluster] | None = None
-                ) -> tuple[list[ServiceSpec], bool]:
+    def desired(self, now: float, sources: list[RemoteCluster]) -> tuple[list[ServiceSpec], bool]:
         """The datapath's desired state: the merger's, merged again only for the Services touched
         since the last call, plus what is kept from the previous agent; and whether it moved
-        since the last call. ``sources``: the usable remotes at ``now`` (judged here if not given)."""
+        since the last call. ``sources``: the usable remotes at ``now``."""
         identity = self.identity
         assert identity is not None
-        if now is None:
-            now = time.monotonic()
-        if sources is None:
-            sources = self._usable_sources(now)
         with self._remotes_lock:
             everyone = [*self.remotes.values(), *(old for old, _ in self._retiring.values())]
         with self._lock:
