@@ -51,6 +51,12 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     return run_disconnect(args)
 
 
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from clustermesh.connect import run_revoke
+
+    return run_revoke(args)
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from clustermesh.certs import run_certs
 
@@ -170,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lb-backend-map-max", type=int, default=131_072, help="entries of the backend maps")
     p.add_argument("--lb-rev-nat-map-max", type=int, default=131_072,
                    help="entries of the reverse-NAT maps (one per open rewritten socket, LRU)")
-    p.add_argument("--metrics-port", type=int, default=9964, help="Prometheus /metrics and /healthz; -1: off")
+    p.add_argument("--metrics-port", type=int, default=9870,
+                   help="Prometheus /metrics, /healthz and /readyz (not 9962-9964: Cilium's); -1: off")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.set_defaults(func=cmd_agent)
     p = sub.add_parser("status", help="show the mesh as this cluster sees it (checks every remote live)")
@@ -186,20 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser(
         "connect", help="make two clusters remotes of each other",
-        description="Copy each cluster's access Secret (spec.access) into the other and add each to the "
-        "other's ClusterMesh spec.clusters.",
+        description="Give each cluster its own reader in the other's store (etcd user, password and client "
+        "certificate, named after it), copy it to that cluster only, and add each to the other's ClusterMesh "
+        "spec.clusters. Each store's CA comes from --pki-dir/--destination-pki-dir, the default folder of "
+        "`clustermesh certs`, or the Secret clustermesh-store-ca.",
     )
     _add_pair_flags(p, "only the source learns about the destination")
     p.set_defaults(func=cmd_connect)
     p = sub.add_parser(
-        "certs", help="make a cluster's store certificates and remote reader identities (Secrets)",
-        description="One CA per cluster (kept in --pki-dir, never in the cluster) signs the store's etcd, "
-        "operator and grpc-proxy certificates and one identity per remote reader; written as the Secrets "
-        "deploy/ mounts and spec.access names. Re-running keeps what exists; --rotate issues new ones.",
+        "certs", help="make or renew a cluster's store certificates (Secrets)",
+        description="One CA per cluster (kept in --pki-dir, or in the cluster with --in-cluster-ca) signs the "
+        "store's etcd, operator and grpc-proxy certificates and every reader's identity (connect makes one per "
+        "peer); written as the Secrets deploy/ mounts. Re-running keeps what exists and renews what expires "
+        "within --renew-before (no leaf outlives the CA); --rotate issues new leaves and passwords.",
     )
-    p.add_argument("--cluster", required=True, help="this cluster's name in the mesh")
+    p.add_argument("--cluster", default=None, help="this cluster's name in the mesh (not needed with --from-cluster)")
     p.add_argument("--reader", action="append", default=None,
-                   help="a remote reader (etcd user, Secret clustermesh-access-NAME); repeatable; default: remote")
+                   help="an extra reader (etcd user, Secret clustermesh-access-NAME), e.g. a tool; repeatable. "
+                   "Peers get theirs from connect")
+    p.add_argument("--ca-lifetime", default="1095d", help="a new CA's lifetime (default 1095d, Cilium's)")
+    p.add_argument("--leaf-lifetime", default="365d", help="every other certificate's lifetime, at most the CA's")
+    p.add_argument("--renew-before", default="30d", help="re-issue a certificate this close to its expiry")
+    p.add_argument("--renew", action="store_true",
+                   help="only renew: refuse to make a new CA (run it, or the CronJob does, before expiry)")
+    p.add_argument("--in-cluster-ca", action="store_true",
+                   help="also write the CA (key included) as Secret clustermesh-store-ca, for deploy/'s renewal "
+                   "CronJob")
+    p.add_argument("--from-cluster", action="store_true",
+                   help="read the CA and the current certificates from the cluster's Secrets instead of --pki-dir "
+                   "(what the CronJob runs)")
     p.add_argument("--ip", action="append", default=None,
                    help="extra IP of the grpc-proxy certificate: node (NodePort) or load-balancer address")
     p.add_argument("--dns", action="append", default=None, help="extra DNS name of the grpc-proxy certificate")
@@ -213,11 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_certs)
     p = sub.add_parser(
         "disconnect", help="undo connect: remove each cluster from the other",
-        description="Remove each cluster from the other's ClusterMesh spec.clusters and delete the access "
-        "Secret connect copied. Disconnecting clusters that are not connected changes nothing.",
+        description="Remove each cluster from the other's ClusterMesh spec.clusters, delete the access "
+        "Secret connect copied and revoke each side's reader in the other's store (its certificate on the "
+        "CRL, its etcd user removed). Disconnecting clusters that are not connected changes nothing.",
     )
     _add_pair_flags(p, "only the source forgets the destination")
     p.set_defaults(func=cmd_disconnect)
+    p = sub.add_parser(
+        "revoke", help="shut one peer's reader out of this cluster's store",
+        description="Put the peer's reader certificate on the store CA's CRL (the grpc-proxy refuses it and "
+        "closes its open connections) and remove its etcd user and access Secret. Other peers keep reading; "
+        "spec.clusters is not changed (disconnect does both).",
+    )
+    p.add_argument("--peer", required=True, help="the peer cluster's name (its reader's name)")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--context", default=None, help="the context of the cluster whose store the peer reads")
+    p.add_argument("--clustermesh", default="default")
+    p.add_argument("--pki-dir", default=None, help="the store CA's folder (default: certs' default, or the "
+                   "Secret clustermesh-store-ca)")
+    p.set_defaults(func=cmd_revoke)
 
     p = sub.add_parser("lab", help="small real Kubernetes clusters on this machine (no Docker), meshed, and the "
                        "Star Wars demo")
@@ -263,6 +299,9 @@ def _add_pair_flags(p: argparse.ArgumentParser, one_way: str) -> None:
     p.add_argument("--clustermesh", default="default")
     p.add_argument("--destination-clustermesh", default="default")
     p.add_argument("--one-way", action="store_true", help=one_way)
+    p.add_argument("--pki-dir", default=None, help="the source store's CA folder (default: certs' default for "
+                   "its name, or its Secret clustermesh-store-ca)")
+    p.add_argument("--destination-pki-dir", default=None, help="the destination store's CA folder")
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

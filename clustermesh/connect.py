@@ -1,34 +1,46 @@
 """``clustermesh connect`` / ``disconnect``: make two clusters remotes of each other, or undo it.
 
 Each cluster publishes how others reach it in its ClusterMesh ``spec.access``
-(grpc-proxy endpoints, and a Secret with ca.crt, tls.crt, tls.key, username and
-password). Connecting A and B copies B's access Secret into A as
-``clustermesh-remotes/clustermesh-remote-B`` (a namespace holding only such copies)
-and adds B to A's ``spec.clusters``, and the other way round. Names and IDs must not collide anywhere in either mesh.
+(grpc-proxy endpoints). Connecting A and B gives A its own reader in B's store
+(identity.py: an etcd user named ``A``, its password and client certificate, from B's
+store CA), copies that access Secret into A as ``clustermesh-remotes/clustermesh-remote-B``
+(a namespace holding only such copies) and adds B to A's ``spec.clusters``, and the
+other way round. Names and IDs must not collide anywhere in either mesh. Without B's CA
+at hand (``--destination-pki-dir``, the default folder of ``clustermesh certs``, or the
+Secret ``clustermesh-store-ca``), B's ``spec.access.tls`` Secret is copied instead: every
+peer then shares one identity, which cannot be revoked for one peer alone (a warning says so).
 
 Connect is all or nothing: when a write fails, every write made before it is
 undone (each ClusterMesh patch carries the resourceVersion it was computed
 from, and nothing someone else changed meanwhile is overwritten). Disconnect
-removes the ``spec.clusters`` entries and the Secrets connect copied; run twice,
-the second run finds nothing to do.
+removes the ``spec.clusters`` entries and the Secrets connect copied, and revokes
+each side's reader in the other's store; run twice, the second run finds nothing to do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from clustermesh.certs import NAMESPACE, CertsError
+from clustermesh.identity import StoreCA, add_reader, revoke_reader, store_ca
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeConflict, KubeError
 from clustermesh.schema import MAX_CLUSTER_ID
 from clustermesh.store.remote import RemoteConfig, mesh_problems
 
 SECRETS_NAMESPACE = REMOTE_SECRETS_NAMESPACE
-ACCESS_NAMESPACE = "kube-system"  # where spec.access.tls points when it names no namespace
+ACCESS_NAMESPACE = NAMESPACE  # where spec.access.tls points when it names no namespace: where certs writes
 REMOTE_LABEL = "clustermesh.io/remote"
 CONFLICT_RETRIES = 5  # the operator's status updates bump resourceVersion too; a retry re-reads
+
+
+log = logging.getLogger(__name__)
 
 
 class ConnectError(Exception):
@@ -40,6 +52,8 @@ class Side:
     kube: KubeClient
     mesh_name: str
     mesh: dict[str, Any]
+    pki_dir: Path | None = None
+    """The folder of this cluster's store CA (default: ``clustermesh certs``'s default for its name)."""
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -59,27 +73,38 @@ class Side:
         return int(self.spec.get("maxConnectedClusters") or MAX_CLUSTER_ID)
 
 
-def load_side(kube: KubeClient, mesh_name: str) -> Side:
+def load_side(kube: KubeClient, mesh_name: str, pki_dir: Path | None = None) -> Side:
     mesh = kube.get_mesh(mesh_name)
     if mesh is None:
         raise ConnectError(f"no ClusterMesh {mesh_name!r} there; apply one with localCluster and access first")
-    return Side(kube, mesh_name, mesh)
+    return Side(kube, mesh_name, mesh, pki_dir)
 
 
 def copied_secret_name(remote: str) -> str:
     return f"clustermesh-remote-{remote}"
 
 
-def remote_entry(remote: Side) -> tuple[dict[str, Any], dict[str, bytes] | None]:
-    """The spec.clusters entry for ``remote`` and the content of its access Secret (read, not copied)."""
+def remote_entry(remote: Side, ca: StoreCA | None = None) -> tuple[dict[str, Any], dict[str, bytes] | None]:
+    """The spec.clusters entry for ``remote`` and, without ``remote``'s CA, the content of its shared
+    access Secret (read, not copied). With the CA, the reader is issued later (``add_reader``)."""
     access = remote.spec.get("access") or {}
     endpoints = access.get("endpoints") or []
     if not endpoints:
         raise ConnectError(f"cluster {remote.name} has no spec.access.endpoints: set its grpc-proxy URL first")
     entry: dict[str, Any] = {"name": remote.name, "id": remote.id, "endpoints": list(endpoints)}
+    if ca is not None:
+        entry["tls"] = {"secretName": copied_secret_name(remote.name), "secretNamespace": SECRETS_NAMESPACE}
+        return entry, None
     tls = access.get("tls") or {}
     if not tls.get("secretName"):
+        if any(str(e).startswith("https://") for e in endpoints):
+            raise ConnectError(f"no store CA of {remote.name} at hand to give its peer a reader: pass the folder "
+                               f"`clustermesh certs` used for it (--pki-dir or --destination-pki-dir), or put the "
+                               f"CA in the cluster (certs --in-cluster-ca)")
         return entry, None
+    log.warning("no store CA of %s at hand: copying its shared access Secret %s; peers that share it cannot be "
+                "revoked one by one (give --pki-dir/--destination-pki-dir for one identity per peer)",
+                remote.name, tls["secretName"])
     namespace = tls.get("secretNamespace") or ACCESS_NAMESPACE
     try:
         data = remote.kube.get_secret(namespace, tls["secretName"])
@@ -109,7 +134,7 @@ def _others(into: Side, remote: Side) -> list[dict[str, Any]]:
     return [c for c in into.spec.get("clusters") or [] if c.get("name") != remote.name]
 
 
-def check_remote(into: Side, remote: Side) -> tuple[dict[str, Any], dict[str, bytes] | None]:
+def check_remote(into: Side, remote: Side, ca: StoreCA | None = None) -> tuple[dict[str, Any], dict[str, bytes] | None]:
     """Everything that can refuse the connection, before anything is written."""
     configs = [RemoteConfig(str(c["name"]), int(c["id"]), tuple(map(str, c.get("endpoints") or ())))
                for c in _others(into, remote)]
@@ -120,7 +145,7 @@ def check_remote(into: Side, remote: Side) -> tuple[dict[str, Any], dict[str, by
     refused = mesh_problems(into.name, into.id, configs, into.max_cluster_id)
     if remote.name in refused:
         raise ConnectError(f"cannot add {remote.name} to {into.name}: {refused[remote.name]}")
-    return remote_entry(remote)
+    return remote_entry(remote, ca)
 
 
 # ------------------------------------------------------------ writes, each with its undo
@@ -215,29 +240,52 @@ def _roll_back(undos: list[tuple[str, Undo]]) -> list[str]:
     return failed
 
 
-def connect(source: Side, destination: Side, both_ways: bool = True) -> None:
+def connect(source: Side, destination: Side, both_ways: bool = True, per_peer: bool = True) -> None:
+    """``per_peer=False``: copy each side's ``spec.access.tls`` Secret (one identity shared by every
+    peer) even where a CA is at hand; for stores made without `clustermesh certs` (the lab's
+    --processes mode)."""
     if source.name == destination.name:
         raise ConnectError(f"both sides are cluster {source.name}: names must differ across the mesh")
     if source.id == destination.id:
         raise ConnectError(f"{source.name} and {destination.name} both use cluster ID {source.id}")
+    with contextlib.ExitStack() as stack:
+        try:
+            cas = {side.name: stack.enter_context(store_ca(side.kube, side.name, side.pki_dir)) if per_peer else None
+                   for side in (source, destination)}
+        except (CertsError, KubeError) as exc:
+            raise ConnectError(str(exc)) from exc
+        _connect(source, destination, both_ways, cas)
+
+
+def _connect(source: Side, destination: Side, both_ways: bool, cas: dict[str, StoreCA | None]) -> None:
     # Check both directions first: a refused connect changes nothing on either side.
-    forward = check_remote(source, destination)
-    backward = check_remote(destination, source) if both_ways else None
+    forward = check_remote(source, destination, cas[destination.name])
+    backward = check_remote(destination, source, cas[source.name]) if both_ways else None
     plan = [(source, destination, forward)]
     if backward is not None:
         plan.append((destination, source, backward))
-    # Secrets first (harmless alone), then the spec changes back to back.
-    steps = [("secret", into, remote, checked) for into, remote, checked in plan]
+    # Readers and Secrets first (harmless alone), then the spec changes back to back.
+    steps = [("reader", into, remote, checked) for into, remote, checked in plan if cas[remote.name] is not None]
+    steps += [("secret", into, remote, checked) for into, remote, checked in plan]
     steps += [("entry", into, remote, checked) for into, remote, checked in plan]
+    issued: dict[tuple[str, str], dict[str, bytes]] = {}
     done: list[tuple[str, Undo]] = []
     for kind, into, remote, checked in steps:
-        if kind == "secret":
-            what = f"Secret {SECRETS_NAMESPACE}/{copied_secret_name(remote.name)} in {into.name}"
-        else:
-            what = f"{remote.name} in {into.name}'s spec.clusters"
+        undo: Undo | None
         try:
-            undo = copy_secret(into, remote, checked) if kind == "secret" else add_remote(into, remote, checked)
-        except KubeError as exc:
+            if kind == "reader":
+                what = f"reader {into.name} in {remote.name}'s store"
+                ca = cas[remote.name]
+                assert ca is not None
+                issued[into.name, remote.name], undo = add_reader(remote.kube, remote.name, ca, into.name)
+            elif kind == "secret":
+                what = f"Secret {SECRETS_NAMESPACE}/{copied_secret_name(remote.name)} in {into.name}"
+                entry, data = checked
+                undo = copy_secret(into, remote, (entry, issued.get((into.name, remote.name), data)))
+            else:
+                what = f"{remote.name} in {into.name}'s spec.clusters"
+                undo = add_remote(into, remote, checked)
+        except (KubeError, CertsError) as exc:
             failed = _roll_back(done)
             if failed:
                 raise ConnectError(
@@ -276,22 +324,58 @@ def disconnect(source: Side, destination: Side, both_ways: bool = True) -> list[
     if source.name == destination.name:
         raise ConnectError(f"both sides are cluster {source.name}: nothing to disconnect")
     changed = forget_remote(source, destination.name)
+    # The source no longer reads the destination: its reader there is revoked.
+    changed += revoke(destination, source.name)
     if both_ways:
         try:
             changed += forget_remote(destination, source.name)
-        except KubeError as exc:
+            changed += revoke(source, destination.name)
+        except (KubeError, ConnectError) as exc:
             done = f"{'; '.join(changed)}; " if changed else ""
             raise ConnectError(f"{done}{destination.name} failed: {exc}; run disconnect again") from exc
     return changed
 
 
+def revoke(store: Side, peer: str) -> list[str]:
+    """Shut ``peer``'s reader out of ``store``'s store (identity.revoke_reader); returns what changed."""
+    try:
+        with store_ca(store.kube, store.name, store.pki_dir) as ca:
+            changed, warnings = revoke_reader(store.kube, store.name, ca, peer)
+    except (CertsError, KubeError) as exc:
+        raise ConnectError(f"revoking {peer} in {store.name}: {exc}") from exc
+    for warning in warnings:
+        log.warning("%s", warning)
+    return changed
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
 def _load_pair(args: argparse.Namespace) -> tuple[Side, Side]:
-    source = load_side(KubeClient(args.kubeconfig, args.context), args.clustermesh)
+    source = load_side(KubeClient(args.kubeconfig, args.context), args.clustermesh, _path(args.pki_dir))
     destination = load_side(
         KubeClient(args.destination_kubeconfig or args.kubeconfig, args.destination_context),
-        args.destination_clustermesh,
+        args.destination_clustermesh, _path(args.destination_pki_dir),
     )
     return source, destination
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    try:
+        store = load_side(KubeClient(args.kubeconfig, args.context), args.clustermesh, _path(args.pki_dir))
+        changed = revoke(store, args.peer)
+    except (KubeError, ConnectError) as exc:
+        print(f"clustermesh revoke: {exc}", file=sys.stderr)
+        return 1
+    if not changed:
+        print(f"{args.peer} holds no reader in {store.name}'s store; nothing to do")
+        return 0
+    for line in changed:
+        print(line)
+    print(f"{args.peer} can no longer read {store.name}'s store (the store pods apply it when the kubelet "
+          "refreshes their Secrets, about a minute); its spec.clusters entries are unchanged")
+    return 0
 
 
 def run_connect(args: argparse.Namespace) -> int:

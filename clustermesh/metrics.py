@@ -45,6 +45,12 @@ STORE_REACHABLE = Gauge(
     "1 when the last state-store request succeeded.",
 )
 
+CERTIFICATE_EXPIRY = Gauge(
+    "clustermesh_certificate_expiry_timestamp_seconds",
+    "When each certificate this process uses stops being valid (Unix time): alert well before it.",
+    ["certificate"],
+)
+
 DATAPATH_MAP_FULL = Counter(
     "clustermesh_datapath_map_full_total",
     "Desired states refused (nothing written) because a socket-LB map is too small.",

@@ -31,7 +31,7 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from clustermesh import metrics
+from clustermesh import metrics, pki
 from clustermesh.agent.merge import LocalService, local_service
 from clustermesh.agent.pipeline import ServiceMerger
 from clustermesh.agent.routes import RouteTable, RoutingError
@@ -232,6 +232,8 @@ class Agent:
                 except (KubeError, KeyError, ValueError, IndexError, TypeError) as exc:
                     refused[name] = f"cannot read its settings: {exc}"
                     unreadable.add(name)
+            pki.observe_files({f"remote {c.name} {label}": path for c in configs.values()
+                               for label, path in (("ca.crt", c.ca_cert), ("tls.crt", c.cert_file))})
             max_id = self.identity.max_connected_clusters
             if int(spec.get("maxConnectedClusters") or MAX_CLUSTER_ID) != max_id:
                 self._refuse_once("maxConnectedClusters", "maxConnectedClusters changed; restart the agent to use it")

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from clustermesh import schema
-from clustermesh.agent.status_view import RemoteFinding, not_ready, render_text, status_document
+from clustermesh.agent.status_view import (
+    CertificateFinding,
+    RemoteFinding,
+    not_ready,
+    render_text,
+    status_document,
+)
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import Endpoint, KVStoreError
 from clustermesh.store import remote
@@ -67,7 +73,8 @@ def probe_remote(config: RemoteConfig, timeout: float = PROBE_TIMEOUT,
     return RemoteFinding(name, config.id, config.endpoint, not_ready=reason, services=services, nodes=nodes)
 
 
-def collect(kube: KubeClient, mesh: Mapping[str, Any], secrets_dir: Path, secrets_namespace: str) -> dict[str, Any]:
+def collect(kube: KubeClient, mesh: Mapping[str, Any], secrets_dir: Path, secrets_namespace: str,
+            store_namespace: str = "clustermesh-system") -> dict[str, Any]:
     """The status document for ``mesh``: every ``spec.clusters`` entry looked at once (in parallel)."""
     spec: Mapping[str, Any] = mesh.get("spec") or {}
     local = spec.get("localCluster") or {}
@@ -90,7 +97,42 @@ def collect(kube: KubeClient, mesh: Mapping[str, Any], secrets_dir: Path, secret
     if usable:
         with ThreadPoolExecutor(min(MAX_PARALLEL_PROBES, len(usable)), thread_name_prefix="status-probe") as pool:
             findings += pool.map(lambda rc: probe_remote(rc, max_cluster_id=max_id), usable)
-    return status_document(mesh, findings)
+    return status_document(mesh, findings, certificates(kube, configs, store_namespace))
+
+
+def certificates(kube: KubeClient, configs: list[RemoteConfig], store_namespace: str) -> list[CertificateFinding]:
+    """Every certificate the mesh depends on that this user can read: each remote's CA and client
+    certificate (as connect copied them), and this cluster's store certificates and readers'."""
+    from clustermesh import certs, pki
+
+    found: list[CertificateFinding] = []
+
+    def add(name: str, pem: bytes) -> None:
+        try:
+            found.extend(CertificateFinding(e.name, e.not_after) for e in pki.expiries(name, pem))
+        except ValueError:
+            log.warning("%s is not a PEM certificate; not checked for expiry", name)
+
+    for rc in configs:
+        for label, path in (("ca.crt", rc.ca_cert), ("tls.crt", rc.cert_file)):
+            if path:
+                add(f"remote {rc.name} {label}", Path(path).read_bytes())
+    try:
+        tls = kube.read_secret(store_namespace, certs.TLS_SECRET)
+        users = kube.read_secret(store_namespace, certs.USERS_SECRET)
+        readers = sorted(users.data) if users else []
+        access = {r: kube.read_secret(store_namespace, certs.access_secret_name(r)) for r in readers}
+    except KubeError as exc:  # a user without Secret access in the store's namespace
+        log.info("store certificates not checked: %s", exc)
+        return found
+    if tls is not None:
+        for key in sorted(tls.data):
+            if key.endswith(".crt"):
+                add(f"store {key}", tls.data[key])
+    for reader, secret in access.items():
+        if secret is not None and "tls.crt" in secret.data:
+            add(f"reader {reader} tls.crt", secret.data["tls.crt"])
+    return found
 
 
 def _in_lab_underlay(host: str) -> bool:

@@ -18,19 +18,25 @@ The JSON document (``STATUS_FORMAT`` 1) is::
                   "exportedServices": 3, "exportedNodes": 2, "lastSyncTime": "2026-01-01T00:00:00Z"},
      "remotes": [{"name": "cluster-2", "id": 2, "endpoint": "https://...", "connected": true,
                   "ready": true, "reason": null, "services": 10000, "nodes": 2}],
+     "certificates": [{"name": "remote cluster-2 tls.crt", "notAfter": "2027-12-03T09:00:00+00:00",
+                       "daysLeft": 365.0, "state": "ok"}],
      "ready": true}
 
 ``operator.lastSyncTime`` and the counts are null when unknown; ``ready`` at the
-top is true when every remote is ready (also when there is none).
+top is true when every remote is ready (also when there is none). A certificate's
+``state`` is ``ok``, ``expiring`` (within ``CERT_WARNING``: 30 days) or ``expired``;
+an expired one makes the command fail as a remote that is not ready does.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 STATUS_FORMAT = 1
+CERT_WARNING = dt.timedelta(days=30)
 TABLE_HEADER = ["REMOTE", "ID", "ENDPOINT", "CONNECTED", "READY", "SERVICES", "NODES", "REASON"]
 
 
@@ -89,22 +95,58 @@ def operator_view(status: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def status_document(mesh: Mapping[str, Any], remotes: Sequence[RemoteFinding]) -> dict[str, Any]:
-    """The whole status: local identity, the operator's conditions, each remote, the verdict."""
+@dataclass(frozen=True)
+class CertificateFinding:
+    """One certificate the mesh depends on: where it is and when it ends."""
+
+    name: str
+    not_after: dt.datetime
+
+
+def certificate_view(found: CertificateFinding, at: dt.datetime) -> dict[str, Any]:
+    left = found.not_after - at
+    state = "expired" if left <= dt.timedelta(0) else "expiring" if left <= CERT_WARNING else "ok"
+    return {"name": found.name, "notAfter": found.not_after.isoformat(),
+            "daysLeft": round(left.total_seconds() / 86400, 1), "state": state}
+
+
+def status_document(mesh: Mapping[str, Any], remotes: Sequence[RemoteFinding],
+                    certificates: Sequence[CertificateFinding] = (), at: dt.datetime | None = None) -> dict[str, Any]:
+    """The whole status: local identity, the operator's conditions, each remote, the certificates'
+    expiry, the verdict."""
     local = (mesh.get("spec") or {}).get("localCluster") or {}
     views = [remote_view(r) for r in sorted(remotes, key=lambda r: r.name)]
+    now = at or dt.datetime.now(dt.UTC)
+    certs = [certificate_view(c, now) for c in sorted(certificates, key=lambda c: c.not_after)]
     return {
         "format": STATUS_FORMAT,
         "localCluster": {"name": local.get("name"), "id": _int_or_none(local.get("id"))},
         "operator": operator_view(mesh.get("status") or {}),
         "remotes": views,
-        "ready": all(v["ready"] for v in views),
+        "certificates": certs,
+        "ready": all(v["ready"] for v in views) and not any(c["state"] == "expired" for c in certs),
     }
 
 
+def certificate_lines(doc: Mapping[str, Any]) -> list[str]:
+    """A warning per certificate within 30 days of its end, an error per expired one."""
+    lines = []
+    for c in doc.get("certificates") or []:
+        day = c["notAfter"][:10]
+        if c["state"] == "expired":
+            lines.append(f"error: certificate {c['name']} expired on {day}: the mesh cannot use it. Renew with "
+                         "`clustermesh certs --renew` (or the clustermesh-certs CronJob), then connect again")
+        elif c["state"] == "expiring":
+            lines.append(f"warning: certificate {c['name']} expires in {c['daysLeft']:g} days ({day}): run "
+                         "`clustermesh certs --renew` (or let the clustermesh-certs CronJob run)")
+    return lines
+
+
 def not_ready(doc: Mapping[str, Any]) -> list[str]:
-    """``name: why`` for every remote that is not ready, for the error message of ``--wait``."""
-    return [f"{r['name']}: {r['reason'] or 'not ready'}" for r in doc["remotes"] if not r["ready"]]
+    """``name: why`` for every remote that is not ready and every expired certificate, for the
+    error message of ``--wait``."""
+    return ([f"{r['name']}: {r['reason'] or 'not ready'}" for r in doc["remotes"] if not r["ready"]]
+            + [f"certificate {c['name']} expired" for c in doc.get("certificates") or [] if c["state"] == "expired"])
 
 
 def _cell(value: object) -> str:
@@ -135,10 +177,10 @@ def render_text(doc: Mapping[str, Any]) -> str:
     lines = [headline(doc)]
     if not doc["remotes"]:
         lines.append("no remote clusters in the ClusterMesh")
-        return "\n".join(lines)
-    rows = [TABLE_HEADER]
-    for r in doc["remotes"]:
-        rows.append([_cell(r[k]) for k in ("name", "id", "endpoint", "connected", "ready", "services", "nodes")]
-                    + [_cell(r["reason"]) if r["reason"] else ""])
-    lines.append(table(rows))
-    return "\n".join(lines)
+    else:
+        rows = [TABLE_HEADER]
+        for r in doc["remotes"]:
+            rows.append([_cell(r[k]) for k in ("name", "id", "endpoint", "connected", "ready", "services", "nodes")]
+                        + [_cell(r["reason"]) if r["reason"] else ""])
+        lines.append(table(rows))
+    return "\n".join(lines + certificate_lines(doc))

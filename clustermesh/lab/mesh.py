@@ -49,7 +49,7 @@ from clustermesh.lab.servers import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-STORE_NODE_PORT = 32379  # deploy/base/store.yaml: the store Service's NodePort
+STORE_NODE_PORT = 32391  # deploy/base/store.yaml: the store Service's NodePort
 Say = Callable[[int, int, str], None]
 
 
@@ -306,7 +306,8 @@ class LabMesh:
         secrets_dir = overlay / "secrets"
         addresses = [f"--ip={n.netns.address}" for n in c.nodes]
         res = subprocess.run([sys.executable, "-m", "clustermesh.cli", "certs", "--cluster", c.name, *addresses,
-                              "--pki-dir", str(c.directory / "store-pki"), "--output-dir", str(secrets_dir)],
+                              "--pki-dir", str(c.directory / "store-pki"), "--in-cluster-ca",
+                              "--output-dir", str(secrets_dir)],
                              capture_output=True, text=True, timeout=120, cwd=REPO)
         if res.returncode != 0:
             raise ServerError(f"clustermesh certs for {c.name}: {res.stderr.strip()}")
@@ -331,8 +332,8 @@ class LabMesh:
 
     def _mesh_object_for_deploy(self, c: LabCluster) -> None:
         # Every node serves the NodePort: readers move to the next address when one fails.
-        access = {"endpoints": [f"https://{n.netns.address}:{STORE_NODE_PORT}" for n in c.nodes],
-                  "tls": {"secretName": "clustermesh-access-remote", "secretNamespace": "clustermesh-system"}}
+        # No shared access Secret: connect gives each peer its own reader from this store's CA.
+        access = {"endpoints": [f"https://{n.netns.address}:{STORE_NODE_PORT}" for n in c.nodes]}
         mesh = {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": "default"},
                 "spec": {"localCluster": {"name": c.name, "id": c.index}, "access": access}}
         c.kubectl("apply", "-f", "-", stdin=json.dumps(mesh))
@@ -391,7 +392,12 @@ class LabMesh:
             kubes[c.name] = KubeClient(str(c.cp.kubeconfig))
         for i, a in enumerate(self.clusters):
             for b in self.clusters[i + 1:]:
-                connect(load_side(kubes[a.name], "default"), load_side(kubes[b.name], "default"))
+                if self.from_manifests:  # one reader per peer, from each store's CA (clustermesh certs)
+                    connect(load_side(kubes[a.name], "default", a.directory / "store-pki"),
+                            load_side(kubes[b.name], "default", b.directory / "store-pki"))
+                else:  # stores the lab made itself, with one shared reader
+                    connect(load_side(kubes[a.name], "default"), load_side(kubes[b.name], "default"),
+                            per_peer=False)
 
     def _route_between_nodes(self, c: LabCluster) -> None:
         """The lab's CNI between the nodes of one cluster: each node's pod CIDR via its underlay

@@ -279,6 +279,7 @@ class EtcdGrpcProxy:
         pki: CertificateAuthority | None = None,
         backend_cert: CertPair | None = None,
         cgroup: Path | None = None,
+        crl: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -306,6 +307,9 @@ class EtcdGrpcProxy:
                 f"--cert-file={serving.cert}",
                 f"--key-file={serving.key}",
             ]
+            if crl is not None:
+                # Read again at every handshake: a revoked reader is refused without a restart.
+                argv.append(f"--client-crl-file={crl}")
         self.process = Process(name, argv, directory / f"{name}.log", cgroup)
 
     def start(self, timeout: float = 30.0) -> EtcdGrpcProxy:

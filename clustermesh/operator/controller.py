@@ -24,7 +24,7 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from clustermesh import metrics, schema
+from clustermesh import metrics, pki, schema
 from clustermesh.cluster.export import ClusterIdentity, export_node, export_service
 from clustermesh.cluster.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
@@ -51,6 +51,8 @@ class OperatorConfig:
     status_interval: float = 2.0
     """Seconds between ClusterMesh status updates (only sent when something changed)."""
     resync_interval: float = 300.0
+    certificates: tuple[tuple[str, str], ...] = ()
+    """(name, path) of the certificates this operator uses: their expiry is a metric, checked at each resync."""
     """Seconds between full listings that remove objects whose deletion event was missed."""
     watch_remotes: bool = True
     """Connect to every remote of spec.clusters and report its readiness in status.remotes."""
@@ -328,6 +330,7 @@ class Operator:
 
     async def _resync_loop(self) -> None:
         while True:
+            pki.observe_files(dict(self.config.certificates))
             await asyncio.sleep(self.config.resync_interval)
             refs = await self._list_everything()
             self._export(refs)

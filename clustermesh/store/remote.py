@@ -33,6 +33,7 @@ from typing import Any
 from clustermesh import metrics, schema
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
 from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError
+from clustermesh.scratch import write_private
 from clustermesh.store.watch import WatchStore
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,7 @@ def remote_config_from_spec(kube: Any, spec: dict[str, Any], secrets_dir: Path, 
         paths = {}
         for name in ("ca.crt", "tls.crt", "tls.key"):
             if name in data:
-                (folder / name).write_bytes(data[name])
-                (folder / name).chmod(0o600)
+                write_private(folder / name, data[name])  # created 0600, never looser for a moment
                 paths[name] = str(folder / name)
         ca, cert, key = paths.get("ca.crt"), paths.get("tls.crt"), paths.get("tls.key")
         user = data["username"].decode() if "username" in data else None

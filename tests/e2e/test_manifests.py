@@ -5,6 +5,7 @@ the store Deployment and the agent DaemonSet as Pods; the lab starts no operator
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,15 +77,18 @@ def test_a_deleted_agent_pod_comes_back_and_no_request_fails(lab: Lab) -> None:
 
 
 def _store_login(lab: Lab, context: str, password: str) -> str:
-    """etcd's answer to a login as the remote reader, asked inside the store pod."""
+    """etcd's answer to a login as lab-1's reader, asked inside the store pod (the container that holds
+    a client certificate etcd itself accepts)."""
     script = ("ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:12379 --cacert=/etc/clustermesh/tls/ca.crt "
               "--cert=/etc/clustermesh/tls/root.crt --key=/etc/clustermesh/tls/root.key "
-              f"--user=remote:{password} get --prefix --keys-only --limit=1 cilium/cluster-config/ 2>&1 || true")
-    return lab.kubectl(context, "exec", *SYSTEM, "deploy/clustermesh-store", "-c", "etcd", "--", "sh", "-c", script)
+              f"--user=lab-1:{password} get --prefix --keys-only --limit=1 cilium/cluster-config/ 2>&1 || true")
+    return lab.kubectl(context, "exec", *SYSTEM, "deploy/clustermesh-store", "-c", "etcd-users", "--", "sh", "-c",
+                       script)
 
 
 def _password(lab: Lab, context: str) -> str:
-    secret = lab.json(context, "get", "secret", *SYSTEM, "clustermesh-access-remote")
+    # lab-1's own reader in lab-2's store (connect made it).
+    secret = lab.json(context, "get", "secret", *SYSTEM, "clustermesh-access-lab-1")
     return base64.b64decode(secret["data"]["password"]).decode()
 
 
@@ -101,7 +105,8 @@ def test_rotated_credentials_take_effect_without_a_restart_and_lose_nothing(lab:
         pki = str(lab.dir / "lab-2" / "store-pki")
         for argv in (["certs", "--cluster", "lab-2", "--rotate", *ips, "--pki-dir", pki, "--kubeconfig", kubeconfig_2],
                      ["connect", "--kubeconfig", lab.kubeconfig, "--context", "lab-1",
-                      "--destination-context", "lab-2"]):
+                      "--destination-context", "lab-2", "--pki-dir", str(lab.dir / "lab-1" / "store-pki"),
+                      "--destination-pki-dir", pki]):
             res = subprocess.run([sys.executable, "-m", "clustermesh.cli", *argv], capture_output=True, text=True,
                                  timeout=120, cwd=REPO)
             assert res.returncode == 0, res.stderr
@@ -117,6 +122,58 @@ def test_rotated_credentials_take_effect_without_a_restart_and_lose_nothing(lab:
         assert [(r["name"], r["ready"], r["connected"]) for r in remotes] == [("lab-2", True, True)], remotes
 
     _failover(lab, rotate, lambda: eventually(switched, timeout=120, interval=2), only_remote_for=0)
+
+
+def _secret(lab: Lab, context: str, name: str) -> dict[str, bytes]:
+    data = lab.json(context, "get", "secret", *SYSTEM, name)["data"]
+    return {k: base64.b64decode(v) for k, v in data.items()}
+
+
+def test_the_renewal_cronjob_renews_the_store_certificates_live_and_loses_nothing(lab: Lab) -> None:
+    """lab-2's CA is in the cluster (certs --in-cluster-ca), so deploy/'s CronJob can renew: a Job from
+    it, told that every certificate is due, gives lab-2's store new certificates; the store pods use
+    them without a restart, while every answer x-wing in lab-1 gets comes from lab-2 (lab-1's
+    rebel-base at 0) and none is lost."""
+    before = _secret(lab, "lab-2", "clustermesh-store-tls")
+    reader_before = _secret(lab, "lab-2", "clustermesh-access-lab-1")
+    restarts = {name: [c["restartCount"] for c in pod["status"]["containerStatuses"]]
+                for name, pod in components(lab, "lab-2").items() if name.startswith("clustermesh-store")}
+    cronjob = lab.json("lab-2", "get", "cronjobs.v1beta1.batch", *SYSTEM, "clustermesh-certs")
+    template = cronjob["spec"]["jobTemplate"]
+    container = template["spec"]["template"]["spec"]["containers"][0]
+    # Every leaf is due: the window is longer than their lifetime (365 days).
+    container["args"] = [*container["args"], "--leaf-lifetime=500d", "--renew-before=400d"]
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "clustermesh-certs-now", "namespace": "clustermesh-system"},
+           "spec": template["spec"]}
+
+    def renew() -> None:
+        lab.kubectl("lab-1", "scale", "deployment", "rebel-base", "--replicas=0")
+        res = subprocess.run(["kubectl", "--kubeconfig", lab.kubeconfig, "--context", "lab-2", "create", "-f", "-"],
+                             input=json.dumps(job), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        lab.kubectl("lab-2", "wait", *SYSTEM, "--for=condition=complete", "job/clustermesh-certs-now",
+                    "--timeout=120s", timeout=130)
+
+    def applied() -> None:
+        after = _secret(lab, "lab-2", "clustermesh-store-tls")
+        assert after["ca.crt"] == before["ca.crt"]
+        for name in ("etcd.crt", "root.crt", "proxy.crt", "proxy-backend.crt"):
+            assert after[name] != before[name], name
+        assert _secret(lab, "lab-2", "clustermesh-access-lab-1")["tls.crt"] != reader_before["tls.crt"]
+        # The pods' files follow the Secret (the kubelet's refresh), with no container restarted.
+        served = lab.kubectl("lab-2", "exec", *SYSTEM, "deploy/clustermesh-store", "-c", "grpc-proxy", "--",
+                             "cat", "/etc/clustermesh/tls/proxy.crt")
+        assert served.strip() == after["proxy.crt"].decode().strip()
+        now = {name: [c["restartCount"] for c in pod["status"]["containerStatuses"]]
+               for name, pod in components(lab, "lab-2").items() if name.startswith("clustermesh-store")}
+        assert now == restarts
+
+    def settle() -> None:
+        eventually(applied, timeout=120, interval=2)
+        lab.kubectl("lab-1", "scale", "deployment", "rebel-base", "--replicas=2")
+
+    _failover(lab, renew, settle, only_remote_for=3)
 
 
 def test_teardown_leaves_nothing(lab: Lab) -> None:

@@ -9,6 +9,7 @@ applied for real and checked with `kubectl auth can-i --as` for both ServiceAcco
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import time
@@ -32,7 +33,7 @@ from tests.prereq import require_binary
 pytestmark = pytest.mark.integration
 
 DEPLOY = REPO / "deploy"
-BUILDS = ["", "base", "overlays/kind", "overlays/lab", "overlays/loadbalancer"]
+BUILDS = ["", "base", "overlays/kind", "overlays/lab", "overlays/loadbalancer", "overlays/in-cluster-ca"]
 NAMESPACES = ("clustermesh-system", "clustermesh-remotes")
 OPERATOR = "system:serviceaccount:clustermesh-system:clustermesh-operator"
 AGENT = "system:serviceaccount:clustermesh-system:clustermesh-agent"
@@ -51,6 +52,8 @@ def for_1_20(manifests: str) -> str:
     for doc in docs:
         if doc["kind"] == "PodDisruptionBudget" and doc["apiVersion"] == "policy/v1":
             doc["apiVersion"] = "policy/v1beta1"
+        if doc["kind"] == "CronJob" and doc["apiVersion"] == "batch/v1":  # batch/v1 came with 1.21
+            doc["apiVersion"] = "batch/v1beta1"
     return str(yaml.safe_dump_all(docs))
 
 
@@ -216,7 +219,8 @@ def test_the_agent_reads_a_connected_remote_with_its_own_rights_and_nothing_else
         installed: str, tmp_path: Path) -> None:
     """`clustermesh certs` output, copied into clustermesh-remotes as connect does, read by
     agent/remote.py through a client that is the agent's ServiceAccount."""
-    access = {d.name: d for d in make_secrets(CertsConfig("cluster-2"), tmp_path / "pki")}["clustermesh-access-remote"]
+    access = {d.name: d for d in make_secrets(CertsConfig("cluster-2", readers=("remote",)),
+                                              tmp_path / "pki")}["clustermesh-access-remote"]
     copy = {**access.manifest(), "metadata": {"name": "clustermesh-remote-cluster-2",
                                               "namespace": "clustermesh-remotes"}}
     kubectl(installed, "apply", "-f", "-", stdin=yaml.safe_dump(copy))
@@ -261,6 +265,13 @@ class StorePod:
             # As the kubelet updates a mounted Secret: every file of a version at once.
             write_projected(folder, docs[name])
         return docs
+
+    def project(self, kube: KubeClient, namespace: str = "clustermesh-system") -> None:
+        """Mount the Secrets as they are on the API server, as the kubelet refreshes them."""
+        for folder, name in ((self.tls, "clustermesh-store-tls"), (self.users, "clustermesh-store-users")):
+            state = kube.read_secret(namespace, name)
+            assert state is not None, name
+            write_projected(folder, state.data)
 
     def script(self, mode: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["sh", str(DEPLOY / "base" / "store.sh"), mode], env=self.env, capture_output=True,
@@ -326,6 +337,7 @@ def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None
 
 def test_store_script_gives_each_reader_read_only_access_through_the_proxy(store_pod: StorePod) -> None:
     store_pod.start("etcd")  # enables auth itself before it serves on the port the proxy uses
+    store_pod.start("sync")  # adds the readers; the proxy opens only after that
     store_pod.start("proxy")
     access = store_pod.write_secrets(("cluster-2", "cluster-3"))  # a re-run changes nothing
     with store_pod.root_client() as root:
@@ -369,3 +381,163 @@ def test_store_script_applies_rotated_passwords_and_removed_readers_live(store_p
     _wait_for(lambda: can_read(new["clustermesh-access-cluster-2"]), "the rotated password")
     _wait_for(lambda: not can_read(old["clustermesh-access-cluster-3"]), "the removed reader to be refused")
     assert not can_read(old["clustermesh-access-cluster-2"])
+
+
+# ----------------------------------------------------------------- one identity per peer, revocation
+
+
+def etcdctl(pod: StorePod, access: dict[str, bytes], *args: str,
+            login: bool = True) -> subprocess.CompletedProcess[str]:
+    """etcdctl through the store's grpc-proxy with a peer's certificate, and its login unless not ``login``."""
+    folder = pod.root / f"ctl-{access['username'].decode()}"
+    folder.mkdir(exist_ok=True)
+    for key in ("ca.crt", "tls.crt", "tls.key"):
+        (folder / key).write_bytes(access[key])
+    argv = ["etcdctl", f"--endpoints=https://127.0.0.1:{pod.ports['proxy']}", f"--cacert={folder / 'ca.crt'}",
+            f"--cert={folder / 'tls.crt'}", f"--key={folder / 'tls.key'}", "--dial-timeout=2s",
+            "--command-timeout=3s"]
+    if login:
+        argv.append(f"--user={access['username'].decode()}:{access['password'].decode()}")
+    argv += args
+    try:
+        return subprocess.run(argv, env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, text=True,
+                              timeout=5)  # what is allowed answers in well under a second
+    except subprocess.TimeoutExpired as exc:
+        # `lease list` has no deadline in etcdctl 3.4: a refused handshake is retried until killed.
+        return subprocess.CompletedProcess(argv, -9, exc.stdout or "", exc.stderr or "")
+
+
+@pytest.fixture
+def peers(kubeconfig: str, store_pod: StorePod) -> Iterator[KubeClient]:
+    """cluster-1's store Secrets (from `clustermesh certs`) and three ClusterMesh objects standing for
+    cluster-1 and its peers cluster-2 and cluster-3, on the shared API server; removed afterwards."""
+    from tests.integration.test_connect import mesh
+    from tests.kubectl import apply_object
+
+    apply_crds(kubeconfig)
+    kube = KubeClient(kubeconfig)
+    for namespace in NAMESPACES:
+        kube.ensure_namespace(namespace)
+    docs = make_secrets(CertsConfig("cluster-1"), store_pod.pki)
+    for doc in docs:
+        kube.put_secret(doc.namespace, doc.name, doc.data, labels=doc.labels)
+    for cid in (1, 2, 3):
+        apply_object(kubeconfig, mesh(f"cluster-{cid}", f"cluster-{cid}", cid, access=False))
+        kubectl(kubeconfig, "patch", "clustermesh", f"cluster-{cid}", "--type", "merge", "-p",
+                json.dumps({"spec": {"access": {"endpoints": [f"https://127.0.0.1:{store_pod.ports['proxy']}"]}}}))
+    try:
+        yield kube
+    finally:
+        for cid in (1, 2, 3):
+            kubectl(kubeconfig, "delete", "clustermesh", f"cluster-{cid}", "--ignore-not-found")
+        kubectl(kubeconfig, "-n", "clustermesh-system", "delete", "secret", "--ignore-not-found",
+                "clustermesh-store-tls", "clustermesh-store-users", "clustermesh-access-cluster-2",
+                "clustermesh-access-cluster-3")
+        kubectl(kubeconfig, "-n", "clustermesh-remotes", "delete", "secret", "--ignore-not-found",
+                "clustermesh-remote-cluster-1")
+
+
+def test_each_peer_gets_its_own_reader_and_a_revoked_one_is_shut_out(store_pod: StorePod, peers: KubeClient) -> None:
+    from clustermesh.connect import connect, load_side, revoke
+
+    kube = peers
+    access: dict[str, dict[str, bytes]] = {}
+    for peer in ("cluster-2", "cluster-3"):
+        # The peer reads cluster-1: it gets a reader of its own in cluster-1's store, copied to it.
+        connect(load_side(kube, peer), load_side(kube, "cluster-1", store_pod.pki), both_ways=False)
+        access[peer] = kube.get_secret("clustermesh-remotes", "clustermesh-remote-cluster-1")
+    two, three = access["cluster-2"], access["cluster-3"]
+    assert (two["username"], three["username"]) == (b"cluster-2", b"cluster-3")
+    assert two["password"] != three["password"] and two["tls.crt"] != three["tls.crt"]
+    assert two["tls.key"] != three["tls.key"]
+
+    store_pod.project(kube)
+    store_pod.start("etcd")
+    store_pod.start("sync")
+    store_pod.start("proxy")
+    key = "cilium/state/services/v1/cluster-1/ns/svc"
+    with store_pod.root_client() as root:
+        _wait_for(lambda: root.put(key, "{}") is None, "etcd as root")
+        lease = root.grant_lease(600)
+        root.put(key, "{}", lease=lease)
+        root.put("private/leased", "no", lease=lease)  # outside cilium/: CVE-2023-32082 listed it
+    held = store_pod.reader(two)  # an open connection from before the revocation
+    for peer in ("cluster-2", "cluster-3"):
+        _wait_for(lambda peer=peer: etcdctl(store_pod, access[peer], "get", key).returncode == 0, f"{peer} reads")
+    assert held.get(key) == "{}"
+    # The proxy's cache now holds this range: a client it serves from there is never asked for a login.
+    assert etcdctl(store_pod, three, "get", "--consistency=s", key).returncode == 0
+
+    changed = revoke(load_side(kube, "cluster-1", store_pod.pki), "cluster-2")
+    assert any("CRL" in line for line in changed), changed
+    assert kube.read_secret("clustermesh-system", "clustermesh-access-cluster-2") is None
+    store_pod.project(kube)  # the kubelet's refresh of the store pod's volumes
+    _wait_for(lambda: etcdctl(store_pod, two, "get", key).returncode != 0, "cluster-2 to be refused")
+
+    # cluster-3 fills the (restarted) proxy's cache again.
+    assert etcdctl(store_pod, three, "get", "--consistency=s", key).returncode == 0
+    for what, args in (("linearizable read", ("get", key)),
+                       ("serializable read (the proxy's cache)", ("get", "--consistency=s", key)),
+                       ("lease grant", ("lease", "grant", "600")),
+                       ("lease list", ("lease", "list")),
+                       ("lease keys", ("lease", "timetolive", f"{lease:x}", "--keys"))):
+        for login in (True, False):  # with its password, and with the certificate alone
+            res = etcdctl(store_pod, two, *args, login=login)
+            assert res.returncode != 0, f"revoked cluster-2 (login {login}) still has {what}: {res.stdout}"
+            assert "private/leased" not in res.stdout
+    with pytest.raises(KVStoreError):
+        held.get(key)  # its open connection is closed too, and it cannot open another
+    held.close()
+    # The other peer keeps reading, also from the cache.
+    assert etcdctl(store_pod, three, "get", key).returncode == 0
+    assert etcdctl(store_pod, three, "get", "--consistency=s", key).returncode == 0
+
+
+def _mounted_items(pod_spec: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    """Every Secret key a container can read ("<secret>/<key>"; "<secret>/*" for a whole Secret), and
+    "token" when a service-account token reaches it."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    out: set[str] = set()
+    if pod_spec.get("automountServiceAccountToken", True) is not False:
+        out.add("token")
+    for mount in container.get("volumeMounts", []):
+        vol = volumes[mount["name"]]
+        sources = [vol] if "secret" in vol else [
+            {**src} for src in (vol.get("projected") or {}).get("sources", [])]
+        for src in sources:
+            if "serviceAccountToken" in src:
+                out.add("token")
+            if "secret" in src:
+                secret = src["secret"]
+                name = secret.get("secretName") or secret.get("name")
+                items = secret.get("items")
+                out |= {f"{name}/{i['key']}" for i in items} if items else {f"{name}/*"}
+    return out
+
+
+def test_the_store_pod_mounts_each_secret_item_only_where_it_is_used() -> None:
+    docs = [d for d in yaml.safe_load_all(build("")) if d]
+    store = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "clustermesh-store")
+    pod = store["spec"]["template"]["spec"]
+    mounted = {c["name"]: _mounted_items(pod, c) for c in pod["containers"]}
+    root_key = "clustermesh-store-tls/root.key"
+    assert {name for name, items in mounted.items() if root_key in items} == {"etcd-users", "operator"}
+    users = {name for name, items in mounted.items()
+             if any(i.startswith("clustermesh-store-users/") for i in items)}
+    assert users == {"etcd-users"}
+    assert {name for name, items in mounted.items() if "token" in items} == {"operator"}
+    assert not any(i.startswith("clustermesh-store-ca/") for items in mounted.values() for i in items)
+    assert mounted["grpc-proxy"] == {f"clustermesh-store-tls/{k}" for k in (
+        "ca.crt", "crl.pem", "proxy.crt", "proxy.key", "proxy-backend.crt", "proxy-backend.key")}
+    for container in pod["containers"]:
+        for mount in container.get("volumeMounts", []):
+            vol = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+            if "secret" in vol or "projected" in vol:
+                assert mount.get("readOnly") is True, (container["name"], mount["name"])
+                assert (vol.get("secret") or vol.get("projected"))["defaultMode"] == 0o400, vol["name"]
+    # Nothing else in deploy/ that does not call the API server holds a token.
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "DaemonSet", "CronJob"):
+            spec = doc["spec"]["template"]["spec"] if doc["kind"] != "CronJob" else \
+                doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            assert spec.get("automountServiceAccountToken") is not None, doc["metadata"]["name"]

@@ -148,3 +148,36 @@ def test_wait_until_ready_or_say_why_not(kubeconfig: str, kv: KVClient, etcd_ser
             waiting.communicate()
     assert waiting.returncode == 0, err
     assert json.loads(out)["remotes"][0]["ready"] is True
+
+
+def test_status_warns_about_a_store_certificate_near_its_end(kubeconfig: str, mesh_name: str, tmp_path) -> None:
+    """Certificates issued for 20 days by `clustermesh certs`, in the cluster as deploy/ mounts them:
+    status names each one within 30 days of its end, and still exits 0 (a warning, not a failure)."""
+    import datetime as dt
+
+    from clustermesh.certs import CertsConfig, make_secrets
+    from clustermesh.kube import KubeClient
+
+    kube = KubeClient(kubeconfig)
+    kube.ensure_namespace("clustermesh-system")
+    short = CertsConfig("cluster-1", readers=("cluster-2",), leaf_lifetime=dt.timedelta(days=20),
+                        renew_before=dt.timedelta(days=5))
+    docs = make_secrets(short, tmp_path / "pki")
+    for doc in docs:
+        kube.put_secret(doc.namespace, doc.name, doc.data, labels=doc.labels)
+    try:
+        apply_object(kubeconfig, {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh",
+                                  "metadata": {"name": mesh_name},
+                                  "spec": {"localCluster": {"name": "cluster-1", "id": 1}}})
+        res = status(kubeconfig, mesh_name)
+        assert res.returncode == 0, res.stderr
+        for name in ("store etcd.crt", "store proxy.crt", "store root.crt", "reader cluster-2 tls.crt"):
+            assert f"warning: certificate {name} expires in 19.9 days" in res.stdout \
+                or f"warning: certificate {name} expires in 20 days" in res.stdout, res.stdout
+        assert "store ca.crt" not in res.stdout  # 1095 days: nothing to say
+        doc = json.loads(status(kubeconfig, mesh_name, "--output", "json").stdout)
+        states = {c["name"]: c["state"] for c in doc["certificates"]}
+        assert states["store ca.crt"] == "ok" and states["store proxy.crt"] == "expiring"
+    finally:
+        for doc in docs:
+            kubectl(kubeconfig, "-n", doc.namespace, "delete", "secret", doc.name, "--ignore-not-found")

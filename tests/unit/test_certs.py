@@ -5,7 +5,9 @@ tests/integration/test_deploy.py runs them in etcd and grpc-proxy."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import ipaddress
+import os
 import stat
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from clustermesh.store.remote import remote_config_from_spec
 
 @pytest.mark.parametrize(("config", "message"), [
     (CertsConfig("Cluster_1"), "--cluster"),
-    (CertsConfig("c1", readers=()), "at least one"),
+    (CertsConfig("c1", leaf_lifetime=dt.timedelta(days=2000)), "never outlives"),
+    (CertsConfig("c1", renew_before=dt.timedelta(days=400)), "every run"),
     (CertsConfig("c1", readers=("Bad_Name",)), "lowercase"),
     (CertsConfig("c1", readers=("root",)), "writer"),
     (CertsConfig("c1", readers=("a", "a")), "twice"),
@@ -78,7 +81,7 @@ def test_secrets_have_the_keys_the_store_pod_and_the_agents_read(tmp_path: Path)
     assert set(secrets) == {"clustermesh-store-tls", "clustermesh-store-users", "clustermesh-access-remote",
                             "clustermesh-access-cluster-2"}
     assert set(secrets["clustermesh-store-tls"]) == {
-        "ca.crt", "etcd.crt", "etcd.key", "root.crt", "root.key", "proxy.crt", "proxy.key",
+        "ca.crt", "crl.pem", "etcd.crt", "etcd.key", "root.crt", "root.key", "proxy.crt", "proxy.key",
         "proxy-backend.crt", "proxy-backend.key"}
     users = secrets["clustermesh-store-users"]
     assert set(users) == {"remote", "cluster-2"}
@@ -92,14 +95,14 @@ def test_secrets_have_the_keys_the_store_pod_and_the_agents_read(tmp_path: Path)
 
 
 def test_every_certificate_is_signed_by_the_cluster_ca_for_its_role(tmp_path: Path) -> None:
-    secrets = _secrets(tmp_path, ips=("172.18.0.2",))
+    secrets = _secrets(tmp_path, ips=("172.18.0.2",), readers=("cluster-2",))
     tls = secrets["clustermesh-store-tls"]
     ca = _cert(tls["ca.crt"])
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert "cluster-1" in _cn(ca)[0]
     for name in ("etcd", "root", "proxy", "proxy-backend"):
         _cert(tls[f"{name}.crt"]).verify_directly_issued_by(ca)
-    access = secrets["clustermesh-access-remote"]
+    access = secrets["clustermesh-access-cluster-2"]
     _cert(access["tls.crt"]).verify_directly_issued_by(ca)
     assert access["ca.crt"] == tls["ca.crt"]
 
@@ -118,8 +121,8 @@ def test_every_certificate_is_signed_by_the_cluster_ca_for_its_role(tmp_path: Pa
 
 
 def test_a_rerun_keeps_everything_and_rotate_keeps_only_the_ca(tmp_path: Path) -> None:
-    first = _secrets(tmp_path)
-    assert _secrets(tmp_path) == first
+    first = _secrets(tmp_path, readers=("remote",))
+    assert _secrets(tmp_path) == first  # a reader already in the PKI stays without --reader
     rotated = {d.name: d.data for d in make_secrets(CertsConfig("cluster-1"), tmp_path / "pki", rotate=True)}
     assert rotated["clustermesh-store-tls"]["ca.crt"] == first["clustermesh-store-tls"]["ca.crt"]
     for key in ("etcd.crt", "root.key", "proxy.crt", "proxy-backend.key"):
@@ -139,7 +142,9 @@ def test_new_addresses_reissue_only_the_proxy_certificate(tmp_path: Path) -> Non
 
 
 def test_keys_stay_private_on_disk(tmp_path: Path) -> None:
-    docs = make_secrets(CertsConfig("cluster-1"), tmp_path / "pki")
+    (tmp_path / "pki").mkdir(mode=0o755)  # an existing folder is tightened
+    docs = make_secrets(CertsConfig("cluster-1", readers=("cluster-2",)), tmp_path / "pki")
+    assert stat.S_IMODE((tmp_path / "pki").stat().st_mode) == 0o700
     for path in [*(tmp_path / "pki").glob("*.key"), *(tmp_path / "pki").glob("*.password"),
                  *write_yaml(docs, tmp_path / "out")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -163,7 +168,8 @@ def test_the_command_writes_yaml_an_agent_reads_as_a_remote(tmp_path: Path, caps
     out = tmp_path / "out"
     assert main(["certs", "--cluster", "cluster-1", "--reader", "cluster-2", "--ip", "172.18.0.2",
                  "--pki-dir", str(tmp_path / "pki"), "--output-dir", str(out)]) == 0
-    assert "clustermesh-access-cluster-2" in capsys.readouterr().out
+    assert "wrote 3 Secrets" in capsys.readouterr().out
+    assert (out / "clustermesh-access-cluster-2.yaml").exists()
     spec = {"name": "cluster-1", "id": 1, "endpoints": ["https://172.18.0.2:32379"],
             "tls": {"secretName": "clustermesh-access-cluster-2", "secretNamespace": "clustermesh-system"}}
     config = remote_config_from_spec(SecretsFromYaml(out), spec, tmp_path / "agent", "kube-system")
@@ -179,6 +185,93 @@ def test_the_command_explains_a_refusal(tmp_path: Path, capsys: pytest.CaptureFi
     assert not (tmp_path / "out").exists()
 
 
-def test_next_steps_name_the_access_secret() -> None:
-    text = next_steps(CertsConfig("cluster-1", readers=("cluster-2",), ips=("172.18.0.2",)))
-    assert "https://172.18.0.2:PORT" in text and "clustermesh-access-cluster-2" in text
+def test_next_steps_say_where_the_store_is_and_to_connect() -> None:
+    text = next_steps(CertsConfig("cluster-1", ips=("172.18.0.2",)))
+    assert "https://172.18.0.2:PORT" in text and "clustermesh connect" in text
+
+
+def test_no_leaf_outlives_its_ca(tmp_path: Path) -> None:
+    # A CA with 100 days left and leaves asked for a year: every leaf ends with the CA.
+    config = CertsConfig("cluster-1", readers=("cluster-2",), ca_lifetime=dt.timedelta(days=100),
+                         leaf_lifetime=dt.timedelta(days=100), renew_before=dt.timedelta(days=10))
+    make_secrets(config, tmp_path / "pki")
+    longer = CertsConfig("cluster-1", readers=("cluster-2",), renew_before=dt.timedelta(days=10))
+    secrets = {d.name: d.data for d in make_secrets(longer, tmp_path / "pki", rotate=True)}
+    ca = _cert(secrets["clustermesh-store-tls"]["ca.crt"])
+    leaves = [secrets["clustermesh-store-tls"][f"{n}.crt"] for n in ("etcd", "root", "proxy", "proxy-backend")]
+    leaves.append(secrets["clustermesh-access-cluster-2"]["tls.crt"])
+    for pem in leaves:
+        assert _cert(pem).not_valid_after_utc <= ca.not_valid_after_utc
+
+
+def test_a_run_renews_only_what_expires_within_the_window(tmp_path: Path) -> None:
+    short = CertsConfig("cluster-1", readers=("cluster-2",), leaf_lifetime=dt.timedelta(days=20),
+                        renew_before=dt.timedelta(days=5))
+    first = {d.name: d.data for d in make_secrets(short, tmp_path / "pki")}
+    # The same run later with a window that covers the 20-day leaves: all of them, and only them, are new.
+    due = CertsConfig("cluster-1", renew_before=dt.timedelta(days=30))
+    again = {d.name: d.data for d in make_secrets(due, tmp_path / "pki")}
+    tls0, tls1 = first["clustermesh-store-tls"], again["clustermesh-store-tls"]
+    assert tls1["ca.crt"] == tls0["ca.crt"]
+    for name in ("etcd", "root", "proxy", "proxy-backend"):
+        assert tls1[f"{name}.crt"] != tls0[f"{name}.crt"], name
+        assert _cert(tls1[f"{name}.crt"]).not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=300)
+    assert again["clustermesh-access-cluster-2"]["tls.crt"] != first["clustermesh-access-cluster-2"]["tls.crt"]
+    assert again["clustermesh-access-cluster-2"]["password"] == first["clustermesh-access-cluster-2"]["password"]
+    assert {d.name: d.data for d in make_secrets(due, tmp_path / "pki")} == again  # then nothing is due
+
+
+def test_keys_are_created_private_not_tightened_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clustermesh import pki
+
+    modes: list[int] = []
+    real_open = os.open
+
+    def spy(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
+        if str(path).endswith(".tmp"):
+            modes.append(mode)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(pki.os, "open", spy)
+    monkeypatch.setattr(Path, "chmod", lambda *a, **k: pytest.fail("a key file was chmod'ed after writing"))
+    pki.write_private(tmp_path / "x.key", b"secret")
+    assert modes == [0o600]
+    assert stat.S_IMODE((tmp_path / "x.key").stat().st_mode) == 0o600
+
+
+def test_a_revocation_keeps_every_earlier_entry_of_the_crl(tmp_path: Path) -> None:
+    from clustermesh.pki import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path / "pki")
+    assert ca.revoked_serials() == set()
+    empty = x509.load_pem_x509_crl(ca.crl())
+    assert empty.is_signature_valid(ca.cert.public_key()) and len(empty) == 0  # type: ignore[arg-type]
+    a, b = ca.issue("a", "", server=False), ca.issue("b", "", server=False)
+    sa, sb = _cert(a.cert.read_bytes()).serial_number, _cert(b.cert.read_bytes()).serial_number
+    ca.revoke([sa])
+    crl = x509.load_pem_x509_crl(ca.revoke([sb]))
+    assert {e.serial_number for e in crl} == {sa, sb}
+    assert crl.is_signature_valid(ca.cert.public_key())  # type: ignore[arg-type]
+    # A revoked leaf is never handed out again: the next issue makes a new one.
+    assert _cert(ca.issue("a", "", server=False).cert.read_bytes()).serial_number != sa
+
+
+def test_connect_and_certs_agree_on_the_namespace_of_the_store_secrets() -> None:
+    from clustermesh import certs, connect
+    from clustermesh.cli import build_parser
+
+    assert connect.ACCESS_NAMESPACE == certs.NAMESPACE == "clustermesh-system"
+    assert build_parser().parse_args(["certs", "--cluster", "c1"]).namespace == certs.NAMESPACE
+
+
+def test_the_expiry_of_each_certificate_file_is_a_metric(tmp_path: Path) -> None:
+    from clustermesh import metrics, pki
+
+    ca = pki.CertificateAuthority(tmp_path / "pki")
+    leaf = ca.issue("leaf", "", server=False, lifetime=dt.timedelta(days=10))
+    found = pki.observe_files({"test ca": str(ca.cert_path), "test leaf": str(leaf.cert),
+                               "missing": str(tmp_path / "nope.crt"), "none": None})
+    assert [e.name for e in found] == ["test ca", "test leaf"]
+    got = metrics.CERTIFICATE_EXPIRY.labels("test leaf")._value.get()
+    assert got == pytest.approx(_cert(leaf.cert.read_bytes()).not_valid_after_utc.timestamp())
+    assert got - dt.datetime.now(dt.UTC).timestamp() == pytest.approx(10 * 86400, abs=3600)

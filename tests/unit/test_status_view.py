@@ -77,6 +77,7 @@ def test_document_has_the_documented_shape() -> None:
             {"name": "cluster-3", "id": 3, "endpoint": "http://127.0.0.1:3", "connected": False, "ready": False,
              "reason": "etcd unreachable", "services": None, "nodes": None},
         ],
+        "certificates": [],
         "ready": False,
     }
     assert json.loads(json.dumps(doc)) == doc
@@ -137,3 +138,25 @@ def test_status_never_dials_a_lab_address_from_the_host() -> None:
 
     finding = probe_remote(RemoteConfig("lab-2", 2, ("http://192.168.100.21:32379",)), timeout=0.01)
     assert finding.error is not None and "lab address" in finding.error
+
+
+def test_certificates_warn_30_days_before_and_fail_once_expired() -> None:
+    import datetime as dt
+
+    from clustermesh.agent.status_view import CertificateFinding, certificate_lines
+
+    at = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+    certs = [CertificateFinding("remote c2 tls.crt", at + dt.timedelta(days=200)),
+             CertificateFinding("store proxy.crt", at + dt.timedelta(days=29, hours=12)),
+             CertificateFinding("store ca.crt", at + dt.timedelta(days=31))]
+    doc = status_document(MESH, [], certs, at=at)
+    assert [(c["name"], c["state"]) for c in doc["certificates"]] == [
+        ("store proxy.crt", "expiring"), ("store ca.crt", "ok"), ("remote c2 tls.crt", "ok")]
+    assert doc["ready"] is True, "a warning is not a failure"
+    lines = certificate_lines(doc)
+    assert len(lines) == 1 and lines[0].startswith("warning: certificate store proxy.crt expires in 29.5 days")
+    assert "warning: certificate store proxy.crt" in render_text(doc)
+    expired = status_document(MESH, [], [CertificateFinding("reader c2 tls.crt", at - dt.timedelta(hours=1))], at=at)
+    assert expired["ready"] is False
+    assert certificate_lines(expired)[0].startswith("error: certificate reader c2 tls.crt expired on 2026-12-31")
+    assert not_ready(expired) == ["certificate reader c2 tls.crt expired"]

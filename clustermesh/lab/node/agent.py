@@ -155,7 +155,8 @@ def _holds(folder: Path, files: dict[str, bytes]) -> bool:
 
 
 def _write_volume(target: Path, volume: Obj, files: dict[str, bytes]) -> None:
-    mode = int((volume.get("configMap") or volume.get("secret") or {}).get("defaultMode", 0o644)) & 0o777
+    source = volume.get("configMap") or volume.get("secret") or volume.get("projected") or {}
+    mode = int(source.get("defaultMode", 0o644)) & 0o777
     write_projected(target, files, mode)
 
 
@@ -515,6 +516,14 @@ class Container:
     # -------------------------------------------------------------- probes
 
     def _start_probes(self) -> None:
+        startup = spec.probe(self.spec.get("startupProbe"))
+        if startup is not None:  # as a kubelet: the other probes wait until the startup probe succeeds
+            self.probe_tasks.append(asyncio.create_task(self._probe_loop("startupProbe", startup),
+                                                        name=f"{self.name}-startupProbe"))
+        else:
+            self._start_running_probes()
+
+    def _start_running_probes(self) -> None:
         for kind in ("readinessProbe", "livenessProbe"):
             p = spec.probe(self.spec.get(kind))
             if p is not None:
@@ -540,7 +549,14 @@ class Container:
                 successes, failures = successes + 1, 0
             else:
                 successes, failures = 0, failures + 1
-            if kind == "readinessProbe":
+            if kind == "startupProbe":
+                if ok:
+                    self._start_running_probes()
+                    return
+                if failures >= p.failure_threshold:
+                    self.liveness_failed.set()  # a failed startup probe restarts the container too
+                    return
+            elif kind == "readinessProbe":
                 if ok and successes >= p.success_threshold and not self.state.ready:
                     self.state.ready = True
                     self._changed()
