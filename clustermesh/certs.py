@@ -51,8 +51,8 @@ from clustermesh.pki import (
     parse_duration,
     private_dir,
     sans,
-    write_private,
 )
+from clustermesh.scratch import write_private
 
 NAMESPACE = "clustermesh-system"
 STORE_SERVICE = "clustermesh-store"
@@ -320,6 +320,18 @@ def load_from_cluster(kube: Any, namespace: str, into: Path) -> CertsConfig:
     return CertsConfig(cluster, namespace=namespace, ips=ips, dns=dns)
 
 
+def _keep_other_readers(kube: Any, doc: SecretDoc) -> SecretDoc:
+    """The users Secret to write, with the readers already in the cluster that this PKI folder does
+    not know (connect made them from another copy of the CA): certs never removes a reader; revoke
+    does, and puts its certificate on the CRL too."""
+    now = kube.read_secret(doc.namespace, doc.name)
+    others = {k: v for k, v in (now.data if now else {}).items() if k not in doc.data}
+    for reader in sorted(others):
+        print(f"kept reader {reader}: it is in the cluster but not in this --pki-dir "
+              f"(`clustermesh revoke --peer {reader}` removes it)", file=sys.stderr)
+    return SecretDoc(doc.name, doc.namespace, {**others, **doc.data}, doc.labels) if others else doc
+
+
 def _changed(kube: Any, doc: SecretDoc) -> bool:
     now = kube.read_secret(doc.namespace, doc.name)
     return now is None or now.data != doc.data
@@ -327,9 +339,8 @@ def _changed(kube: Any, doc: SecretDoc) -> bool:
 
 def run_certs(args: argparse.Namespace) -> int:
     try:
-        lifetimes = {"ca_lifetime": parse_duration(args.ca_lifetime),
-                     "leaf_lifetime": parse_duration(args.leaf_lifetime),
-                     "renew_before": parse_duration(args.renew_before)}
+        ca_lifetime, leaf_lifetime = parse_duration(args.ca_lifetime), parse_duration(args.leaf_lifetime)
+        renew_before = parse_duration(args.renew_before)
     except PKIError as exc:
         print(f"clustermesh certs: {exc}", file=sys.stderr)
         return 2
@@ -345,14 +356,16 @@ def run_certs(args: argparse.Namespace) -> int:
             found = load_from_cluster(kube, args.namespace, pki_dir)
             config = CertsConfig(cluster=args.cluster or found.cluster, namespace=args.namespace,
                                  readers=tuple(args.reader or ()), ips=tuple(args.ip or found.ips),
-                                 dns=tuple(args.dns or found.dns), cluster_domain=args.cluster_domain, **lifetimes)
+                                 dns=tuple(args.dns or found.dns), cluster_domain=args.cluster_domain,
+                                 ca_lifetime=ca_lifetime, leaf_lifetime=leaf_lifetime, renew_before=renew_before)
         else:
             if not args.cluster:
                 print("clustermesh certs: --cluster is required (or --from-cluster)", file=sys.stderr)
                 return 2
             config = CertsConfig(
                 cluster=args.cluster, namespace=args.namespace, readers=tuple(args.reader or ()),
-                ips=tuple(args.ip or ()), dns=tuple(args.dns or ()), cluster_domain=args.cluster_domain, **lifetimes,
+                ips=tuple(args.ip or ()), dns=tuple(args.dns or ()), cluster_domain=args.cluster_domain,
+                ca_lifetime=ca_lifetime, leaf_lifetime=leaf_lifetime, renew_before=renew_before,
             )
             pki_dir = Path(args.pki_dir) if args.pki_dir else default_pki_dir(config.cluster)
             if args.renew and not (pki_dir / "ca.key").exists():
@@ -379,6 +392,8 @@ def run_certs(args: argparse.Namespace) -> int:
             try:
                 kube = kube or KubeClient(args.kubeconfig, args.context)
                 for doc in docs:
+                    if doc.name == USERS_SECRET:
+                        doc = _keep_other_readers(kube, doc)
                     # Only what changed: every write makes the store pods' volumes update.
                     if _changed(kube, doc):
                         kube.put_secret(doc.namespace, doc.name, doc.data, labels=doc.labels)

@@ -36,7 +36,8 @@ from clustermesh.certs import (
     validate_reader,
 )
 from clustermesh.kube import KubeClient
-from clustermesh.pki import CertificateAuthority, PKIError, load_cert, write_private
+from clustermesh.pki import CertificateAuthority, PKIError, load_cert
+from clustermesh.scratch import write_private
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -541,3 +542,22 @@ def test_the_store_pod_mounts_each_secret_item_only_where_it_is_used() -> None:
             spec = doc["spec"]["template"]["spec"] if doc["kind"] != "CronJob" else \
                 doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
             assert spec.get("automountServiceAccountToken") is not None, doc["metadata"]["name"]
+
+
+def test_certs_never_removes_a_reader_it_did_not_make(kubeconfig: str, tmp_path: Path) -> None:
+    """A reader connect made from another copy of the CA (say the in-cluster one) stays when certs runs
+    from a folder that does not know it: removing a reader is revoke's job (it also puts it on the CRL)."""
+    kube = KubeClient(kubeconfig)
+    kube.ensure_namespace("clustermesh-system")
+    kube.put_secret("clustermesh-system", "clustermesh-store-users", {"cluster-9": b"made-elsewhere"})
+    try:
+        res = subprocess.run([sys.executable, "-m", "clustermesh.cli", "certs", "--cluster", "cluster-1",
+                              "--pki-dir", str(tmp_path / "pki"), "--reader", "cluster-2", "--kubeconfig", kubeconfig],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        assert "kept reader cluster-9" in res.stderr
+        users = kube.get_secret("clustermesh-system", "clustermesh-store-users")
+        assert users["cluster-9"] == b"made-elsewhere" and set(users) == {"cluster-2", "cluster-9"}
+    finally:
+        kubectl(kubeconfig, "-n", "clustermesh-system", "delete", "secret", "--ignore-not-found",
+                "clustermesh-store-users", "clustermesh-store-tls", "clustermesh-access-cluster-2")

@@ -275,3 +275,15 @@ def test_the_expiry_of_each_certificate_file_is_a_metric(tmp_path: Path) -> None
     got = metrics.CERTIFICATE_EXPIRY.labels("test leaf")._value.get()
     assert got == pytest.approx(_cert(leaf.cert.read_bytes()).not_valid_after_utc.timestamp())
     assert got - dt.datetime.now(dt.UTC).timestamp() == pytest.approx(10 * 86400, abs=3600)
+
+
+def test_a_leaf_of_another_ca_with_the_same_name_is_not_reused(tmp_path: Path) -> None:
+    from clustermesh.pki import CertificateAuthority
+
+    ours, theirs = CertificateAuthority(tmp_path / "a", name="same"), CertificateAuthority(tmp_path / "b", name="same")
+    foreign = theirs.issue("leaf", "", server=False)
+    assert not ours.signed(_cert(foreign.cert.read_bytes()))  # same issuer name, another key
+    (tmp_path / "a" / "leaf.crt").write_bytes(foreign.cert.read_bytes())
+    (tmp_path / "a" / "leaf.key").write_bytes(foreign.key.read_bytes())
+    mine = ours.issue("leaf", "", server=False)
+    assert ours.signed(_cert(mine.cert.read_bytes()))
