@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -174,7 +175,10 @@ def grace_period(lab: Lab) -> float:
     own command line, so its default applies when the overlay sets none."""
     ds = lab.json(CLIENT, "-n", NS, "get", "daemonset", "clustermesh-agent")
     container = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
-    args, _ = build_parser().parse_known_args(["agent", *container.get("args", [])])
+    # $(VAR) of the literal env values, as the kubelet expands them (the others are not numbers we read).
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in container.get("args", [])]
+    args, _ = build_parser().parse_known_args(["agent", *argv])
     return float(args.grace_period)
 
 
