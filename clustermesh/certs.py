@@ -61,6 +61,9 @@ USERS_SECRET = "clustermesh-store-users"
 CA_SECRET = "clustermesh-store-ca"
 ACCESS_PREFIX = "clustermesh-access-"
 READER_LABEL = "clustermesh.io/reader"
+# The local agents' reader: with the cache (ClusterMesh spec.cache) they read every remote from their
+# own cluster's store, as this user. Always made; a peer cannot take the name.
+LOCAL_READER = "local-agents"
 CLUSTER_LABEL = "clustermesh.io/cluster"
 # etcd's own users: a reader with one of these names would be the writer, or no one.
 RESERVED_USERS = frozenset({"root"})
@@ -167,7 +170,7 @@ def existing_readers(pki_dir: Path) -> list[str]:
 
 
 def _readers(config: CertsConfig, pki_dir: Path) -> list[str]:
-    return list(dict.fromkeys([*config.readers, *existing_readers(pki_dir)]))
+    return list(dict.fromkeys([LOCAL_READER, *config.readers, *existing_readers(pki_dir)]))
 
 
 def _leaf_names(config: CertsConfig, pki_dir: Path) -> list[str]:

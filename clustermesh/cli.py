@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace of the --status-lease Lease (default: $POD_NAMESPACE or clustermesh-system)")
     p.add_argument("--replica", default=os.environ.get("POD_NAME") or socket.gethostname(),
                    help="this replica's name in the Lease (default: $POD_NAME or the host name)")
+    p.add_argument("--grace-period", type=float, default=60.0,
+                   help="seconds an unreachable remote keeps its place (in status and in the cache)")
+    p.add_argument("--cache", action="store_true",
+                   help="KVStoreMesh: mirror every remote's records into this store (cilium/cache/), so that "
+                   "local agents read them here instead of from each remote")
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser(

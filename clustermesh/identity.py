@@ -25,6 +25,7 @@ from pathlib import Path
 
 from clustermesh.certs import (
     CA_SECRET,
+    LOCAL_READER,
     NAMESPACE,
     TLS_SECRET,
     USERS_SECRET,
@@ -99,6 +100,8 @@ def add_reader(kube: KubeClient, cluster: str, ca: StoreCA, reader: str,
     """Give ``reader`` (a peer's name) its own identity in ``cluster``'s store; returns its access
     Secret's content and how to undo what was written (None: nothing was)."""
     validate_reader(reader)
+    if reader == LOCAL_READER:
+        raise CertsError(f"a peer named {LOCAL_READER} would read as {cluster}'s own agents; rename that cluster")
     config = config or CertsConfig(cluster, namespace=namespace)
     name = access_secret_name(reader)
     before_access = kube.read_secret(namespace, name)

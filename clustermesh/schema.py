@@ -33,6 +33,12 @@ NODES_PREFIX = "cilium/state/nodes/v1"
 CLUSTER_CONFIG_PREFIX = "cilium/cluster-config"
 SYNCED_PREFIX = "cilium/synced"
 HEARTBEAT_KEY = "cilium/.heartbeat"
+# Cilium's KVStoreMesh layout: a store pod's cache of a remote cluster's records, read by the local
+# agents instead of the remote's store. Its cluster-config says "cached"; its synced markers are
+# cilium/synced/<remote>/cilium/cache/<kind>/v1.
+CACHE_PREFIX = "cilium/cache"
+CACHE_SERVICES_PREFIX = "cilium/cache/services/v1"
+CACHE_NODES_PREFIX = "cilium/cache/nodes/v1"
 # Cilium writes this key next to the cluster-config so that a reader knows a
 # cluster-config exists and can wait for it instead of assuming an old writer.
 HAS_CLUSTER_CONFIG_KEY = "cilium/.has-cluster-config"
@@ -140,6 +146,20 @@ def nodes_cluster_prefix(cluster: str) -> str:
     return f"{NODES_PREFIX}/{cluster}/"
 
 
+def state_to_cache(prefix: str) -> str:
+    """``cilium/state/...`` -> ``cilium/cache/...`` (Cilium's StateToCachePrefix); others unchanged."""
+    if prefix == STATE_PREFIX or prefix.startswith(STATE_PREFIX + "/"):
+        return CACHE_PREFIX + prefix[len(STATE_PREFIX):]
+    return prefix
+
+
+def record_prefixes(cached: bool) -> tuple[str, str]:
+    """(services, nodes) prefixes of a cluster's records: its own state, or a KVStoreMesh cache."""
+    if cached:
+        return CACHE_SERVICES_PREFIX, CACHE_NODES_PREFIX
+    return SERVICES_PREFIX, NODES_PREFIX
+
+
 def cluster_config_key(cluster: str) -> str:
     return f"{CLUSTER_CONFIG_PREFIX}/{cluster}"
 
@@ -156,18 +176,25 @@ class ServiceKey:
     name: str
 
 
+def _key_rest(key: str, prefixes: tuple[str, str]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix + "/"):
+            return key[len(prefix) + 1:]
+    return ""
+
+
 def parse_service_key(key: str) -> ServiceKey:
-    rest = key.removeprefix(SERVICES_PREFIX + "/")
-    parts = rest.split("/")
-    if rest == key or len(parts) != 3 or not all(parts):
+    """A service key of a cluster's state or of a KVStoreMesh cache."""
+    parts = _key_rest(key, (SERVICES_PREFIX, CACHE_SERVICES_PREFIX)).split("/")
+    if len(parts) != 3 or not all(parts):
         raise SchemaError(f"{key!r} is not a service key ({SERVICES_PREFIX}/<cluster>/<namespace>/<name>)")
     return ServiceKey(*parts)
 
 
 def parse_node_key(key: str) -> tuple[str, str]:
-    rest = key.removeprefix(NODES_PREFIX + "/")
-    parts = rest.split("/")
-    if rest == key or len(parts) != 2 or not all(parts):
+    """A node key of a cluster's state or of a KVStoreMesh cache."""
+    parts = _key_rest(key, (NODES_PREFIX, CACHE_NODES_PREFIX)).split("/")
+    if len(parts) != 2 or not all(parts):
         raise SchemaError(f"{key!r} is not a node key ({NODES_PREFIX}/<cluster>/<node>)")
     return parts[0], parts[1]
 

@@ -51,6 +51,21 @@ from clustermesh.store.remote import RemoteCluster, RemoteConfig, mesh_problems,
 log = logging.getLogger(__name__)
 
 
+# deploy/'s store Service and the local agents' reader (clustermesh certs makes it).
+CACHE_ENDPOINTS = ("https://clustermesh-store.clustermesh-system.svc:2379",)
+CACHE_TLS = {"secretName": "clustermesh-access-local-agents", "secretNamespace": "clustermesh-system"}
+
+
+def read_from(entry: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Where this agent reads remote ``entry``: its own store (``entry``), or, with ``spec.cache``
+    enabled, this cluster's store, whose pods keep a copy of every remote (KVStoreMesh). Pure."""
+    cache = spec.get("cache") or {}
+    if not cache.get("enabled"):
+        return entry
+    return {**entry, "endpoints": list(cache.get("endpoints") or CACHE_ENDPOINTS),
+            "tls": cache.get("tls") or CACHE_TLS}
+
+
 @dataclass
 class AgentConfig:
     node: str
@@ -228,7 +243,8 @@ class Agent:
             for entry in spec.get("clusters") or []:
                 name = str(entry.get("name"))
                 try:
-                    configs[name] = remote_config_from_spec(self.kube, entry, folder, self.config.secrets_namespace)
+                    configs[name] = remote_config_from_spec(self.kube, read_from(entry, spec), folder,
+                                                            self.config.secrets_namespace)
                 except (KubeError, KeyError, ValueError, IndexError, TypeError) as exc:
                     refused[name] = f"cannot read its settings: {exc}"
                     unreadable.add(name)

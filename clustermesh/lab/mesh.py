@@ -36,7 +36,17 @@ from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
 from clustermesh.kube import KubeClient
 from clustermesh.lab.kubeapi import KubeAPI
-from clustermesh.lab.netns import API_VIP, LabNode, NetnsError, Underlay, delete_netns, ip, kill_cgroup, remove_cgroup
+from clustermesh.lab.netns import (
+    API_VIP,
+    LabNode,
+    NetnsError,
+    Underlay,
+    delete_netns,
+    ip,
+    kill_cgroup,
+    masquerade_pods,
+    remove_cgroup,
+)
 from clustermesh.lab.pki import CertificateAuthority
 from clustermesh.lab.servers import (
     ControlPlane,
@@ -49,7 +59,8 @@ from clustermesh.lab.servers import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-STORE_NODE_PORT = 32391  # deploy/base/store.yaml: the store Service's NodePort
+STORE_NODE_PORT = 32391
+LAB_NATIVE_CIDR = "10.0.0.0/8"  # every lab cluster's pod and Service CIDRs (10.244+N, 10.95+N)
 Say = Callable[[int, int, str], None]
 
 
@@ -334,8 +345,10 @@ class LabMesh:
         # Every node serves the NodePort: readers move to the next address when one fails.
         # No shared access Secret: connect gives each peer its own reader from this store's CA.
         access = {"endpoints": [f"https://{n.netns.address}:{STORE_NODE_PORT}" for n in c.nodes]}
+        # The agents read every remote from this cluster's store pods, which cache them (KVStoreMesh).
         mesh = {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": "default"},
-                "spec": {"localCluster": {"name": c.name, "id": c.index}, "access": access}}
+                "spec": {"localCluster": {"name": c.name, "id": c.index}, "access": access,
+                         "cache": {"enabled": True}}}
         c.kubectl("apply", "-f", "-", stdin=json.dumps(mesh))
 
     def _wait_deployed(self, c: LabCluster) -> None:
@@ -410,6 +423,9 @@ class LabMesh:
             # (hostNetwork pods) need one for ClusterIPs to get as far as kube-proxy's DNAT; what
             # no rule rewrites dies on lo instead of leaving.
             ip("route", "replace", c.service_cidr, "dev", "lo", netns=node.netns.netns)
+            # Pods reaching other nodes (a store pod's cache reading another cluster's NodePort) do
+            # so from the node's address, as with a real CNI; no route to this node's pods needed.
+            masquerade_pods(node.netns.netns, node.pod_cidr, LAB_NATIVE_CIDR)
 
     def _start_node_agent(self, node: LabNodeInfo) -> None:
         c = node.cluster

@@ -45,6 +45,19 @@ def ip(*args: str, netns: str | None = None) -> str:
     return res.stdout
 
 
+def masquerade_pods(netns: str, pod_cidr: str, native_cidr: str) -> None:
+    """What a CNI does for pod traffic to addresses outside every cluster's pods (here: other
+    nodes, e.g. another cluster's store NodePort): the node's address as its source, so that the
+    answer comes back without a route to this node's pods. Pod-to-pod traffic, also across
+    clusters, keeps its addresses (Cilium's native-routing CIDR)."""
+    argv = ["ip", "netns", "exec", netns, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", pod_cidr,
+            "!", "-d", native_cidr, "-m", "comment", "--comment", "clustermesh lab: pod egress",
+            "-j", "MASQUERADE"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    if res.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)}: {res.stderr.strip()}")
+
+
 def sysctl(netns: str, key: str, value: str) -> None:
     res = subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"],
                          capture_output=True, text=True, timeout=20)

@@ -31,6 +31,7 @@ from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVClient, KVStoreError
 from clustermesh.operator.leader import StatusLeader
 from clustermesh.scratch import private_folder
+from clustermesh.store.cache import CACHE_SYNCED_PREFIXES, RemoteCache
 from clustermesh.store.remote import RemoteCluster, remote_config_from_spec
 from clustermesh.store.sync import SyncStore, WriterSettings
 
@@ -51,9 +52,16 @@ class OperatorConfig:
     status_interval: float = 2.0
     """Seconds between ClusterMesh status updates (only sent when something changed)."""
     resync_interval: float = 300.0
+    """Seconds between full listings that remove objects whose deletion event was missed."""
     certificates: tuple[tuple[str, str], ...] = ()
     """(name, path) of the certificates this operator uses: their expiry is a metric, checked at each resync."""
-    """Seconds between full listings that remove objects whose deletion event was missed."""
+    cache: bool = False
+    """Mirror every remote's records into this store in Cilium's KVStoreMesh layout (store/cache.py),
+    so that local agents read them here."""
+    grace_period: float = 60.0
+    """Seconds an unreachable remote stays usable (and, with the cache, cached)."""
+    cache_tick: float = 1.0
+    """Seconds between checks of the remotes' grace periods for the cache."""
     watch_remotes: bool = True
     """Connect to every remote of spec.clusters and report its readiness in status.remotes."""
     secret_refresh: float = 10.0
@@ -103,6 +111,9 @@ class Operator:
         self.problems = ProblemLog("operator")
         self.remote_names: list[str] = []
         self.remotes: dict[str, RemoteCluster] = {}
+        self.caches: dict[str, RemoteCache] = {}  # event loop only
+        self._wanted_remotes: frozenset[str] = frozenset()  # replaced whole, never changed in place
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._remote_specs: dict[str, tuple[str, str | None]] = {}
         self._mesh_spec: Mapping[str, Any] = {}
         self._next_secret_check = 0.0
@@ -146,6 +157,7 @@ class Operator:
         kopf only calls handlers while this replica is the active peer, so a standby
         replica never gets here and never writes."""
         spec = body.get("spec") or {}
+        self._loop = asyncio.get_running_loop()
         self.remote_names = [c.get("name", "?") for c in spec.get("clusters") or []]
         if self.config.watch_remotes:
             await asyncio.to_thread(self._sync_remotes, spec)
@@ -190,22 +202,81 @@ class Operator:
             if secret is None and old is not None:
                 secret = old[1]  # unreadable just now: keep the connection we have
             versions[name] = (schema.encode({"entry": entry, "max": max_id}), secret)
+        self._wanted_remotes = frozenset(wanted)
         for name in [n for n in self.remotes if versions.get(n) != self._remote_specs.get(n)]:
             if name in versions:
                 log.info("remote %s: its ClusterMesh entry or Secret changed; connecting again", name)
             self.remotes.pop(name).stop()
             self._remote_specs.pop(name, None)
+            self._remote_changed(name)
         for name, entry in wanted.items():
             if name in self.remotes:
                 continue
             try:
                 config = remote_config_from_spec(self.kube, entry, self._secrets_dir, REMOTE_SECRETS_NAMESPACE)
-                self.remotes[name] = RemoteCluster(config, max_cluster_id=max_id).start()
+                self.remotes[name] = RemoteCluster(config, on_change=self._remote_changed,
+                                                   grace_period=self.config.grace_period,
+                                                   max_cluster_id=max_id).start()
             except (KubeError, KVStoreError, KeyError, ValueError, IndexError) as exc:
                 self.problems.report(f"remote/{name}", [f"cannot connect: {exc}"])
                 continue
             self.problems.report(f"remote/{name}", [])
             self._remote_specs[name] = versions[name]
+
+    # ------------------------------------------------------------ the cache (KVStoreMesh)
+
+    def _remote_changed(self, name: str) -> None:
+        """From any thread: a remote's records, readiness or membership moved."""
+        loop = self._loop
+        if self.config.cache and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._refresh_cache, name)
+
+    def _refresh_cache(self, name: str) -> None:
+        """On the event loop: make remote ``name``'s part of the cache what it says now. A remote
+        connected again (new settings) keeps its copy from the old connection until the new one
+        is ready, or its grace period passes."""
+        if self.writer is None:
+            return  # _start refreshes every remote once the writer exists
+        cache = self.caches.get(name)
+        if name not in self._wanted_remotes:
+            if cache is not None:
+                del self.caches[name]
+                cache.forget()
+            return
+        remote = self.remotes.get(name)  # None while it connects again, or when it cannot
+        if cache is None:
+            if remote is None:
+                return
+            cache = self.caches[name] = RemoteCache(remote, self.writer, self.config.grace_period)
+        elif remote is not None:
+            cache.replace(remote)
+        cache.refresh()
+
+    async def _cache_loop(self) -> None:
+        """Grace periods end with time, not with an event: look at every remote each tick."""
+        await self._cleanup_cache()
+        while True:
+            for name in self._wanted_remotes | set(self.caches):
+                self._refresh_cache(name)
+            await asyncio.sleep(self.config.cache_tick)
+
+    async def _cleanup_cache(self) -> None:
+        """Remove what an earlier run cached for remotes that are no longer in spec.clusters."""
+        assert self.writer is not None and self.identity is not None
+        keys: list[str] = []
+        for prefix in (schema.CACHE_SERVICES_PREFIX + "/", schema.CACHE_NODES_PREFIX + "/"):
+            try:
+                keys += list((await asyncio.to_thread(self.kv.list_prefix, prefix)).items)
+            except KVStoreError as exc:
+                log.warning("listing the cache failed (%s); stale copies stay until the next start", exc)
+                return
+        gone = {k.split("/")[4] for k in keys if len(k.split("/")) > 4} - self._wanted_remotes
+        stale = [k for k in keys if len(k.split("/")) > 4 and k.split("/")[4] in gone]
+        for name in sorted(gone - {self.identity.name}):
+            log.info("[cache %s] no longer in spec.clusters: removing what an earlier run cached", name)
+            stale += [schema.synced_key(name, prefix) for prefix in CACHE_SYNCED_PREFIXES]
+            stale.append(schema.cluster_config_key(name))
+        self.writer.delete_found(stale)
 
     def _secret_fingerprint(self, entry: Mapping[str, Any]) -> str | None:
         """A digest of the Secret an entry references ("" for none); None when it cannot be read."""
@@ -313,6 +384,8 @@ class Operator:
         self._spawn("initial-sync", self._initial_sync())
         self._spawn("status", self._status_loop())
         self._spawn("resync", self._resync_loop())
+        if self.config.cache:
+            self._spawn("cache", self._cache_loop())
 
     async def _initial_sync(self) -> None:
         assert self.identity is not None and self.writer is not None
@@ -336,8 +409,11 @@ class Operator:
             self._export(refs)
             assert self.identity is not None and self.writer is not None
             try:
-                await self.writer.verify([schema.services_cluster_prefix(self.identity.name),
-                                          schema.nodes_cluster_prefix(self.identity.name)])
+                prefixes = [schema.services_cluster_prefix(self.identity.name),
+                            schema.nodes_cluster_prefix(self.identity.name)]
+                if self.config.cache:  # one listing for the whole cache, not one per key
+                    prefixes += [schema.CACHE_SERVICES_PREFIX + "/", schema.CACHE_NODES_PREFIX + "/"]
+                await self.writer.verify(prefixes)
             except KVStoreError as exc:  # the writer reports the store's state; try next time
                 log.debug("verifying the store failed: %s", exc)
 

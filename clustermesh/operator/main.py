@@ -32,6 +32,8 @@ def run_operator(args: argparse.Namespace) -> int:
             cluster_id=args.cluster_id,
             namespaces=tuple(args.namespace or ()),
             resync_interval=args.resync_interval,
+            cache=args.cache,
+            grace_period=args.grace_period,
             certificates=tuple((name, path) for name, path in (("etcd ca.crt", args.etcd_ca),
                                                                 ("etcd client", args.etcd_cert)) if path),
             peering=args.peering,

@@ -141,7 +141,9 @@ def not_ready_reason(
         return f"says its ID is {config.cluster_id}, the ClusterMesh says {expected_id}"
     if not config.synced_canaries:
         return None
-    missing = [what for prefix, what in REQUIRED_SYNCED.items() if prefix not in synced]
+    # A KVStoreMesh cache marks its copies synced under the cache prefixes (Cilium's layout).
+    missing = [what for prefix, what in REQUIRED_SYNCED.items()
+               if (schema.state_to_cache(prefix) if config.cached else prefix) not in synced]
     if missing:
         return f"waiting for synced markers of {' and '.join(missing)}"
     return None
@@ -206,6 +208,10 @@ class RemoteCluster:
         self._config_value: str | None = None
         self._config_id: int | None = None
         self._stores: list[WatchStore] = []
+        self._record_stores: list[WatchStore] = []
+        self.cached: bool = False
+        """Whether the records are to be read from a KVStoreMesh cache (its cluster-config says "cached")."""
+        self._stores_cached = False  # the layout the record stores read now
         self._probe_ok: bool | None = None
         self._probe_error: str | None = None
         self._unreachable_since: float | None = None
@@ -219,11 +225,9 @@ class RemoteCluster:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> RemoteCluster:
+        self._record_stores = self._make_record_stores(self.cached)
         self._stores = [
-            WatchStore(self.client, schema.services_cluster_prefix(self.name), _Prefix(self, "service"),
-                       name=f"{self.name}/services"),
-            WatchStore(self.client, schema.nodes_cluster_prefix(self.name), _Prefix(self, "node"),
-                       name=f"{self.name}/nodes"),
+            *self._record_stores,
             WatchStore(self.client, f"{schema.SYNCED_PREFIX}/{self.name}/", _Prefix(self, "synced"),
                        name=f"{self.name}/synced"),
             WatchStore(self.client, schema.cluster_config_key(self.name), _Prefix(self, "config"),
@@ -236,6 +240,34 @@ class RemoteCluster:
         self._prober = threading.Thread(target=self._probe_loop, name=f"remote-probe-{self.name}", daemon=True)
         self._prober.start()
         return self
+
+    def _make_record_stores(self, cached: bool) -> list[WatchStore]:
+        services, nodes = schema.record_prefixes(cached)
+        return [
+            WatchStore(self.client, f"{services}/{self.name}/", _Prefix(self, "service"),
+                       name=f"{self.name}/services"),
+            WatchStore(self.client, f"{nodes}/{self.name}/", _Prefix(self, "node"), name=f"{self.name}/nodes"),
+        ]
+
+    def _switch_layout(self, cached: bool) -> None:
+        """Read the records from the other layout (state or cache): the old stores stopped, what they
+        held forgotten, new stores listed. Runs in a thread of its own: it joins the old stores'
+        threads, one of which noticed the change. Not ready again until the new listing is done."""
+        with self._lock:
+            old = self._record_stores
+        for store in old:
+            store.stop()
+        new = self._make_record_stores(cached)
+        with self._lock:
+            self._changed_refs.update(self.services)
+            self.services.clear()
+            self.nodes.clear()
+            self._record_stores = new
+            self._stores_cached = cached
+            self._stores = [*new, *(s for s in self._stores if s not in old)]
+        for store in new:
+            store.start()
+        self._changed()
 
     def stop(self) -> None:
         """Stop watching; keep the cache (an agent restart must not drain the datapath)."""
@@ -264,6 +296,18 @@ class RemoteCluster:
     def node_records(self) -> list[Node]:
         with self._lock:
             return list(self.nodes.values())
+
+    def cluster_config(self) -> ClusterConfig | None:
+        """The remote's cluster-config when it parses and names this remote's ID, else None."""
+        with self._lock:
+            value = self._config_value
+        if value is None:
+            return None
+        try:
+            config = ClusterConfig.decode(value)
+        except SchemaError:
+            return None
+        return config if config.cluster_id == self.config.id else None
 
     def remove(self) -> None:
         """The remote left the mesh: stop, forget everything, tell the owner."""
@@ -382,7 +426,10 @@ class RemoteCluster:
         with self._lock:
             reason = not_ready_reason(self.name, self.config.id, self._config_value, self._synced,
                                       self.max_cluster_id)
-        if reason is None and not all(s.synced.is_set() for s in self._stores[:2]):
+        if reason is None and self._stores_cached != self.cached:
+            # The records of the other layout are no answer (an empty listing would look ready).
+            return "switching to the cache's layout" if self.cached else "switching to the state layout"
+        if reason is None and not all(s.synced.is_set() for s in self._record_stores):
             return "listing services and nodes"  # a marker may arrive before our own first listing
         return reason
 
@@ -498,9 +545,16 @@ class RemoteCluster:
             self.config_error = None
             self._problem(schema.cluster_config_key(self.name), None)
         try:
-            new_id: int | None = ClusterConfig.decode(value).cluster_id
+            decoded = ClusterConfig.decode(value)
+            new_id: int | None = decoded.cluster_id
         except SchemaError:
-            new_id = None
+            decoded, new_id = None, None
+        if decoded is not None and decoded.cached != self.cached and not self._stop.is_set():
+            log.info("[remote %s] records are read from %s", self.name,
+                     "a KVStoreMesh cache (cilium/cache/)" if decoded.cached else "its own state (cilium/state/)")
+            self.cached = decoded.cached
+            threading.Thread(target=self._switch_layout, args=(decoded.cached,), name=f"remote-layout-{self.name}",
+                             daemon=True).start()
         if new_id is not None and self._config_id is not None and new_id != self._config_id:
             # Another cluster now answers at this address (or the store was rebuilt): what we
             # cached may be from the old one.

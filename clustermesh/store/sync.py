@@ -125,6 +125,17 @@ class SyncStore:
         """After the caller has set the complete desired state: write it, delete the
         rest under ``prefixes``, then write the synced markers. Returns the number of
         stale keys deleted. Retries while etcd is away."""
+        stale = await self.sync_prefixes(prefixes)
+        now = schema.rfc3339_now()
+        for prefix in synced_prefixes:
+            self.set(schema.synced_key(self.cluster, prefix), now)
+        await self.flushed()
+        self.synced = True
+        return stale
+
+    async def sync_prefixes(self, prefixes: Iterable[str]) -> int:
+        """Once the desired state under ``prefixes`` is complete: write it, then delete every key
+        there that is not desired (left by an earlier run). Returns how many were deleted."""
         await self.flushed()
         stale: list[str] = []
         async for attempt in AsyncRetrying(
@@ -139,17 +150,17 @@ class SyncStore:
                     stale += [k for k in listing.items if k not in self.desired]
         if stale:
             log.info("removing %d stale records left by an earlier run: %s", len(stale), ", ".join(stale[:5]))
-        for key in stale:
-            # Through the writer, so a key that becomes desired meanwhile is written, not lost.
+        self.delete_found(stale)
+        await self.flushed()
+        return len(stale)
+
+    def delete_found(self, keys: Iterable[str]) -> None:
+        """Delete keys found in the store that this writer never wrote (an earlier run's). Through
+        the writer, so a key that becomes desired meanwhile is written, not lost."""
+        for key in keys:
             if key not in self.desired:
                 self.written[key] = ""
                 self._mark(key)
-        now = schema.rfc3339_now()
-        for prefix in synced_prefixes:
-            self.set(schema.synced_key(self.cluster, prefix), now)
-        await self.flushed()
-        self.synced = True
-        return len(stale)
 
     async def verify(self, prefixes: Iterable[str]) -> int:
         """Compare the store with what we wrote, and make it so again: a record missing,

@@ -55,6 +55,24 @@ def test_the_mesh_runs_as_pods_from_deploy(lab: Lab) -> None:
     assert [(r["name"], r["ready"]) for r in status["remotes"]] == [("lab-2", True)], status
 
 
+def test_agents_read_the_remotes_from_their_own_store_which_caches_them(lab: Lab) -> None:
+    """The lab's ClusterMesh has spec.cache: lab-1's store pods copy lab-2 into lab-1's etcd (Cilium's
+    KVStoreMesh layout) and lab-1's agents read it there, holding no remote's credentials."""
+    script = ("ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:12379 --cacert=/etc/clustermesh/tls/ca.crt "
+              "--cert=/etc/clustermesh/tls/root.crt --key=/etc/clustermesh/tls/root.key "
+              "get --prefix --keys-only cilium/")
+    keys = set(lab.kubectl("lab-1", "exec", *SYSTEM, "deploy/clustermesh-store", "-c", "etcd-users", "--",
+                           "sh", "-c", script).split())
+    assert "cilium/cluster-config/lab-2" in keys
+    assert {"cilium/synced/lab-2/cilium/cache/services/v1", "cilium/synced/lab-2/cilium/cache/nodes/v1"} <= keys
+    assert any(k.startswith("cilium/cache/nodes/v1/lab-2/") for k in keys), sorted(keys)
+    logs = lab.kubectl("lab-1", "logs", *SYSTEM, "ds/clustermesh-agent")
+    assert "[remote lab-2] records are read from a KVStoreMesh cache" in logs, logs[-2000:]
+    agent = "system:serviceaccount:clustermesh-system:clustermesh-agent"
+    for args in (("get", "secrets", "-n", "clustermesh-remotes"), ("list", "secrets", "-n", "clustermesh-remotes")):
+        assert lab.kubectl("lab-1", "auth", "can-i", *args, "--as", agent, check=False).strip().startswith("no")
+
+
 def test_star_wars_fails_over_without_a_failed_request(lab: Lab) -> None:
     apply_demo(lab)
     lab_tests.test_scale_to_zero_fails_over_without_a_failed_request(lab)
@@ -81,7 +99,7 @@ def _store_login(lab: Lab, context: str, password: str) -> str:
     a client certificate etcd itself accepts)."""
     script = ("ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:12379 --cacert=/etc/clustermesh/tls/ca.crt "
               "--cert=/etc/clustermesh/tls/root.crt --key=/etc/clustermesh/tls/root.key "
-              f"--user=lab-1:{password} get --prefix --keys-only --limit=1 cilium/cluster-config/ 2>&1 || true")
+              f"--user=lab-1:{password} get --keys-only cilium/cluster-config/lab-2 2>&1 || true")
     return lab.kubectl(context, "exec", *SYSTEM, "deploy/clustermesh-store", "-c", "etcd-users", "--", "sh", "-c",
                        script)
 
@@ -94,8 +112,8 @@ def _password(lab: Lab, context: str) -> str:
 
 def test_rotated_credentials_take_effect_without_a_restart_and_lose_nothing(lab: Lab) -> None:
     """`clustermesh certs --rotate` in lab-2 and `clustermesh connect` again: lab-2's store applies the
-    new password live (its Secret volume follows the Secret), lab-1's agent and operator switch to the
-    new credentials, and x-wing in lab-1 loses no request to lab-2's backends meanwhile."""
+    new password live (its Secret volume follows the Secret), lab-1's store pods (its cache) switch to
+    the new credentials, and x-wing in lab-1 loses no request to lab-2's backends meanwhile."""
     old = _password(lab, "lab-2")
     assert "cilium/cluster-config/lab-2" in _store_login(lab, "lab-2", old)
     kubeconfig_2 = str(lab.dir / "lab-2" / "control-plane" / "kubeconfig")
@@ -116,8 +134,9 @@ def test_rotated_credentials_take_effect_without_a_restart_and_lose_nothing(lab:
         assert new != old
         assert "authentication failed" in _store_login(lab, "lab-2", old)
         assert "cilium/cluster-config/lab-2" in _store_login(lab, "lab-2", new)
-        logs = lab.kubectl("lab-1", "logs", *SYSTEM, "ds/clustermesh-agent")
-        assert "remote lab-2: new settings" in logs, logs[-2000:]
+        # With the cache, lab-1's store pods read lab-2 (its agents read lab-1's store).
+        logs = lab.kubectl("lab-1", "logs", *SYSTEM, "deploy/clustermesh-store", "-c", "operator")
+        assert "remote lab-2: its ClusterMesh entry or Secret changed" in logs, logs[-2000:]
         remotes = lab.json("lab-1", "get", "clustermesh", "default")["status"]["remotes"]
         assert [(r["name"], r["ready"], r["connected"]) for r in remotes] == [("lab-2", True, True)], remotes
 

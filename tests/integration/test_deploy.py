@@ -34,7 +34,8 @@ from tests.prereq import require_binary
 pytestmark = pytest.mark.integration
 
 DEPLOY = REPO / "deploy"
-BUILDS = ["", "base", "overlays/kind", "overlays/lab", "overlays/loadbalancer", "overlays/in-cluster-ca"]
+BUILDS = ["", "base", "overlays/kind", "overlays/lab", "overlays/loadbalancer", "overlays/in-cluster-ca",
+          "overlays/direct"]
 NAMESPACES = ("clustermesh-system", "clustermesh-remotes")
 OPERATOR = "system:serviceaccount:clustermesh-system:clustermesh-operator"
 AGENT = "system:serviceaccount:clustermesh-system:clustermesh-agent"
@@ -171,12 +172,15 @@ OPERATOR_MAY_NOT = [
 AGENT_MAY = [
     ("list", "services"), ("watch", "services"), ("list", SLICES), ("watch", SLICES),
     ("get", f"{MESH}/default"), ("list", MESH), ("watch", MESH),
-    ("get", "secrets/clustermesh-remote-cluster-2", *REMOTES), ("watch", "secrets", *REMOTES),
+    ("get", "secrets/clustermesh-access-local-agents", *SYSTEM),
     ("list", "nodes"), ("watch", "nodes"),
 ]
 AGENT_MAY_NOT = [
     ("create", "services"), ("update", "services"), ("patch", "services"), ("delete", "services"),
     ("get", "secrets", "-n", "kube-system"), ("get", "secrets", "-n", "clustermesh-system"),
+    ("get", "secrets/clustermesh-store-tls", *SYSTEM), ("list", "secrets", *SYSTEM),
+    # With the cache (the base), no remote's credentials: deploy/overlays/direct grants these.
+    ("get", "secrets/clustermesh-remote-cluster-2", *REMOTES), ("watch", "secrets", *REMOTES),
     ("create", "secrets", *REMOTES), ("update", "secrets", *REMOTES), ("delete", "secrets", *REMOTES),
     ("patch", f"{MESH}/default", "--subresource=status"), ("patch", f"{MESH}/default"),
     ("patch", "nodes"), ("create", "events", "-n", "default"), ("patch", "clusterkopfpeerings.kopf.dev/clustermesh"),
@@ -216,21 +220,27 @@ def service_account_kubeconfig(kubeconfig: str, account: str, folder: Path) -> s
     return str(path)
 
 
-def test_the_agent_reads_a_connected_remote_with_its_own_rights_and_nothing_else(
+def test_the_agent_reads_a_remote_through_the_cache_with_its_own_rights_and_nothing_else(
         installed: str, tmp_path: Path) -> None:
-    """`clustermesh certs` output, copied into clustermesh-remotes as connect does, read by
-    agent/remote.py through a client that is the agent's ServiceAccount."""
-    access = {d.name: d for d in make_secrets(CertsConfig("cluster-2", readers=("remote",)),
-                                              tmp_path / "pki")}["clustermesh-access-remote"]
-    copy = {**access.manifest(), "metadata": {"name": "clustermesh-remote-cluster-2",
-                                              "namespace": "clustermesh-remotes"}}
-    kubectl(installed, "apply", "-f", "-", stdin=yaml.safe_dump(copy))
+    """With spec.cache (deploy/'s default) an agent reads remote cluster-2 from its own cluster's
+    store, as the local-agents reader `clustermesh certs` made: agent/remote.py through a client that
+    is the agent's ServiceAccount reads that Secret, and no remote's."""
+    from clustermesh.agent.agent import read_from
+
+    docs = {d.name: d for d in make_secrets(CertsConfig("cluster-1"), tmp_path / "pki")}
+    access = docs["clustermesh-access-local-agents"]
+    kubectl(installed, "apply", "-f", "-", stdin=yaml.safe_dump(access.manifest()))
     kube = KubeClient(service_account_kubeconfig(installed, "clustermesh-agent", tmp_path))
-    spec = {"name": "cluster-2", "id": 2, "endpoints": ["https://172.18.0.3:32379"],
-            "tls": {"secretName": "clustermesh-remote-cluster-2", "secretNamespace": "clustermesh-remotes"}}
-    config = remote_config_from_spec(kube, spec, tmp_path / "agent", "kube-system")
-    assert (config.user, config.password) == ("remote", access.data["password"].decode())
+    entry = {"name": "cluster-2", "id": 2, "endpoints": ["https://172.18.0.3:32391"],
+             "tls": {"secretName": "clustermesh-remote-cluster-2", "secretNamespace": "clustermesh-remotes"}}
+    spec = {"cache": {"enabled": True}, "clusters": [entry]}
+    config = remote_config_from_spec(kube, read_from(entry, spec), tmp_path / "agent", "kube-system")
+    assert (config.name, config.user, config.password) == (
+        "cluster-2", "local-agents", access.data["password"].decode())
+    assert config.endpoints == ("https://clustermesh-store.clustermesh-system.svc:2379",)
     assert config.cert_file and Path(config.cert_file).read_bytes() == access.data["tls.crt"]
+    with pytest.raises(KubeError, match="403"):  # direct mode's Secret: not with the cache
+        remote_config_from_spec(kube, entry, tmp_path / "agent", "kube-system")
     # RBAC answers before the lookup: 403 whether or not the Secret exists.
     for namespace, name in (("kube-system", "any"), ("clustermesh-system", "clustermesh-store-tls")):
         with pytest.raises(KubeError, match="403"):
@@ -557,7 +567,9 @@ def test_certs_never_removes_a_reader_it_did_not_make(kubeconfig: str, tmp_path:
         assert res.returncode == 0, res.stderr
         assert "kept reader cluster-9" in res.stderr
         users = kube.get_secret("clustermesh-system", "clustermesh-store-users")
-        assert users["cluster-9"] == b"made-elsewhere" and set(users) == {"cluster-2", "cluster-9"}
+        assert users["cluster-9"] == b"made-elsewhere"
+        assert set(users) == {"cluster-2", "cluster-9", "local-agents"}
     finally:
         kubectl(kubeconfig, "-n", "clustermesh-system", "delete", "secret", "--ignore-not-found",
-                "clustermesh-store-users", "clustermesh-store-tls", "clustermesh-access-cluster-2")
+                "clustermesh-store-users", "clustermesh-store-tls", "clustermesh-access-cluster-2",
+                "clustermesh-access-local-agents")

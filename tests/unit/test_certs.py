@@ -79,12 +79,12 @@ def _secrets(tmp_path: Path, **kw: object) -> dict[str, dict[str, bytes]]:
 def test_secrets_have_the_keys_the_store_pod_and_the_agents_read(tmp_path: Path) -> None:
     secrets = _secrets(tmp_path, readers=("remote", "cluster-2"))
     assert set(secrets) == {"clustermesh-store-tls", "clustermesh-store-users", "clustermesh-access-remote",
-                            "clustermesh-access-cluster-2"}
+                            "clustermesh-access-cluster-2", "clustermesh-access-local-agents"}
     assert set(secrets["clustermesh-store-tls"]) == {
         "ca.crt", "crl.pem", "etcd.crt", "etcd.key", "root.crt", "root.key", "proxy.crt", "proxy.key",
         "proxy-backend.crt", "proxy-backend.key"}
     users = secrets["clustermesh-store-users"]
-    assert set(users) == {"remote", "cluster-2"}
+    assert set(users) == {"remote", "cluster-2", "local-agents"}  # local-agents: the agents, with the cache
     for reader in ("remote", "cluster-2"):
         access = secrets[f"clustermesh-access-{reader}"]
         assert set(access) == {"ca.crt", "tls.crt", "tls.key", "username", "password"}
@@ -168,7 +168,7 @@ def test_the_command_writes_yaml_an_agent_reads_as_a_remote(tmp_path: Path, caps
     out = tmp_path / "out"
     assert main(["certs", "--cluster", "cluster-1", "--reader", "cluster-2", "--ip", "172.18.0.2",
                  "--pki-dir", str(tmp_path / "pki"), "--output-dir", str(out)]) == 0
-    assert "wrote 3 Secrets" in capsys.readouterr().out
+    assert "wrote 4 Secrets" in capsys.readouterr().out
     assert (out / "clustermesh-access-cluster-2.yaml").exists()
     spec = {"name": "cluster-1", "id": 1, "endpoints": ["https://172.18.0.2:32379"],
             "tls": {"secretName": "clustermesh-access-cluster-2", "secretNamespace": "clustermesh-system"}}

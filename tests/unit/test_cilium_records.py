@@ -161,3 +161,30 @@ def test_our_export_writes_the_record_cilium_writes() -> None:
     assert result.record is not None and result.problems == []
     assert json.loads(result.record.encode()) == json.loads(
         (FIXTURES / "services" / "zones-and-hostnames.json").read_text())
+
+
+def test_a_kvstoremesh_cache_round_trips() -> None:
+    """A cache as Cilium's KVStoreMesh writes it is read as the remote's (ready, records under the cache
+    prefixes), and ours writes the same keys and values from those records."""
+    from clustermesh.store.cache import CACHE_SYNCED_PREFIXES, cache_entries, cached_config
+    from clustermesh.store.remote import not_ready_reason
+
+    cache = json.loads((FIXTURES / "cache" / "cluster-2.json").read_text())
+    config_key = schema.cluster_config_key("cluster-2")
+    raw_config = json.dumps(cache[config_key])
+    services = [schema.ClusterService.decode(json.dumps(v), key=k) for k, v in cache.items()
+                if k.startswith(schema.CACHE_SERVICES_PREFIX)]
+    nodes = [schema.Node.decode(json.dumps(v), key=k) for k, v in cache.items()
+             if k.startswith(schema.CACHE_NODES_PREFIX)]
+    assert [s.name for s in services] == ["rebel-base"] and [n.name for n in nodes] == ["worker-1"]
+    synced = [k.removeprefix(f"{schema.SYNCED_PREFIX}/cluster-2/") for k in cache if k.startswith(schema.SYNCED_PREFIX)]
+    assert not_ready_reason("cluster-2", 2, raw_config, synced) is None
+    assert not_ready_reason("cluster-2", 2, raw_config, synced[:1]) == "waiting for synced markers of nodes"
+    assert schema.ClusterConfig.decode(raw_config).cached
+
+    ours = cache_entries("cluster-2", services, nodes)
+    ours[config_key] = cached_config(schema.ClusterConfig(2)).encode()
+    expected = {k: v for k, v in cache.items() if not k.startswith(schema.SYNCED_PREFIX)}
+    assert {k: json.loads(v) for k, v in ours.items()} == expected
+    assert sorted(schema.synced_key("cluster-2", p) for p in CACHE_SYNCED_PREFIXES) == sorted(
+        k for k in cache if k.startswith(schema.SYNCED_PREFIX))
