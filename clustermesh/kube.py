@@ -218,6 +218,11 @@ class KubeClient:
         except KubeNotFound:
             return None
 
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Pods matching a label selector (one page: a DaemonSet's pods)."""
+        data = self._get_json(f"/api/v1/namespaces/{namespace}/pods", [("labelSelector", selector)])
+        return list(data.get("items") or [])
+
     def get_peering(self, name: str) -> dict[str, Any] | None:
         """kopf's ClusterKopfPeering object (None when absent)."""
         return self._get_json_or_none(f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")

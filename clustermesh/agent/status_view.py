@@ -103,6 +103,31 @@ class CertificateFinding:
     not_after: dt.datetime
 
 
+def cached_finding(name: str, cid: int | None, reported: Mapping[str, Any] | None) -> RemoteFinding:
+    """A remote as this cluster's store pods see it (the operator's ``status.remotes`` entry), for a
+    mesh whose agents read the remotes from that cache: their view is the one that counts. Pure."""
+    if not reported:
+        return RemoteFinding(name, cid, "cache", not_ready="the store pods have not reported it yet")
+    failure = reported.get("lastFailure")
+    services, nodes = _int_or_none(reported.get("services")), _int_or_none(reported.get("nodes"))
+    if not reported.get("connected"):
+        return RemoteFinding(name, cid, "cache", error=str(failure or "not connected"))
+    if not reported.get("ready"):
+        return RemoteFinding(name, cid, "cache", not_ready=str(failure or "not ready"), services=services,
+                             nodes=nodes)
+    return RemoteFinding(name, cid, "cache", services=services, nodes=nodes)
+
+
+def agent_views(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per agent pod: its node and whether it is Ready (its maps hold what its remotes
+    say). Pure."""
+    out = []
+    for pod in pods:
+        conditions = {c.get("type"): c.get("status") for c in (pod.get("status") or {}).get("conditions") or []}
+        out.append({"node": (pod.get("spec") or {}).get("nodeName"), "ready": conditions.get("Ready") == "True"})
+    return sorted(out, key=lambda a: str(a["node"]))
+
+
 def certificate_view(found: CertificateFinding, at: dt.datetime) -> dict[str, Any]:
     left = found.not_after - at
     state = "expired" if left <= dt.timedelta(0) else "expiring" if left <= CERT_WARNING else "ok"
@@ -111,14 +136,15 @@ def certificate_view(found: CertificateFinding, at: dt.datetime) -> dict[str, An
 
 
 def status_document(mesh: Mapping[str, Any], remotes: Sequence[RemoteFinding],
-                    certificates: Sequence[CertificateFinding] = (), at: dt.datetime | None = None) -> dict[str, Any]:
+                    certificates: Sequence[CertificateFinding] = (), at: dt.datetime | None = None,
+                    agents: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The whole status: local identity, the operator's conditions, each remote, the certificates'
     expiry, the verdict."""
     local = (mesh.get("spec") or {}).get("localCluster") or {}
     views = [remote_view(r) for r in sorted(remotes, key=lambda r: r.name)]
     now = at or dt.datetime.now(dt.UTC)
     certs = [certificate_view(c, now) for c in sorted(certificates, key=lambda c: c.not_after)]
-    return {
+    doc: dict[str, Any] = {
         "format": STATUS_FORMAT,
         "localCluster": {"name": local.get("name"), "id": _int_or_none(local.get("id"))},
         "operator": operator_view(mesh.get("status") or {}),
@@ -126,6 +152,10 @@ def status_document(mesh: Mapping[str, Any], remotes: Sequence[RemoteFinding],
         "certificates": certs,
         "ready": all(v["ready"] for v in views) and not any(c["state"] == "expired" for c in certs),
     }
+    if agents is not None:  # read through the API: with the cache, what the nodes use
+        doc["agents"] = [dict(a) for a in agents]
+        doc["ready"] = doc["ready"] and all(a["ready"] for a in agents)
+    return doc
 
 
 def certificate_lines(doc: Mapping[str, Any]) -> list[str]:
@@ -146,6 +176,7 @@ def not_ready(doc: Mapping[str, Any]) -> list[str]:
     """``name: why`` for every remote that is not ready and every expired certificate, for the
     error message of ``--wait``."""
     return ([f"{r['name']}: {r['reason'] or 'not ready'}" for r in doc["remotes"] if not r["ready"]]
+            + [f"agent on {a['node']}: not Ready" for a in doc.get("agents") or [] if not a["ready"]]
             + [f"certificate {c['name']} expired" for c in doc.get("certificates") or [] if c["state"] == "expired"])
 
 
@@ -183,4 +214,9 @@ def render_text(doc: Mapping[str, Any]) -> str:
             rows.append([_cell(r[k]) for k in ("name", "id", "endpoint", "connected", "ready", "services", "nodes")]
                         + [_cell(r["reason"]) if r["reason"] else ""])
         lines.append(table(rows))
+    agents = doc.get("agents")
+    if agents is not None:
+        ready = sum(1 for a in agents if a["ready"])
+        waiting = ", ".join(str(a["node"]) for a in agents if not a["ready"])
+        lines.append(f"agents: {ready}/{len(agents)} Ready" + (f" (not: {waiting})" if waiting else ""))
     return "\n".join(lines + certificate_lines(doc))

@@ -3,8 +3,9 @@
 Callers say what *should* be in the store (``set(key, value)``); one asyncio
 task makes it so:
 
-- coalescing: a key is written at most once per ``min_interval``; a burst of
-  changes to one Service becomes a few writes of its latest value;
+- coalescing: a key is written at most twice per ``min_interval``; a burst of
+  changes to one Service becomes a few writes of its latest value, while a single
+  change, or a change and its undo (a flap: an add, then a remove), go out at once;
 - skip-unchanged: a value equal to the last one written is not sent again;
 - one lease for every key (15 minutes, as Cilium's), kept alive from a thread;
   when it is lost (etcd was away longer than the TTL, or was wiped: a write
@@ -71,6 +72,7 @@ class SyncStore:
         self.written: dict[str, str] = {}
         self.dirty: set[str] = set()
         self.last_write: dict[str, float] = {}
+        self.prev_write: dict[str, float] = {}  # the write before last: two per min_interval
         self.reachable: bool | None = None
         self.last_error: str | None = None
         self.last_sync: dt.datetime | None = None
@@ -244,7 +246,7 @@ class SyncStore:
         sleep = self._next_heartbeat - now
         ready = []
         for key in self.dirty:
-            due = self.last_write.get(key, 0.0) + self.settings.min_interval
+            due = self.prev_write.get(key, 0.0) + self.settings.min_interval
             if due <= now:
                 ready.append(key)
             else:
@@ -285,6 +287,7 @@ class SyncStore:
                 self.written.pop(key, None)
                 metrics.EXPORTS.labels(_kind(key), "delete").inc()
             for key in (*puts, *deletes):
+                self.prev_write[key] = self.last_write.get(key, 0.0)
                 self.last_write[key] = stamp
                 # A change that arrived while the write was in flight stays dirty.
                 if self.desired.get(key) == self.written.get(key):
@@ -296,7 +299,7 @@ class SyncStore:
         now = time.monotonic()
         sleep = self._next_heartbeat - now
         for key in self.dirty:  # keys still waiting: their own due times, not the heartbeat's
-            sleep = min(sleep, self.last_write.get(key, 0.0) + self.settings.min_interval - now)
+            sleep = min(sleep, self.prev_write.get(key, 0.0) + self.settings.min_interval - now)
         return max(sleep, 0.0)
 
     async def _ensure_lease(self) -> None:
@@ -314,6 +317,7 @@ class SyncStore:
         self.written = dict.fromkeys(pending, "")
         self.dirty = set(self.desired) | pending
         self.last_write.clear()
+        self.prev_write.clear()
 
     def _lease_lost(self, lease_id: int) -> None:
         # Called from the keeper's thread.

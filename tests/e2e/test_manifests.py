@@ -195,6 +195,35 @@ def test_the_renewal_cronjob_renews_the_store_certificates_live_and_loses_nothin
     _failover(lab, renew, settle, only_remote_for=3)
 
 
+def _status(lab: Lab, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "clustermesh.cli", "status", "--kubeconfig", lab.kubeconfig,
+                           "--context", "lab-1", *extra], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_status_shows_what_the_cache_and_the_agents_see_and_names_a_remote_that_is_not_ready(lab: Lab) -> None:
+    """With the cache, `clustermesh status` gathers through the API what lab-1's store pods report of
+    each remote and whether every agent is Ready: from the host, with no connection into the lab."""
+    res = _status(lab, "--wait", "--timeout", "60")
+    assert res.returncode == 0, res.stdout + res.stderr
+    nodes = len(lab.json("lab-1", "get", "nodes")["items"])
+    assert "lab-2" in res.stdout and f"agents: {nodes}/{nodes} Ready" in res.stdout, res.stdout
+    doc = json.loads(_status(lab, "--output", "json").stdout)
+    assert [(r["name"], r["ready"]) for r in doc["remotes"]] == [("lab-2", True)] and doc["ready"]
+    # A remote no store answers for: named, and the command fails.
+    clusters = lab.json("lab-1", "get", "clustermesh", "default")["spec"]["clusters"]
+    bogus = {"name": "lab-9", "id": 9, "endpoints": ["https://192.168.100.99:32391"]}
+    lab.kubectl("lab-1", "patch", "clustermesh", "default", "--type=merge", "-p",
+                json.dumps({"spec": {"clusters": [*clusters, bogus]}}))
+    try:
+        def names_lab_9() -> None:
+            res = _status(lab)
+            assert res.returncode == 1 and "lab-9" in res.stderr, res.stdout + res.stderr
+        eventually(names_lab_9, timeout=60, interval=2)
+    finally:
+        lab.kubectl("lab-1", "patch", "clustermesh", "default", "--type=merge", "-p",
+                    json.dumps({"spec": {"clusters": clusters}}))
+
+
 def test_teardown_leaves_nothing(lab: Lab) -> None:
     state = lab.state
     lab.stop()

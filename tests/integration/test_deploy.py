@@ -412,7 +412,7 @@ def etcdctl(pod: StorePod, access: dict[str, bytes], *args: str,
     argv += args
     try:
         return subprocess.run(argv, env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, text=True,
-                              timeout=5)  # what is allowed answers in well under a second
+                              timeout=2)  # what is allowed answers in well under a second
     except subprocess.TimeoutExpired as exc:
         # `lease list` has no deadline in etcdctl 3.4: a refused handshake is retried until killed.
         return subprocess.CompletedProcess(argv, -9, exc.stdout or "", exc.stderr or "")

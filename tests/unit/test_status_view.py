@@ -160,3 +160,25 @@ def test_certificates_warn_30_days_before_and_fail_once_expired() -> None:
     assert expired["ready"] is False
     assert certificate_lines(expired)[0].startswith("error: certificate reader c2 tls.crt expired on 2026-12-31")
     assert not_ready(expired) == ["certificate reader c2 tls.crt expired"]
+
+
+def test_with_the_cache_a_remote_is_what_the_store_pods_report_and_agents_count() -> None:
+    from clustermesh.agent.status_view import agent_views, cached_finding
+
+    ok = cached_finding("lab-2", 2, {"name": "lab-2", "connected": True, "ready": True, "services": 3, "nodes": 2})
+    waiting = cached_finding("lab-3", 3, {"name": "lab-3", "connected": True, "ready": False,
+                                          "lastFailure": "waiting for synced markers of nodes"})
+    down = cached_finding("lab-4", 4, {"name": "lab-4", "connected": False, "lastFailure": "etcd unreachable"})
+    unknown = cached_finding("lab-5", 5, None)
+    pods = [{"spec": {"nodeName": "n2"}, "status": {"conditions": [{"type": "Ready", "status": "False"}]}},
+            {"spec": {"nodeName": "n1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]
+    agents = agent_views(pods)
+    assert agents == [{"node": "n1", "ready": True}, {"node": "n2", "ready": False}]
+    doc = status_document(MESH, [ok, waiting, down, unknown], agents=agents)
+    assert [(r["name"], r["ready"], r["reason"]) for r in doc["remotes"]] == [
+        ("lab-2", True, None), ("lab-3", False, "waiting for synced markers of nodes"),
+        ("lab-4", False, "etcd unreachable"), ("lab-5", False, "the store pods have not reported it yet")]
+    assert doc["remotes"][0]["services"] == 3 and doc["remotes"][2]["services"] is None
+    assert doc["ready"] is False and "agent on n2: not Ready" in not_ready(doc)
+    assert "agents: 1/2 Ready (not: n2)" in render_text(doc)
+    assert status_document(MESH, [ok], agents=agents[:1])["ready"] is True

@@ -295,3 +295,26 @@ def test_verify_takes_back_records_another_writer_put_on_its_own_lease() -> None
             assert kv.data.get(SVC + "a") == "1" and kv.data.get("cilium/cluster-config/c1") == "{}"
 
     asyncio.run(scenario())
+
+
+def test_a_flap_goes_out_at_once_and_only_a_third_change_waits() -> None:
+    """An add then its remove (a Service whose only backend came and went) are two writes without the
+    coalescing delay; the third change of the same key inside min_interval waits for it."""
+    async def scenario() -> None:
+        kv = MemoryKV()
+        slow = WriterSettings(lease_ttl=30, min_interval=1.0, heartbeat_interval=3600)
+        async with running(kv, settings=slow) as writer:
+            await writer.flushed(2)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            writer.set("k", "add")
+            await _until(lambda: kv.data.get("k") == "add")
+            writer.set("k", None)
+            await _until(lambda: "k" not in kv.data)
+            assert loop.time() - start < 0.5, "the remove waited for the coalescing interval"
+            writer.set("k", "again")
+            await asyncio.sleep(0.3)
+            assert "k" not in kv.data, "a third change inside the interval is coalesced"
+            await _until(lambda: kv.data.get("k") == "again", timeout=2)
+
+    asyncio.run(scenario())
