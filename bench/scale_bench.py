@@ -3,7 +3,7 @@
 
 A mesh of C clusters (--clusters, default 2,5), each a real etcd on 127.0.0.1 filled as its operator
 fills it (--services global Services, one node record per agent, cluster-config, synced markers).
-cluster-1 gets A simulated agents (--agents, default 10,100): each is what an agent's store side
+cluster-1 gets A simulated agents (--agents, default 10,50): each is what an agent's store side
 is, one ``RemoteCluster`` per remote, reading
 
 - direct: every remote's store;
@@ -14,11 +14,12 @@ For each (mode, C, A) it prints: the watchers each store serves to cluster-1 (et
 ``etcd_debugging_mvcc_watcher_total``; in a symmetric mesh each remote store serves C-1 times that),
 the bytes each store sends for one changed Service until every agent has it
 (``etcd_network_client_grpc_sent_bytes_total``), the bootstrap of one more agent (start -> every
-remote ready with all its Services), and the cache's memory (this process's RSS growth while the cache
-fills; 0 in direct mode). Agents run in this process (threads), so a thousand do not fit on a small
-machine: the watcher and byte figures grow by the same amount per agent, which the two sizes show.
+remote ready with all its Services), and the cache's own data (the writer's keys and values; its
+readers hold the remotes' records as every reader does; 0 in direct mode). Agents run in this
+process (threads), so a thousand do not fit on a small machine: the watcher and byte figures grow
+by the same amount per agent, which the two sizes show.
 
-usage: .venv/bin/python bench/scale_bench.py [--clusters 2,5] [--agents 10,100] [--services 1000]
+usage: .venv/bin/python bench/scale_bench.py [--clusters 2,5] [--agents 10,50] [--services 500]
 """
 
 from __future__ import annotations
@@ -75,10 +76,6 @@ def metric(url: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
-
-
 def wait(check: Callable[[], bool], what: str, timeout: float = 300) -> float:
     start = time.monotonic()
     while not check():
@@ -113,6 +110,11 @@ class Cache:
     def synced(self) -> bool:
         return all(c.synced for c in self.caches.values())
 
+    def held_bytes(self) -> int:
+        """What the cache keeps in memory besides the readers' records: the writer's copy of every
+        key and value it owns (what it wrote, and what it wants written)."""
+        return sum(len(k) + len(v) for k, v in {**self.writer.written, **self.writer.desired}.items())
+
     def stop(self) -> None:
         for rc in self.remotes:
             rc.stop()
@@ -133,10 +135,9 @@ def run(clusters: int, agents: int, services: int, mode: str, stores: list[EtcdS
     cache = None
     cache_mem = 0
     if mode == "cache":
-        before = rss()
         cache = Cache(stores[0].url, remotes)
         wait(cache.synced, "the cache to be synced")
-        cache_mem = rss() - before
+        cache_mem = cache.held_bytes()
         reads = [RemoteConfig(r.name, r.id, (stores[0].url,)) for r in remotes]
     else:
         reads = remotes
@@ -179,10 +180,15 @@ def run(clusters: int, agents: int, services: int, mode: str, stores: list[EtcdS
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clusters", default="2,5")
-    parser.add_argument("--agents", default="10,100")
-    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--agents", default="10,50")
+    parser.add_argument("--services", type=int, default=500)
     args = parser.parse_args()
-    rows = []
+    print(f"{args.services} global Services and one node per agent in each cluster; cluster-1's agents only "
+          "(in a symmetric mesh each remote store serves C-1 times the remote figures)\n")
+    print("| mode | clusters | agents in cluster-1 | watchers on each remote store | watchers on cluster-1's store "
+          "| bytes a remote store sends per change | bytes cluster-1's store sends per change "
+          "| new agent bootstrap | cache's own data |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     with tempfile.TemporaryDirectory(prefix="clustermesh-scale-") as tmp:
         for clusters in (int(x) for x in args.clusters.split(",")):
             stores = [EtcdServer(Path(tmp) / f"c{clusters}-{i}", name=f"store-{i}").start()
@@ -194,20 +200,14 @@ def main() -> int:
                 for mode in ("direct", "cache"):
                     for agents in (int(x) for x in args.agents.split(",")):
                         say(f"{mode}: {clusters} clusters, {agents} agents in cluster-1, {args.services} services each")
-                        rows.append((mode, clusters, agents, run(clusters, agents, args.services, mode, stores)))
+                        r = run(clusters, agents, args.services, mode, stores)
+                        print(f"| {mode} | {clusters} | {agents} | {r['remote_watchers']:.0f} "
+                              f"| {r['local_watchers']:.0f} | {r['remote_bytes'] / 1024:.1f} KiB "
+                              f"| {r['local_bytes'] / 1024:.1f} KiB | {r['bootstrap'] * 1000:.0f} ms "
+                              f"| {r['cache_mem'] / 2**20:.1f} MiB |", flush=True)
             finally:
                 for store in stores:
                     store.stop()
-    print(f"\n{args.services} global Services and one node per agent in each cluster; cluster-1's agents only "
-          "(in a symmetric mesh each remote store serves C-1 times the remote figures)\n")
-    print("| mode | clusters | agents in cluster-1 | watchers on each remote store | watchers on cluster-1's store "
-          "| bytes a remote store sends per change | bytes cluster-1's store sends per change "
-          "| new agent bootstrap | cache memory |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for mode, clusters, agents, r in rows:
-        print(f"| {mode} | {clusters} | {agents} | {r['remote_watchers']:.0f} | {r['local_watchers']:.0f} "
-              f"| {r['remote_bytes'] / 1024:.1f} KiB | {r['local_bytes'] / 1024:.1f} KiB "
-              f"| {r['bootstrap'] * 1000:.0f} ms | {r['cache_mem'] / 2**20:.1f} MiB |")
     return 0
 
 

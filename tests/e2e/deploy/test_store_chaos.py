@@ -38,7 +38,7 @@ from clustermesh.datapath.dump import read as read_maps
 from clustermesh.datapath.errors import DatapathError
 from clustermesh.datapath.plan import specs_from_state
 from clustermesh.lab.attempts import AttemptLoop, LoopEnded, Verdict, judge
-from tests.e2e.test_lab import Lab, apply_demo, open_lab
+from tests.e2e.test_lab import Lab, apply_demo
 
 # Backstop only (every wait below has its own bound): the module's lab comes up inside the first test's
 # time, and a rolling restart of two store replicas on a busy 2-core machine takes minutes at worst.
@@ -74,15 +74,15 @@ def probe_slice(api_version: str, ip: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    with open_lab(tmp_path_factory.mktemp("store-chaos") / "lab", 2, 2) as lab:
-        try:
-            set_up(lab)
-            yield lab
-        finally:
-            figures = lab.dir / FIGURES
-            if figures.exists():
-                print("\n" + figures.read_text())
+def lab(deploy_lab: Lab) -> Iterator[Lab]:
+    """The package's lab (conftest.py), after test_manifests.py used it."""
+    try:
+        set_up(deploy_lab)
+        yield deploy_lab
+    finally:
+        figures = deploy_lab.dir / FIGURES
+        if figures.exists():
+            print("\n" + figures.read_text())
 
 
 def set_up(lab: Lab) -> None:
