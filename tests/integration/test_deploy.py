@@ -9,8 +9,10 @@ applied for real and checked with `kubectl auth can-i --as` for both ServiceAcco
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -290,17 +292,20 @@ class StorePod:
 
     def start(self, mode: str) -> None:
         log = (self.root / f"{mode}.log").open("wb")
+        # A session of its own: stop() ends the script and whatever it started (etcd, an etcdctl waiting
+        # on a store that is gone).
         self.processes.append(subprocess.Popen(["sh", str(DEPLOY / "base" / "store.sh"), mode], env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT))
+                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
-            proc.terminate()
-            try:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the rest of its group, if any is left
+            proc.wait()
 
     def root_client(self) -> KVClient:
         return KVClient(Endpoint.parse(f"https://127.0.0.1:{self.ports['client']}", str(self.tls / "ca.crt"),
