@@ -45,7 +45,13 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    # A killed process stays a zombie until it is reaped (after a cgroup.kill its parent is gone
+    # too, and init reaps when it gets to it); a zombie will never use its folder again.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def write_private(path: Path, data: bytes) -> None:
