@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any
 
-from clustermesh import metrics
+from clustermesh import metrics, trace
 from clustermesh.agent.agent import Agent, AgentConfig
 from clustermesh.agent.routes import RoutingError
 from clustermesh.datapath import DatapathError, pin_dir_for
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    trace.set_role(f"agent-{args.node}")
     pin_dir = args.pin_dir or str(pin_dir_for(args.node))
 
     def socket_lb(local_cluster_id: int) -> Any:

@@ -23,6 +23,7 @@ Ref = tuple[str, str]  # (namespace, name)
 class MergeOutcome:
     changed: bool  # whether any Service's specs differ from the last outcome
     merged: int  # Services merged this time
+    refs: frozenset[Ref] = frozenset()  # the Services merged this time
     problems: list[str] | None = None  # every current problem; None when they did not change
 
 
@@ -81,7 +82,7 @@ class ServiceMerger:
             self._listed = None
         # Listing every Service's specs and problems costs as much as the cluster is big: only
         # when something moved.
-        return MergeOutcome(changed, len(refs), self.problems() if problems_moved else None)
+        return MergeOutcome(changed, len(refs), frozenset(refs), self.problems() if problems_moved else None)
 
     def specs(self) -> list[ServiceSpec]:
         """Every Service's specs, in no particular order (the datapath orders what it writes;

@@ -9,7 +9,7 @@ import sys
 
 import kopf
 
-from clustermesh import metrics
+from clustermesh import metrics, trace
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
 from clustermesh.operator import handlers
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def run_operator(args: argparse.Namespace) -> int:
+    trace.set_role("operator")
     # kopf pauses *every* operator of equal priority, so a random one elects a single writer.
     priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
     try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustermesh import metrics, schema
+from clustermesh import metrics, schema, trace
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
 from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError
 from clustermesh.scratch import write_private
@@ -472,6 +472,8 @@ class RemoteCluster:
             metrics.ERRORS.labels("agent", "bad-record").inc()
 
     def _upsert(self, kind: str, key: str, value: str) -> None:
+        if kind == "service":
+            trace.hop("watch-event", trace.service_ref(key))
         if kind == "config" and key != schema.cluster_config_key(self.name):
             return  # a prefix watch of "c1" also sees "c10"
         if kind == "heartbeat":
@@ -518,6 +520,8 @@ class RemoteCluster:
             self._changed_refs.add((ref.namespace, ref.name))
 
     def _delete(self, kind: str, key: str) -> None:
+        if kind == "service":
+            trace.hop("watch-event", trace.service_ref(key))
         if kind == "heartbeat" or (kind == "config" and key != schema.cluster_config_key(self.name)):
             return
         with self._lock:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from clustermesh import metrics, schema
+from clustermesh import metrics, schema, trace
 from clustermesh.kvstore import KeyValue, KVClient, KVStoreError, LeaseKeeper, LeaseNotFound
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,10 @@ class SyncStore:
         seen: dict[str, KeyValue] = {}
         for prefix in prefixes:
             seen.update((await self._etcd("list", self.client.list_prefix, prefix)).items)
-        for key in self.desired:
-            if not key.startswith(prefixes) and key != schema.HEARTBEAT_KEY:
+        # A snapshot: the listings below run off the event loop, where the exporter and the cache go
+        # on changing what is desired; a key added meanwhile is judged (and written) like any other.
+        for key in [k for k in self.desired if not k.startswith(prefixes) and k != schema.HEARTBEAT_KEY]:
+            if key in self.desired:
                 listing = await self._etcd("list", self.client.list_prefix, key)
                 if key in listing.items:
                     seen[key] = listing.items[key]
@@ -271,6 +273,8 @@ class SyncStore:
                 puts[key] = value
         if puts or deletes:
             lease = self._lease.lease_id if self._lease else None
+            if trace.enabled():
+                _trace_writes([*puts, *deletes])
             try:
                 await self._etcd("txn", self.client.apply, puts, deletes, lease)
             except LeaseNotFound:
@@ -346,3 +350,8 @@ class SyncStore:
         self._wake.set()
         if self._lease is not None:
             await asyncio.to_thread(self._lease.close, revoke)
+
+
+def _trace_writes(keys: list[str]) -> None:
+    for hop, prefix in (("etcd-write", schema.SERVICES_PREFIX), ("cache-write", schema.CACHE_SERVICES_PREFIX)):
+        trace.hops(hop, (trace.service_ref(k) for k in keys if k.startswith(prefix + "/")))

@@ -297,6 +297,34 @@ def test_verify_takes_back_records_another_writer_put_on_its_own_lease() -> None
     asyncio.run(scenario())
 
 
+def test_verify_survives_records_changing_while_it_lists() -> None:
+    """verify() lists the keys outside its prefixes one by one, off the event loop: the cache and the
+    exporter keep changing what is desired meanwhile (found by bench/hop_bench.py, where the resync
+    task died with "dictionary changed size during iteration" and took the operator down)."""
+    async def scenario() -> None:
+        kv = MemoryKV()
+        outside = {f"cilium/synced/r{i}/cilium/cache/services/v1": "x" for i in range(20)}
+        async with running(kv, {SVC + "a": "1", **outside}) as writer:
+            await writer.initial_sync([SVC], [])
+            await writer.flushed(2)
+            listing = kv.list_prefix
+
+            def list_and_change(prefix: str) -> Listing:
+                # Another task of the loop changes the desired state while this listing runs.
+                loop.call_soon_threadsafe(writer.set, f"cilium/cluster-config/r-{prefix.count('/')}-{len(prefix)}",
+                                          "{}")
+                return listing(prefix)
+
+            loop = asyncio.get_running_loop()
+            kv.list_prefix = list_and_change  # type: ignore[method-assign]
+            assert await writer.verify([SVC]) >= 0
+            kv.list_prefix = listing  # type: ignore[method-assign]
+            await writer.flushed(2)
+            assert await writer.verify([SVC]) == 0, "what changed meanwhile was written; the store is as desired"
+
+    asyncio.run(scenario())
+
+
 def test_a_flap_goes_out_at_once_and_only_a_third_change_waits() -> None:
     """An add then its remove (a Service whose only backend came and went) are two writes without the
     coalescing delay; the third change of the same key inside min_interval waits for it."""
