@@ -16,22 +16,18 @@ the start) has run out, so a restart never withdraws a remote that serves.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import itertools
 import json
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from clustermesh import metrics, pki
+from clustermesh import metrics, trace
 from clustermesh.agent.merge import LocalService, local_service
 from clustermesh.agent.pipeline import ServiceMerger
 from clustermesh.agent.routes import RouteTable, RoutingError
@@ -43,10 +39,10 @@ from clustermesh.datapath.model import Backend, Frontend, ServiceSpec
 from clustermesh.datapath.plan import specs_from_state
 from clustermesh.heap import release_freed_heap
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
-from clustermesh.kvstore import KVStoreError
-from clustermesh.schema import MAX_CLUSTER_ID, ClusterService
+from clustermesh.schema import ClusterService
 from clustermesh.scratch import private_folder
-from clustermesh.store.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
+from clustermesh.store.membership import RemoteSet, max_connected_clusters
+from clustermesh.store.remote import RemoteCluster, RemoteConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +52,7 @@ CACHE_ENDPOINTS = ("https://clustermesh-store.clustermesh-system.svc:2379",)
 CACHE_TLS = {"secretName": "clustermesh-access-local-agents", "secretNamespace": "clustermesh-system"}
 
 
-def read_from(entry: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+def read_from(entry: dict[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
     """Where this agent reads remote ``entry``: its own store (``entry``), or, with ``spec.cache``
     enabled, this cluster's store, whose pods keep a copy of every remote (KVStoreMesh). Pure."""
     cache = spec.get("cache") or {}
@@ -104,30 +100,26 @@ class Agent:
         self._merged_from: frozenset[int] = frozenset()
         self._last_inheriting: frozenset[int] = frozenset()
         self.identity: ClusterIdentity | None = None
-        self.remotes: dict[str, RemoteCluster] = {}
-        self.refused: dict[str, str] = {}
-        self._remotes_lock = threading.RLock()  # membership changes come from their own threads
-        self._fingerprints: dict[str, str] = {}
-        # A remote whose settings changed keeps serving through its old connection until the
-        # new one is ready (or the grace period ends): rotating credentials drops nothing.
-        self._retiring: dict[str, tuple[RemoteCluster, float]] = {}
-        self._mesh_spec: dict[str, Any] = {}
-        self._generation = itertools.count()
+        self._secrets_dir = private_folder("agent")
+        self._dirty = threading.Event()
+        # spec.clusters followed as the store pods' cache and the operator's remote view follow it
+        # (store/membership.py): a remote whose settings changed keeps serving through its old
+        # connection until the new one is ready (or the grace period ends).
+        self.members = RemoteSet("agent", kube, self._secrets_dir, config.secrets_namespace, self._start_remote,
+                                 config.grace_period, entry_for=read_from,
+                                 on_change=lambda _name: self._dirty.set())
         self._logged_refusals: set[str] = set()
         # What the previous agent programmed for remotes that have not been ready since we
         # started: kept until they are, or until the grace period from our start ends.
         self._inherited: dict[Frontend, frozenset[Backend]] = {}
         self._fresh_node = False  # the maps held nothing at start: no agent ran here before
         self._inherited_routes: dict[str, str] = {}
-        self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._dirty = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lb_factory = socket_lb_factory
         self.lb: Any = None
         self._last_specs: list[ServiceSpec] | None = None
-        self._secrets_dir = private_folder("agent")
         self.routes: RouteTable | None = None
         if config.routes == "host":
             self.routes = RouteTable(None)
@@ -144,6 +136,7 @@ class Agent:
         self._listed: dict[str, threading.Event] = {}
         self._started_at = time.monotonic()
         self._merge_problems: set[str] = set()
+        self._merged_refs: frozenset[tuple[str, str]] = frozenset()  # by the last desired(), for tracing
 
     # ------------------------------------------------------------ setup
 
@@ -161,7 +154,7 @@ class Agent:
         spec = mesh.get("spec") or {}
         local = spec.get("localCluster") or {}
         self.identity = ClusterIdentity(str(local.get("name", "")), int(local.get("id", 0)),
-                                        int(spec.get("maxConnectedClusters") or MAX_CLUSTER_ID))
+                                        max_connected_clusters(spec))
         self._started_at = time.monotonic()
         self.merger = ServiceMerger(self.identity.id)
         self.lb = self._lb_factory(self.identity.id)
@@ -177,7 +170,7 @@ class Agent:
 
         loader = threading.Thread(target=load, name="datapath-load", daemon=True)
         loader.start()
-        self._apply_mesh(spec, first=True)
+        self.members.apply(spec, time.monotonic(), first=True)
         kinds: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node") if self.routes else ("Service", "EndpointSlice")
         self._listed = {kind: threading.Event() for kind in kinds}
         targets: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
@@ -196,7 +189,7 @@ class Agent:
             raise load_failed[0]
         self._inherit_previous()
         log.info("agent on node %s of cluster %s (id %d): %d remotes", self.config.node, self.identity.name,
-                 self.identity.id, len(self.remotes))
+                 self.identity.id, len(self.members.snapshot()))
 
     def _inherit_previous(self) -> None:
         """Read the remote backends and routes the previous agent left in the maps."""
@@ -219,91 +212,13 @@ class Agent:
 
     # ------------------------------------------------------------ membership
 
-    def _apply_mesh(self, spec: dict[str, Any] | None, first: bool = False) -> None:
-        """Make the running remotes what ``spec.clusters`` says (None: the last spec seen, with
-        its Secrets read again): start the new ones, remove the ones that left (only their
-        backends leave), and switch a remote whose endpoint or Secret changed to a new
-        connection once that one is ready.
+    def _start_remote(self, config: RemoteConfig, max_cluster_id: int) -> RemoteCluster:
+        return RemoteCluster(config, self._on_remote_change, self.config.grace_period,
+                             heartbeat_timeout=self.config.heartbeat_timeout, max_cluster_id=max_cluster_id).start()
 
-        The spec is taken under the same lock that applies it: a refresh that read the spec
-        before a watch event and applied it after would undo the event (a re-added remote
-        dropped again until the next change of the object)."""
-        assert self.identity is not None
-        with self._remotes_lock:
-            if spec is None:
-                spec = self._mesh_spec
-            self._mesh_spec = spec
-            local = spec.get("localCluster") or {}
-            if (str(local.get("name", "")), int(local.get("id", 0) or 0)) != (self.identity.name, self.identity.id):
-                self._refuse_once("localCluster", f"localCluster changed to {local}; restart the agent to use it")
-            folder = self._secrets_dir / str(next(self._generation))
-            configs: dict[str, RemoteConfig] = {}
-            refused: dict[str, str] = {}
-            unreadable: set[str] = set()
-            for entry in spec.get("clusters") or []:
-                name = str(entry.get("name"))
-                try:
-                    configs[name] = remote_config_from_spec(self.kube, read_from(entry, spec), folder,
-                                                            self.config.secrets_namespace)
-                except (KubeError, KeyError, ValueError, IndexError, TypeError) as exc:
-                    refused[name] = f"cannot read its settings: {exc}"
-                    unreadable.add(name)
-            pki.observe_files({f"remote {c.name} {label}": path for c in configs.values()
-                               for label, path in (("ca.crt", c.ca_cert), ("tls.crt", c.cert_file))})
-            max_id = self.identity.max_connected_clusters
-            if int(spec.get("maxConnectedClusters") or MAX_CLUSTER_ID) != max_id:
-                self._refuse_once("maxConnectedClusters", "maxConnectedClusters changed; restart the agent to use it")
-            refused.update(mesh_problems(self.identity.name, self.identity.id, configs.values(), max_id))
-            now = time.monotonic()
-            for name in list(self.remotes):
-                if name in unreadable:
-                    continue  # a Secret we cannot read right now: keep the connection we have
-                if name not in configs or name in refused:
-                    log.info("remote %s left the mesh: withdrawing its backends and routes", name)
-                    self._drop_remote(name)
-            for name, config in configs.items():
-                if name in refused:
-                    continue
-                fingerprint = _fingerprint(config)
-                if name in self.remotes and fingerprint == self._fingerprints.get(name):
-                    shutil.rmtree(folder / name, ignore_errors=True)  # the files in use stay
-                    continue
-                try:
-                    rc = RemoteCluster(config, self._on_remote_change, self.config.grace_period,
-                                       heartbeat_timeout=self.config.heartbeat_timeout,
-                                       max_cluster_id=max_id).start()
-                except KVStoreError as exc:  # e.g. https without a CA: refuse this remote only
-                    refused[name] = str(exc)
-                    continue
-                old = self.remotes.get(name)
-                if old is not None:
-                    log.info("remote %s: new settings (endpoint or credentials); switching once connected", name)
-                    previous = self._retiring.pop(name, None)
-                    if previous is not None:
-                        previous[0].stop()
-                    self._retiring[name] = (old, now + self.config.grace_period)
-                elif not first:
-                    log.info("remote %s joined the mesh", name)
-                if first:
-                    self._pending[name] = config.id
-                self.remotes[name] = rc
-                self._fingerprints[name] = fingerprint
-            for name, why in refused.items():
-                self._refuse_once(name, why)
-            self.refused = refused
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # nothing new in it: every remote kept its settings
+    def _apply_mesh(self, spec: dict[str, Any] | None) -> None:
+        self.members.apply(spec, time.monotonic())
         self._dirty.set()
-
-    def _drop_remote(self, name: str) -> None:
-        rc = self.remotes.pop(name)
-        self._fingerprints.pop(name, None)
-        self._pending.pop(name, None)
-        retiring = self._retiring.pop(name, None)
-        if retiring is not None:
-            retiring[0].stop()
-        # Off the lock's critical path would be nicer, but remove() only stops readers.
-        rc.remove()
 
     def _refuse_once(self, name: str, why: str) -> None:
         if f"{name}: {why}" in self._logged_refusals:
@@ -347,29 +262,11 @@ class Agent:
             except Exception:
                 log.exception("re-reading the remotes' settings failed; trying again later")
 
-    def _remote_list(self) -> list[RemoteCluster]:
-        with self._remotes_lock:
-            return list(self.remotes.values())
-
-    def _sources(self, now: float) -> list[RemoteCluster]:
-        """The remote objects whose records count now: each remote, or the connection it
-        replaces while the new one is not ready yet. Also retires what is done."""
-        with self._remotes_lock:
-            for name, rc in self.remotes.items():
-                if rc.ready:
-                    self._pending.pop(name, None)
-            for name, (old, until) in list(self._retiring.items()):
-                if self.remotes[name].ready or now >= until:
-                    del self._retiring[name]
-                    old.stop()
-            return [self._retiring[name][0] if name in self._retiring else rc for name, rc in self.remotes.items()]
-
     def _inheriting(self, now: float) -> frozenset[int]:
         """IDs of the remotes whose previous backends and routes are still kept."""
         if now - self._started_at >= self.config.grace_period:
             return frozenset()
-        with self._remotes_lock:
-            return frozenset(self._pending.values())
+        return self.members.awaiting_first_sync()
 
     def _on_remote_change(self, name: str) -> None:
         self._dirty.set()
@@ -429,7 +326,7 @@ class Agent:
     # ------------------------------------------------------------ the loop
 
     def _usable_sources(self, now: float) -> list[RemoteCluster]:
-        return [rc for rc in self._sources(now) if rc.usable(now)]
+        return [rc for rc in self.members.sources(now) if rc.usable(now)]
 
     def desired(self, now: float, sources: list[RemoteCluster]) -> tuple[list[ServiceSpec], bool]:
         """The datapath's desired state: the merger's, merged again only for the Services touched
@@ -437,8 +334,7 @@ class Agent:
         since the last call. ``sources``: the usable remotes at ``now``."""
         identity = self.identity
         assert identity is not None
-        with self._remotes_lock:
-            everyone = [*self.remotes.values(), *(old for old, _ in self._retiring.values())]
+        everyone = self.members.everyone()
         with self._lock:
             for rc in everyone:
                 for ref in rc.take_changed():
@@ -460,6 +356,7 @@ class Agent:
             outcome = self.merger.update(lambda: list(self.state.services), local_of, records_of,
                                          self._local_pod_cidrs())
             specs = self.merger.specs()
+        self._merged_refs = outcome.refs
         if outcome.problems is not None:
             for problem in set(outcome.problems) - self._merge_problems:
                 log.warning("merge: %s", problem)
@@ -491,8 +388,7 @@ class Agent:
             return True  # what an earlier agent or step wrote is served: follow changes at once
         if time.monotonic() - self._started_at >= self.config.first_sync_wait:
             return True
-        with self._remotes_lock:
-            return all(rc.ready for rc in self.remotes.values())
+        return all(rc.ready for rc in self.members.snapshot().values())
 
     def step(self) -> bool:
         """Merge and reconcile if anything changed; True when the maps were written."""
@@ -513,6 +409,8 @@ class Agent:
             ops = self.lb.reconcile(specs)
             self._last_specs = specs
             wrote = True
+            if trace.enabled():
+                trace.hops("map-write", (f"{ns}/{name}" for ns, name in self._merged_refs))
             if ops:
                 log.info("datapath: %d services, %d map operations", len(specs), len(ops))
             if len(ops) > 10_000:
@@ -592,9 +490,10 @@ class Agent:
             # The tick exists for grace periods running out: merge again only when an event
             # came in or the set of usable remotes moved, not every second.
             now = time.monotonic()
+            self.members.retire(now)
             draining = frozenset(cidr for cidr, (_, until) in self._draining.items() if now < until)
-            usable = (frozenset(rc.name for rc in self._sources(now) if rc.usable(now)), self._inheriting(now),
-                      frozenset(self._retiring), draining)
+            usable = (frozenset(rc.name for rc in self.members.sources(now) if rc.usable(now)),
+                      self._inheriting(now), self.members.switching(), draining)
             if not changed and usable == last_usable and self._last_specs is not None:
                 continue
             last_usable = usable
@@ -619,9 +518,7 @@ class Agent:
     def stop(self) -> None:
         """Stop watching and leave the maps as they are (no drain on restart)."""
         self.request_stop()
-        with self._remotes_lock:
-            for rc in [*self.remotes.values(), *(old for old, _ in self._retiring.values())]:
-                rc.stop()
+        self.members.stop()
         if self.lb is not None:
             self.lb.close()
         shutil.rmtree(self._secrets_dir, ignore_errors=True)
@@ -644,15 +541,6 @@ class Agent:
             "node": self.config.node,
             "cluster": self.identity.name if self.identity else None,
             "waiting_for": None if self.identity else f"ClusterMesh {self.config.mesh_name}",
-            "remotes": [rc.status() for rc in self._remote_list()],
-            "refused": self.refused,
+            "remotes": [rc.status() for rc in self.members.snapshot().values()],
+            "refused": self.members.refused,
         }
-
-
-def _fingerprint(config: RemoteConfig) -> str:
-    """What identifies a remote's settings, Secret contents included (the file paths change
-    with every read)."""
-    digest = hashlib.sha256(repr((config.name, config.id, config.endpoints, config.user, config.password)).encode())
-    for path in (config.ca_cert, config.cert_file, config.key_file):
-        digest.update(Path(path).read_bytes() if path else b"-")
-    return digest.hexdigest()

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import logging
 import os
 import shutil
 import signal
-import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from clustermesh import metrics, pki, schema
+from clustermesh import metrics, pki, schema, trace
 from clustermesh.cluster.export import ClusterIdentity, export_node, export_service
 from clustermesh.cluster.state import ClusterState, Kind, NodeRef, Ref, ServiceRef
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
@@ -32,7 +31,8 @@ from clustermesh.kvstore import KVClient, KVStoreError
 from clustermesh.operator.leader import StatusLeader
 from clustermesh.scratch import private_folder
 from clustermesh.store.cache import CACHE_SYNCED_PREFIXES, RemoteCache
-from clustermesh.store.remote import RemoteCluster, remote_config_from_spec
+from clustermesh.store.membership import RemoteSet, max_connected_clusters
+from clustermesh.store.remote import RemoteCluster, RemoteConfig
 from clustermesh.store.sync import SyncStore, WriterSettings
 
 log = logging.getLogger(__name__)
@@ -110,15 +110,15 @@ class Operator:
         self.writer: SyncStore | None = None
         self.problems = ProblemLog("operator")
         self.remote_names: list[str] = []
-        self.remotes: dict[str, RemoteCluster] = {}
         self.caches: dict[str, RemoteCache] = {}  # event loop only
-        self._wanted_remotes: frozenset[str] = frozenset()  # replaced whole, never changed in place
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._remote_specs: dict[str, tuple[str, str | None]] = {}
-        self._mesh_spec: Mapping[str, Any] = {}
         self._next_secret_check = 0.0
-        self._remotes_lock = threading.Lock()  # ClusterMesh events and the Secret check, in threads
         self._secrets_dir = private_folder("operator")
+        # spec.clusters followed as the agents follow it (store/membership.py): the ClusterMesh
+        # status's remotes and, with --cache, what the cache copies.
+        self.members = RemoteSet("operator", kube, self._secrets_dir, REMOTE_SECRETS_NAMESPACE, self._start_remote,
+                                 config.grace_period, on_change=self._remote_changed)
+        self._mesh_seen = False
         self.failed: str | None = None
         self._starting = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,7 +165,7 @@ class Operator:
         try:
             identity = ClusterIdentity(
                 local.get("name"), local.get("id"),  # type: ignore[arg-type]
-                _max_connected_clusters(spec),
+                max_connected_clusters(spec),
             )
         except schema.SchemaError as exc:
             self.problems.report(f"clustermesh/{self.config.mesh_name}", [f"invalid localCluster: {exc}"])
@@ -182,46 +182,13 @@ class Operator:
             )
 
     def _sync_remotes(self, spec: Mapping[str, Any] | None) -> None:
-        """One RemoteCluster per spec.clusters entry, made again when its entry or the
-        Secret it references changes (credentials rotated). None: the last spec seen, taken
-        under the lock that applies it (a refresh must never undo a newer event)."""
-        with self._remotes_lock:
-            self._sync_remotes_locked(self._mesh_spec if spec is None else spec)
+        """The remotes of ``spec`` (None: the last one, its Secrets read again), in a thread."""
+        self.members.apply(spec, time.monotonic())
+        self._mesh_seen = True
 
-    def _sync_remotes_locked(self, spec: Mapping[str, Any]) -> None:
-        self._mesh_spec = spec
-        try:
-            max_id = schema.validate_max_connected_clusters(_max_connected_clusters(spec))
-        except schema.SchemaError:
-            max_id = schema.MAX_CLUSTER_ID  # reported with the identity; remotes keep the default
-        wanted = {str(c.get("name")): dict(c) for c in spec.get("clusters") or []}
-        versions: dict[str, tuple[str, str | None]] = {}
-        for name, entry in wanted.items():
-            secret = self._secret_fingerprint(entry)
-            old = self._remote_specs.get(name)
-            if secret is None and old is not None:
-                secret = old[1]  # unreadable just now: keep the connection we have
-            versions[name] = (schema.encode({"entry": entry, "max": max_id}), secret)
-        self._wanted_remotes = frozenset(wanted)
-        for name in [n for n in self.remotes if versions.get(n) != self._remote_specs.get(n)]:
-            if name in versions:
-                log.info("remote %s: its ClusterMesh entry or Secret changed; connecting again", name)
-            self.remotes.pop(name).stop()
-            self._remote_specs.pop(name, None)
-            self._remote_changed(name)
-        for name, entry in wanted.items():
-            if name in self.remotes:
-                continue
-            try:
-                config = remote_config_from_spec(self.kube, entry, self._secrets_dir, REMOTE_SECRETS_NAMESPACE)
-                self.remotes[name] = RemoteCluster(config, on_change=self._remote_changed,
-                                                   grace_period=self.config.grace_period,
-                                                   max_cluster_id=max_id).start()
-            except (KubeError, KVStoreError, KeyError, ValueError, IndexError) as exc:
-                self.problems.report(f"remote/{name}", [f"cannot connect: {exc}"])
-                continue
-            self.problems.report(f"remote/{name}", [])
-            self._remote_specs[name] = versions[name]
+    def _start_remote(self, config: RemoteConfig, max_cluster_id: int) -> RemoteCluster:
+        return RemoteCluster(config, on_change=self._remote_changed, grace_period=self.config.grace_period,
+                             max_cluster_id=max_cluster_id).start()
 
     # ------------------------------------------------------------ the cache (KVStoreMesh)
 
@@ -238,17 +205,16 @@ class Operator:
         if self.writer is None:
             return  # _start refreshes every remote once the writer exists
         cache = self.caches.get(name)
-        if name not in self._wanted_remotes:
+        # The connection whose records count now (the old one while a new one connects).
+        remote = self.members.source(name, time.monotonic())
+        if remote is None:  # not (or no longer) a remote of the mesh
             if cache is not None:
                 del self.caches[name]
                 cache.forget()
             return
-        remote = self.remotes.get(name)  # None while it connects again, or when it cannot
         if cache is None:
-            if remote is None:
-                return
             cache = self.caches[name] = RemoteCache(remote, self.writer, self.config.grace_period)
-        elif remote is not None:
+        else:
             cache.replace(remote)
         cache.refresh()
 
@@ -256,7 +222,8 @@ class Operator:
         """Grace periods end with time, not with an event: look at every remote each tick."""
         await self._cleanup_cache()
         while True:
-            for name in self._wanted_remotes | set(self.caches):
+            await asyncio.to_thread(self.members.retire, time.monotonic())  # stopping a reader joins
+            for name in set(self.members.snapshot()) | set(self.caches):
                 self._refresh_cache(name)
             await asyncio.sleep(self.config.cache_tick)
 
@@ -270,7 +237,7 @@ class Operator:
             except KVStoreError as exc:
                 log.warning("listing the cache failed (%s); stale copies stay until the next start", exc)
                 return
-        gone = {k.split("/")[4] for k in keys if len(k.split("/")) > 4} - self._wanted_remotes
+        gone = {k.split("/")[4] for k in keys if len(k.split("/")) > 4} - set(self.members.snapshot())
         stale = [k for k in keys if len(k.split("/")) > 4 and k.split("/")[4] in gone]
         for name in sorted(gone - {self.identity.name}):
             log.info("[cache %s] no longer in spec.clusters: removing what an earlier run cached", name)
@@ -278,23 +245,9 @@ class Operator:
             stale.append(schema.cluster_config_key(name))
         self.writer.delete_found(stale)
 
-    def _secret_fingerprint(self, entry: Mapping[str, Any]) -> str | None:
-        """A digest of the Secret an entry references ("" for none); None when it cannot be read."""
-        tls = entry.get("tls") or {}
-        if not isinstance(tls, dict) or not tls.get("secretName"):
-            return ""
-        try:
-            data = self.kube.get_secret(tls.get("secretNamespace") or REMOTE_SECRETS_NAMESPACE, tls["secretName"])
-        except KubeError:
-            return None
-        digest = hashlib.sha256()
-        for key in sorted(data):
-            digest.update(key.encode() + b"\0" + hashlib.sha256(data[key]).digest())
-        return digest.hexdigest()
-
     async def _refresh_secrets(self) -> None:
         now = asyncio.get_running_loop().time()
-        if not self.config.watch_remotes or not self._mesh_spec or now < self._next_secret_check:
+        if not self.config.watch_remotes or not self._mesh_seen or now < self._next_secret_check:
             return
         self._next_secret_check = now + self.config.secret_refresh
         await asyncio.to_thread(self._sync_remotes, None)
@@ -304,6 +257,8 @@ class Operator:
     def on_event(self, kind: Kind, event_type: str | None, body: Body) -> None:
         """One watch event (kopf passes type None for its initial listing)."""
         refs = self.state.delete(kind, body) if event_type == "DELETED" else self.state.upsert(kind, body)
+        if trace.enabled():
+            trace.hops("k8s-event", (f"{r.namespace}/{r.name}" for r in refs if isinstance(r, ServiceRef)))
         self._export(refs)
 
     def _export(self, refs: Iterable[Ref]) -> None:
@@ -434,8 +389,7 @@ class Operator:
             log.error("%s", self.failed)
 
     async def stop(self) -> None:
-        for rc in self.remotes.values():
-            await asyncio.to_thread(rc.stop)
+        await asyncio.to_thread(self.members.stop)
         shutil.rmtree(self._secrets_dir, ignore_errors=True)
         for task in self._tasks:
             task.cancel()
@@ -517,9 +471,10 @@ class Operator:
             "exportedNodes": nodes,
             "remoteClusters": ",".join(self.remote_names),
         }
-        if self.remotes:
+        remotes = self.members.snapshot()
+        if remotes:
             status["remotes"] = [
-                {k: v for k, v in rc.status().items() if v != ""} for _, rc in sorted(self.remotes.items())
+                {k: v for k, v in rc.status().items() if v != ""} for _, rc in sorted(remotes.items())
             ]
         if writer and writer.last_sync:
             status["lastSyncTime"] = writer.last_sync.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -564,6 +519,8 @@ class Operator:
         while True:
             await self._check_peering()
             await self._refresh_secrets()
+            # Old connections end once their replacement is ready (the cache's loop does it each second).
+            await asyncio.to_thread(self.members.retire, time.monotonic())
             status = self.status_payload()
             if self.leader is not None and not await asyncio.to_thread(self.leader.refresh):
                 self._last_status = None  # write it all when this replica leads again
@@ -575,12 +532,6 @@ class Operator:
                     log.warning("%s", exc)
                     metrics.ERRORS.labels("operator", "kube-api").inc()
             await asyncio.sleep(self.config.status_interval)
-
-
-def _max_connected_clusters(spec: Mapping[str, Any]) -> int:
-    """spec.maxConnectedClusters (255 when absent): the bound of every cluster ID in the mesh."""
-    value = spec.get("maxConnectedClusters")
-    return schema.MAX_CLUSTER_ID if value is None else value
 
 
 def _now() -> str:
