@@ -149,9 +149,9 @@ class Lab:
         self._drain: threading.Thread | None = None
 
     @classmethod
-    def start(cls, root: Path, keep: bool, timeout: float = 300) -> Lab:
+    def start(cls, root: Path, keep: bool, timeout: float = 300, extra: tuple[str, ...] = ()) -> Lab:
         directory, log = root / "lab", root / "lab-up.log"
-        argv = [sys.executable, "-m", "clustermesh.cli", "lab", "up", "--dir", str(directory)]
+        argv = [sys.executable, "-m", "clustermesh.cli", "lab", "up", "--dir", str(directory), *extra]
         say(f"starting a lab: {' '.join(argv[2:])} (log {log})")
         if keep:
             # The lab tears itself down once its stdout reader goes away; a file has none, so it outlives us.
