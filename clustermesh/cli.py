@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start the mesh's stores, operators and agents as supervised processes instead "
                       "(what the chaos tests kill and hold down one by one)")
     up.set_defaults(processes=False)
+    up.add_argument("--direct", nargs="?", const="all", default="", metavar="CLUSTER,...",
+                    help="(deploy/ lab) agents read every remote's store themselves, without the store pods' "
+                    "cache (KVStoreMesh): ClusterMesh spec.cache off and deploy/direct's RBAC; in every "
+                    "cluster, or only in those named (lab-3: a mesh that mixes both modes)")
     for action, text in (("down", "remove the lab (also after its supervisor died)"),
                          ("status", "clusters, nodes, pods and processes of the lab"),
                          ("xwing", "x-wing asks rebel-base through kubectl exec")):

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,11 +191,15 @@ class LabCluster:
 
 class LabMesh:
     def __init__(self, directory: Path, clusters: int = 2, nodes: int = 2, say: Say | None = None,
-                 report: Callable[[str], None] | None = None, from_manifests: bool = False) -> None:
+                 report: Callable[[str], None] | None = None, from_manifests: bool = False,
+                 direct: Collection[str] = ()) -> None:
         self.directory = directory
         # The mesh's own components as users install them (deploy/ applied with kubectl, run by the
         # node agents as Pods), instead of processes the lab starts and supervises.
         self.from_manifests = from_manifests
+        # The clusters installed from deploy/ without the cache: their agents read every remote's store
+        # themselves (deploy/direct's RBAC). A mesh may mix both modes.
+        self.direct = frozenset(direct)
         self.tag = uuid.uuid4().hex[:5]
         self.clusters = [LabCluster(self, i) for i in range(1, clusters + 1)]
         self.nodes_per_cluster = nodes
@@ -245,11 +249,14 @@ class LabMesh:
                                     "underlay, node agents (the lab's kubelet), kube-proxy")
             self._make_nodes()
             self.say(3, self.STEPS, "deploy/ in every cluster: clustermesh certs, then kubectl apply -k "
-                                    "deploy/overlays/lab (store Deployment, agent DaemonSet, RBAC)")
+                                    "deploy/overlays/lab (store Deployment, agent DaemonSet, RBAC"
+                                    + (f", and deploy/direct in {', '.join(sorted(self.direct))}: agents may "
+                                       "read the remotes' Secrets)" if self.direct else ")"))
             for c in self.clusters:
                 self._deploy(c)
-            self.say(4, self.STEPS, "ClusterMesh objects (remotes reach the store's NodePort), "
-                                    "clustermesh connect between every pair")
+            self.say(4, self.STEPS, "ClusterMesh objects (remotes reach the store's NodePort; "
+                                    + self._modes()
+                                    + "), clustermesh connect between every pair")
             for c in self.clusters:
                 self._mesh_object_for_deploy(c)
             self._connect_all()
@@ -323,7 +330,7 @@ class LabMesh:
         if res.returncode != 0:
             raise ServerError(f"clustermesh certs for {c.name}: {res.stderr.strip()}")
         base = os.path.relpath(REPO / "deploy" / "overlays" / "lab", overlay)
-        kustomization = {
+        kustomization: dict[str, Any] = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
             "resources": [base, *sorted(f"secrets/{p.name}" for p in secrets_dir.glob("*.yaml"))],
             "configMapGenerator": [{"name": "clustermesh-lab", "namespace": "clustermesh-system",
@@ -338,17 +345,31 @@ class LabMesh:
                     "volumes": [{"name": "cgroup", "hostPath": {"path": str(cgroup2_root()),
                                                                 "type": "Directory"}}]}}}})}],
         }
+        if c.name in self.direct:
+            kustomization["components"] = [os.path.relpath(REPO / "deploy" / "direct", overlay)]
         (overlay / "kustomization.yaml").write_text(json.dumps(kustomization, indent=2))
         c.kubectl("apply", "-k", str(overlay), timeout=180)
+
+    def _modes(self) -> str:
+        names = [c.name for c in self.clusters]
+        direct = [n for n in names if n in self.direct]
+        cached = [n for n in names if n not in self.direct]
+        if not direct:
+            return "agents read every remote from their store pods' cache"
+        if not cached:
+            return "agents read each remote's store directly"
+        return (f"agents of {', '.join(cached)} read every remote from their store pods' cache, "
+                f"agents of {', '.join(direct)} read each remote's store directly")
 
     def _mesh_object_for_deploy(self, c: LabCluster) -> None:
         # Every node serves the NodePort: readers move to the next address when one fails.
         # No shared access Secret: connect gives each peer its own reader from this store's CA.
         access = {"endpoints": [f"https://{n.netns.address}:{STORE_NODE_PORT}" for n in c.nodes]}
-        # The agents read every remote from this cluster's store pods, which cache them (KVStoreMesh).
+        # By default the agents read every remote from this cluster's store pods, which cache them
+        # (KVStoreMesh); --direct: from each remote's store.
         mesh = {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh", "metadata": {"name": "default"},
                 "spec": {"localCluster": {"name": c.name, "id": c.index}, "access": access,
-                         "cache": {"enabled": True}}}
+                         "cache": {"enabled": c.name not in self.direct}}}
         c.kubectl("apply", "-f", "-", stdin=json.dumps(mesh))
 
     def _wait_deployed(self, c: LabCluster) -> None:
@@ -527,6 +548,7 @@ class LabMesh:
             "directory": str(self.directory),
             "kubeconfig": str(self.kubeconfig), "cgroup_root": str(self.cgroup_root),
             "netns_prefix": f"cml-{self.tag}-", "from_manifests": self.from_manifests,
+            "direct": sorted(self.direct),
             "nodes": {n.name: {"cluster": c.name, "netns": n.netns.netns, "cgroup": str(n.cgroup),
                                "pin_dir": str(n.pin_dir), "address": n.netns.address, "pod_cidr": n.pod_cidr}
                       for c in self.clusters for n in c.nodes},

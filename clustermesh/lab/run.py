@@ -212,7 +212,16 @@ def lab_up(args: argparse.Namespace) -> int:
     if base.exists():
         subprocess.run(["rm", "-rf", str(base)], check=True)
     base.mkdir(parents=True)
-    mesh = LabMesh(base, clusters=args.clusters, nodes=args.nodes, from_manifests=not args.processes)
+    names = [f"lab-{i}" for i in range(1, args.clusters + 1)]
+    direct = names if args.direct == "all" else [n for n in (args.direct or "").split(",") if n]
+    if direct and args.processes:
+        raise ServerError("--direct is for the lab from deploy/ (the --processes lab's agents always read "
+                          "each remote directly); drop one of them")
+    unknown = sorted(set(direct) - set(names))
+    if unknown:
+        raise ServerError(f"--direct names {', '.join(unknown)}; the lab's clusters are {', '.join(names)}")
+    mesh = LabMesh(base, clusters=args.clusters, nodes=args.nodes, from_manifests=not args.processes,
+                   direct=direct)
 
     def interrupted(signum: int, _frame: object) -> None:
         raise Interrupted(signal.Signals(signum).name)

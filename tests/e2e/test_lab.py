@@ -546,7 +546,7 @@ def test_sighup_tears_the_lab_down_completely(lab: Lab) -> None:
 
 def test_lab_down_cleans_up_after_lab_up_was_killed(tmp_path: Path) -> None:
     _prereqs()
-    lab = Lab(tmp_path / "lab", 2, 1, "--processes")
+    lab = Lab(tmp_path / "lab", 1, 1, "--processes")  # one cluster has every kind of leftover
     try:
         lab.kubectl("lab-1", "create", "deployment", "web", "--image=nginx")
         lab.kubectl("lab-1", "rollout", "status", "deployment/web", "--timeout=60s")

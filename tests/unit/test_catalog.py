@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -317,10 +316,10 @@ def test_json_mock_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
         assert err.value.code == 404
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - started < 2
+        # A bound, not a speed: a server that ignored SIGTERM would never exit (a kubelet kills it
+        # after the pod's grace period); a loaded machine may take a few seconds to run the handler.
+        assert proc.wait(timeout=30) == 0
         out, errout = proc.communicate()
         assert out.splitlines() == [line for line in out.splitlines() if line.startswith("GET /")]
         assert [line.split()[:3] for line in out.splitlines()] == [["GET", "/public", "200"], ["GET", "/nope", "404"]]

@@ -1,6 +1,9 @@
 """The lab running what users apply: `clustermesh lab up` (--from-manifests, the default) installs the mesh with
 deploy/ (clustermesh certs, kubectl apply -k deploy/overlays/lab, connect) and the lab's kubelet runs
-the store Deployment and the agent DaemonSet as Pods; the lab starts no operator or agent itself."""
+the store Deployment and the agent DaemonSet as Pods; the lab starts no operator or agent itself.
+
+The package's lab has three clusters: lab-1 and lab-2 with the cache (the default), lab-3 in direct mode
+(``--direct lab-3``); these tests use lab-1 and lab-2, and check lab-3's mode."""
 
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def test_the_mesh_runs_as_pods_from_deploy(lab: Lab) -> None:
     # What runs is what deploy/ says: the lab itself started no operator and no agent.
     assert _lab_pids(lab, "clustermesh.cli operator") == [] and _lab_pids(lab, "clustermesh.cli agent") == []
     status = lab.json("lab-1", "get", "clustermesh", "default")["status"]
-    assert [(r["name"], r["ready"]) for r in status["remotes"]] == [("lab-2", True)], status
+    assert [(r["name"], r["ready"]) for r in status["remotes"]] == [("lab-2", True), ("lab-3", True)], status
 
 
 def test_agents_read_the_remotes_from_their_own_store_which_caches_them(lab: Lab) -> None:
@@ -69,6 +72,20 @@ def test_agents_read_the_remotes_from_their_own_store_which_caches_them(lab: Lab
     agent = "system:serviceaccount:clustermesh-system:clustermesh-agent"
     for args in (("get", "secrets", "-n", "clustermesh-remotes"), ("list", "secrets", "-n", "clustermesh-remotes")):
         assert lab.kubectl("lab-1", "auth", "can-i", *args, "--as", agent, check=False).strip().startswith("no")
+
+
+def test_agents_in_direct_mode_read_each_remote_store_with_its_secret(lab: Lab) -> None:
+    """lab-3 runs without the cache (deploy/direct, ClusterMesh spec.cache off): its agents read lab-2's
+    store themselves, with the Secret connect copied into clustermesh-remotes, and may read it."""
+    spec = lab.json("lab-3", "get", "clustermesh", "default")["spec"]
+    assert not (spec.get("cache") or {}).get("enabled"), spec
+    logs = lab.kubectl("lab-3", "logs", *SYSTEM, "ds/clustermesh-agent")
+    assert "records are read from a KVStoreMesh cache" not in logs, logs[-2000:]
+    agent = "system:serviceaccount:clustermesh-system:clustermesh-agent"
+    assert lab.kubectl("lab-3", "auth", "can-i", "get", "secrets", "-n", "clustermesh-remotes", "--as", agent,
+                       check=False).strip() == "yes"
+    status = lab.json("lab-3", "get", "clustermesh", "default")["status"]
+    assert [(r["name"], r["ready"]) for r in status["remotes"]] == [("lab-1", True), ("lab-2", True)], status
 
 
 def test_star_wars_fails_over_without_a_failed_request(lab: Lab) -> None:
@@ -121,10 +138,11 @@ def test_rotated_credentials_take_effect_without_a_restart_and_lose_nothing(lab:
 
     def rotate() -> None:
         pki = str(lab.dir / "lab-2" / "store-pki")
+        # Every reader of lab-2's store gets new credentials: each peer connects again.
         for argv in (["certs", "--cluster", "lab-2", "--rotate", *ips, "--pki-dir", pki, "--kubeconfig", kubeconfig_2],
-                     ["connect", "--kubeconfig", lab.kubeconfig, "--context", "lab-1",
-                      "--destination-context", "lab-2", "--pki-dir", str(lab.dir / "lab-1" / "store-pki"),
-                      "--destination-pki-dir", pki]):
+                     *(["connect", "--kubeconfig", lab.kubeconfig, "--context", peer,
+                        "--destination-context", "lab-2", "--pki-dir", str(lab.dir / peer / "store-pki"),
+                        "--destination-pki-dir", pki] for peer in ("lab-1", "lab-3"))):
             res = subprocess.run([sys.executable, "-m", "clustermesh.cli", *argv], capture_output=True, text=True,
                                  timeout=120, cwd=REPO)
             assert res.returncode == 0, res.stderr
@@ -136,9 +154,10 @@ def test_rotated_credentials_take_effect_without_a_restart_and_lose_nothing(lab:
         assert "cilium/cluster-config/lab-2" in _store_login(lab, "lab-2", new)
         # With the cache, lab-1's store pods read lab-2 (its agents read lab-1's store).
         logs = lab.kubectl("lab-1", "logs", *SYSTEM, "deploy/clustermesh-store", "-c", "operator")
-        assert "remote lab-2: its ClusterMesh entry or Secret changed" in logs, logs[-2000:]
+        assert "remote lab-2: new settings (endpoint or credentials); switching once connected" in logs, logs[-2000:]
         remotes = lab.json("lab-1", "get", "clustermesh", "default")["status"]["remotes"]
-        assert [(r["name"], r["ready"], r["connected"]) for r in remotes] == [("lab-2", True, True)], remotes
+        assert [(r["name"], r["ready"], r["connected"]) for r in remotes] == [
+            ("lab-2", True, True), ("lab-3", True, True)], remotes
 
     _failover(lab, rotate, lambda: eventually(switched, timeout=120, interval=2), only_remote_for=0)
 
@@ -208,7 +227,7 @@ def test_status_shows_what_the_cache_and_the_agents_see_and_names_a_remote_that_
     nodes = len(lab.json("lab-1", "get", "nodes")["items"])
     assert "lab-2" in res.stdout and f"agents: {nodes}/{nodes} Ready" in res.stdout, res.stdout
     doc = json.loads(_status(lab, "--output", "json").stdout)
-    assert [(r["name"], r["ready"]) for r in doc["remotes"]] == [("lab-2", True)] and doc["ready"]
+    assert [(r["name"], r["ready"]) for r in doc["remotes"]] == [("lab-2", True), ("lab-3", True)] and doc["ready"]
     # A remote no store answers for: named, and the command fails.
     clusters = lab.json("lab-1", "get", "clustermesh", "default")["spec"]["clusters"]
     bogus = {"name": "lab-9", "id": 9, "endpoints": ["https://192.168.100.99:32391"]}

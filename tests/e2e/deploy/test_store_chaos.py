@@ -1,18 +1,21 @@
-"""Chaos against the mesh as deploy/ installs it: lab-2's store tier (and lab-1's agents) broken the
-way real clusters break them, with a client that cannot hide a loss.
+"""Chaos against the mesh as deploy/ installs it: lab-2's store tier (and the client clusters' agents)
+broken the way real clusters break them, with clients that cannot hide a loss, in both modes at once.
 
-One lab for the module, as ``clustermesh lab up`` makes it by default (from deploy/, 2 clusters x 2
-nodes), the Star Wars demo in both clusters and lab-1's rebel-base scaled to 0: lab-1's x-wing is then
-served only by lab-2's backends through the socket-LB (kube-proxy has no local endpoint to fall back on),
-and lab-1's agents know those backends only from lab-2's store.
+The package's lab (conftest.py: from deploy/, 3 clusters x 2 nodes) mixes the modes: lab-1's agents read
+lab-2 from lab-1's store pods, which cache it (KVStoreMesh, the default), and lab-3's agents read lab-2's
+store themselves (direct). The Star Wars demo runs in lab-1, lab-2 and lab-3 with lab-1's and lab-3's
+rebel-base scaled to 0: their x-wings are then served only by lab-2's backends through the socket-LB
+(kube-proxy has no local endpoint to fall back on), known only from lab-2's store, through the cache in
+lab-1 and directly in lab-3.
 
-Each case runs a fresh strict loop (``clustermesh.lab.attempts``) in lab-1's x-wing from before the
-break until 10 s after the broken component is back and Ready, and every error exit, answer that is not
-Cluster-2's JSON and gap of more than 1 s counts. Cases a-f must lose nothing; g (every store replica gone
-past the agents' grace period) loses by design and is checked for its withdraw and return. Each case also
-times how long a change made right after the new component is Ready takes to reach lab-1's maps (an
-EndpointSlice of the selector-less ``chaos-probe`` Service, written by the test: no pod start in the
-figure), and the figures go to ``<lab>/store-chaos-figures.txt`` for the README.
+Each case runs a fresh strict loop (``clustermesh.lab.attempts``) in the x-wing of each client cluster
+from before the break until 10 s after the broken component is back and Ready, and every error exit,
+answer that is not Cluster-2's JSON and gap of more than 1 s counts, in either. Cases a-f must lose
+nothing; g (every store replica gone past the grace period) loses by design and is checked for its
+withdraw and return. Each case also times how long a change made right after the new component is
+Ready takes to reach every client node's maps (an EndpointSlice of the selector-less ``chaos-probe``
+Service, written by the test: no pod start in the figure), and the figures go to
+``<lab>/store-chaos-figures.txt`` for the README.
 
 Nothing here connects to a lab address from the host: the maps are read from their pins.
 """
@@ -38,14 +41,15 @@ from clustermesh.datapath.dump import read as read_maps
 from clustermesh.datapath.errors import DatapathError
 from clustermesh.datapath.plan import specs_from_state
 from clustermesh.lab.attempts import AttemptLoop, LoopEnded, Verdict, judge
-from tests.e2e.test_lab import Lab, apply_demo
+from tests.e2e.test_lab import DEMO, Lab, apply_demo
 
 # Backstop only (every wait below has its own bound): the module's lab comes up inside the first test's
 # time, and a rolling restart of two store replicas on a busy 2-core machine takes minutes at worst.
 pytestmark = pytest.mark.timeout(1200)
 
-CLIENT, SERVER = "lab-1", "lab-2"  # x-wing asks in lab-1; lab-2's store tier is what breaks
-SERVER_ID = 2  # lab-2's cluster ID: its backends in lab-1's maps carry it
+SERVER = "lab-2"  # lab-2's store tier is what breaks
+CLIENTS = {"lab-1": "cache", "lab-3": "direct"}  # their x-wings ask; how their agents read lab-2
+SERVER_ID = 2  # lab-2's cluster ID: its backends in the client clusters' maps carry it
 NS = "clustermesh-system"
 STORE = "app.kubernetes.io/name=clustermesh-store"
 AGENT = "app.kubernetes.io/name=clustermesh-agent"
@@ -53,7 +57,7 @@ EXPECT = frozenset({"Cluster-2"})
 MAX_GAP = 1.0
 TAIL = 10.0  # the issue's "10 s more" once the broken component is back
 READY_TIMEOUT = 240.0  # a replaced store or agent pod back and Ready
-READ_TIMEOUT = 90.0  # a change in lab-2 seen in lab-1's maps
+READ_TIMEOUT = 90.0  # a change in lab-2 seen in the client clusters' maps
 NOTICE = 10.0  # an unreachable store is noticed within this (the agents probe every 2 s, 3 s deadline)
 FIGURES = "store-chaos-figures.txt"
 
@@ -66,7 +70,7 @@ PROBE_SERVICE = {
 
 def probe_slice(api_version: str, ip: str) -> dict[str, Any]:
     """The chaos-probe's one EndpointSlice, with one ready endpoint (nothing ever connects to it: the
-    figure is the records' way from lab-2's API server to lab-1's maps)."""
+    figure is the records' way from lab-2's API server to the client clusters' maps)."""
     return {"apiVersion": api_version, "kind": "EndpointSlice",
             "metadata": {"name": "chaos-probe-1", "labels": {"kubernetes.io/service-name": "chaos-probe"}},
             "addressType": "IPv4", "ports": [{"name": "", "port": 80, "protocol": "TCP"}],
@@ -89,20 +93,35 @@ def set_up(lab: Lab) -> None:
     apply_demo(lab)
     service = lab.dir / "chaos-probe-service.json"
     service.write_text(json.dumps(PROBE_SERVICE))
-    for context in (CLIENT, SERVER):
+    for context in (*CLIENTS, SERVER):
         lab.kubectl(context, "apply", "-f", str(service))
     versions = lab.kubectl(SERVER, "api-versions").split()
     api_version = "discovery.k8s.io/v1" if "discovery.k8s.io/v1" in versions else "discovery.k8s.io/v1beta1"
     # An address in lab-2's pod CIDR that no pod gets (the lab's IPAM hands out from the bottom).
     cidr = ipaddress.ip_network(next(n["pod_cidr"] for n in lab.state["nodes"].values() if n["cluster"] == SERVER))
     (lab.dir / "chaos-probe-slice.json").write_text(json.dumps(probe_slice(api_version, str(cidr[-3]))))
-    lab.kubectl(CLIENT, "scale", "deployment/rebel-base", "--replicas=0")
-    wait_until(lambda: not lab.pods(CLIENT, "name=rebel-base"), 120, "lab-1's rebel-base pods gone")
+    # lab-3 runs lab-1's half of the demo (its rebel-base, scaled to 0 below, would answer "Cluster-1").
+    lab.kubectl("lab-3", "apply", "-f", str(DEMO / "cluster1.yaml"))
+    lab.kubectl("lab-3", "rollout", "status", "deployment/x-wing", "--timeout=150s", timeout=180)
+    for context in CLIENTS:
+        lab.kubectl(context, "scale", "deployment/rebel-base", "--replicas=0")
+    for context in CLIENTS:
+        wait_until(lambda c=context: not lab.pods(c, "name=rebel-base"), 120, f"{context}'s rebel-base pods gone")
     wait_until(lambda: store_ready(lab), READY_TIMEOUT, "lab-2's store Ready")
-    wait_until(lambda: agents_ready(lab), READY_TIMEOUT, "lab-1's agents Ready")
-    wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT, "lab-2's rebel-base backends in lab-1's maps")
-    with AttemptLoop.in_xwing(lab.kubeconfig, CLIENT, raw=lab.dir / "attempts-setup.log") as loop:
-        loop.wait_clean(EXPECT, seconds=5, max_gap=MAX_GAP, timeout=120)
+    wait_until(lambda: agents_ready(lab), READY_TIMEOUT, "the client clusters' agents Ready")
+    wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT,
+               "lab-2's rebel-base backends in the client clusters' maps")
+    with client_loops(lab, "setup") as loops:
+        for loop in loops.values():
+            loop.wait_clean(EXPECT, seconds=5, max_gap=MAX_GAP, timeout=120)
+
+
+@contextlib.contextmanager
+def client_loops(lab: Lab, slug: str) -> Iterator[dict[str, AttemptLoop]]:
+    """A strict loop in each client cluster's x-wing, side by side."""
+    with contextlib.ExitStack() as stack:
+        yield {c: stack.enter_context(AttemptLoop.in_xwing(lab.kubeconfig, c, raw=lab.dir / f"attempts-{slug}-{c}.log"))
+               for c in CLIENTS}
 
 
 # ---------------------------------------------------------------- waiting
@@ -122,7 +141,7 @@ def is_ready(pod: dict[str, Any]) -> bool:
         c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
-# ---------------------------------------------------------------- lab-2's store, lab-1's agents
+# ---------------------------------------------------------------- lab-2's store, the clients' agents
 
 
 def store_pods(lab: Lab) -> list[dict[str, Any]]:
@@ -149,36 +168,44 @@ def store_ready(lab: Lab, gone: Collection[str] = ()) -> bool:
     return len(pods) == want and all(is_ready(p) for p in pods) and not {name(p) for p in pods} & set(gone)
 
 
-def agent_pods(lab: Lab) -> list[dict[str, Any]]:
-    return list(lab.json(CLIENT, "-n", NS, "get", "pods", "-l", AGENT)["items"])
+def agent_pods(lab: Lab, context: str) -> list[dict[str, Any]]:
+    return list(lab.json(context, "-n", NS, "get", "pods", "-l", AGENT)["items"])
 
 
 def agents_ready(lab: Lab, gone: Collection[str] = ()) -> bool:
-    ds = lab.json(CLIENT, "-n", NS, "get", "daemonset", "clustermesh-agent")
-    status = ds.get("status", {})
-    want = status.get("desiredNumberScheduled", -1)
-    if status.get("observedGeneration", 0) < ds["metadata"]["generation"] or want < 1:
-        return False
-    if not (status.get("numberReady") == status.get("updatedNumberScheduled") == status.get("numberAvailable")
-            == want):
-        return False
-    pods = agent_pods(lab)
-    return len(pods) == want and all(is_ready(p) for p in pods) and not {name(p) for p in pods} & set(gone)
+    """Every client cluster's agent DaemonSet rolled out, every agent Ready, none named in ``gone`` left."""
+    for context in CLIENTS:
+        ds = lab.json(context, "-n", NS, "get", "daemonset", "clustermesh-agent")
+        status = ds.get("status", {})
+        want = status.get("desiredNumberScheduled", -1)
+        if status.get("observedGeneration", 0) < ds["metadata"]["generation"] or want < 1:
+            return False
+        if not (status.get("numberReady") == status.get("updatedNumberScheduled")
+                == status.get("numberAvailable") == want):
+            return False
+        pods = agent_pods(lab, context)
+        if len(pods) != want or not all(is_ready(p) for p in pods) or {name(p) for p in pods} & set(gone):
+            return False
+    return True
 
 
 def name(obj: dict[str, Any]) -> str:
     return str(obj["metadata"]["name"])
 
 
-def grace_period(lab: Lab) -> float:
-    """The agents' grace period as deployed: their arguments (deploy/overlays/lab's) read by the agent's
-    own command line, so its default applies when the overlay sets none."""
-    ds = lab.json(CLIENT, "-n", NS, "get", "daemonset", "clustermesh-agent")
-    container = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+def grace_period(lab: Lab, context: str) -> float:
+    """The grace period after which ``context``'s agents lose lab-2, as deployed: the agents' own (direct
+    mode) or the store pods' cache's (cache mode), read from their arguments (deploy/overlays/lab's) by
+    their own command line, so the default applies when the overlay sets none."""
+    component, kind, workload, container_name = (
+        ("operator", "deployment", "clustermesh-store", "operator") if CLIENTS[context] == "cache"
+        else ("agent", "daemonset", "clustermesh-agent", "agent"))
+    obj = lab.json(context, "-n", NS, "get", kind, workload)
+    container = next(c for c in obj["spec"]["template"]["spec"]["containers"] if c["name"] == container_name)
     # $(VAR) of the literal env values, as the kubelet expands them (the others are not numbers we read).
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in container.get("args", [])]
-    args, _ = build_parser().parse_known_args(["agent", *argv])
+    args, _ = build_parser().parse_known_args([component, *argv])
     return float(args.grace_period)
 
 
@@ -202,32 +229,32 @@ def restarts_of(pod: dict[str, Any], container: str) -> int:
                  if s["name"] == container), 0)
 
 
-# ---------------------------------------------------------------- what lab-1's maps hold
+# ---------------------------------------------------------------- what the client clusters' maps hold
 
-_cluster_ips: dict[tuple[str, str], str] = {}
+_cluster_ips: dict[tuple[str, str, str], str] = {}
 
 
-def cluster_ip(lab: Lab, service: str) -> str:
-    key = (str(lab.dir), service)
+def cluster_ip(lab: Lab, context: str, service: str) -> str:
+    key = (str(lab.dir), context, service)
     if key not in _cluster_ips:
-        _cluster_ips[key] = lab.kubectl(CLIENT, "get", "svc", service, "-o", "jsonpath={.spec.clusterIP}").strip()
+        _cluster_ips[key] = lab.kubectl(context, "get", "svc", service, "-o", "jsonpath={.spec.clusterIP}").strip()
     return _cluster_ips[key]
 
 
-def lab1_backends_of(lab: Lab, service: str) -> dict[str, set[str]]:
-    """Per lab-1 node: lab-2's backends of ``service`` (port 80) in that node's pinned maps."""
-    ip = cluster_ip(lab, service)
+def client_backends_of(lab: Lab, service: str) -> dict[str, set[str]]:
+    """Per client cluster node: lab-2's backends of ``service`` (port 80) in that node's pinned maps."""
     found: dict[str, set[str]] = {}
     for node_name, node in lab.state["nodes"].items():
-        if node["cluster"] != CLIENT:
+        if node["cluster"] not in CLIENTS:
             continue
+        ip = cluster_ip(lab, node["cluster"], service)
         try:
             specs = specs_from_state(read_maps(node["pin_dir"]).state)
         except (DatapathError, OSError):
             specs = []  # no maps pinned yet: nothing served
         found[node_name] = next(({str(b.ip) for b in s.backends if b.cluster_id == SERVER_ID} for s in specs
                                  if str(s.frontend.ip) == ip and s.frontend.port == 80), set())
-    assert found, "no lab-1 node in the lab's state"
+    assert {lab.state["nodes"][n]["cluster"] for n in found} == set(CLIENTS), f"client nodes: {sorted(found)}"
     return found
 
 
@@ -238,20 +265,29 @@ def server_backends(lab: Lab) -> set[str]:
 
 def maps_hold_server_backends(lab: Lab) -> bool:
     want = server_backends(lab)
-    return bool(want) and all(held == want for held in lab1_backends_of(lab, "rebel-base").values())
+    return bool(want) and all(held == want for held in client_backends_of(lab, "rebel-base").values())
 
 
-def propagation(lab: Lab, ready_at: float) -> float:
-    """Seconds from ``ready_at`` (the new component seen Ready) until every lab-1 agent has a backend
-    of lab-2's chaos-probe, whose EndpointSlice is written at that moment; then the slice goes and
-    its backend leaves lab-1's maps."""
+def propagation(lab: Lab, ready_at: float) -> dict[str, float]:
+    """Per client cluster, seconds from ``ready_at`` (the new component seen Ready) until each of its
+    agents has a backend of lab-2's chaos-probe, whose EndpointSlice is written at that moment; then
+    the slice goes and its backend leaves the client clusters' maps."""
     lab.kubectl(SERVER, "apply", "-f", str(lab.dir / "chaos-probe-slice.json"))
-    seen = wait_until(lambda: all(lab1_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
-                      "lab-2's new chaos-probe backend in every lab-1 node's maps", interval=0.05)
+    seen: dict[str, float] = {}
+
+    def everywhere() -> bool:
+        held = client_backends_of(lab, "chaos-probe")
+        for client in set(CLIENTS) - set(seen):
+            if all(b for node, b in held.items() if lab.state["nodes"][node]["cluster"] == client):
+                seen[client] = time.time()
+        return len(seen) == len(CLIENTS)
+
+    wait_until(everywhere, READ_TIMEOUT, "lab-2's new chaos-probe backend in every client node's maps",
+               interval=0.05)
     lab.kubectl(SERVER, "delete", "endpointslice", "chaos-probe-1")
-    wait_until(lambda: not any(lab1_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
-               "chaos-probe's backend gone from lab-1's maps")
-    return seen - ready_at
+    wait_until(lambda: not any(client_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
+               "chaos-probe's backend gone from the client clusters' maps")
+    return {client: t - ready_at for client, t in seen.items()}
 
 
 # ---------------------------------------------------------------- one case
@@ -271,49 +307,65 @@ class Outcome:
         return f"{self.verdict.describe()}\n{failed}\ngarbled lines: {self.garbled[:5]}"
 
 
-def record(lab: Lab, case: str, outcome: Outcome, notes: str = "") -> None:
+def record(lab: Lab, case: str, client: str, outcome: Outcome, notes: str = "") -> None:
     v = outcome.verdict
     path = lab.dir / FIGURES
     if not path.exists():
-        path.write_text("| case | attempts | failures | largest gap | propagation | notes |\n"
-                        "| --- | ---: | ---: | ---: | ---: | --- |\n")
+        path.write_text("| case | client (mode) | attempts | failures | largest gap | propagation | notes |\n"
+                        "| --- | --- | ---: | ---: | ---: | ---: | --- |\n")
     took = "-" if outcome.propagation is None else f"{outcome.propagation:.1f} s"
-    line = f"| {case} | {v.attempts} | {v.failures} | {v.largest_gap:.2f} s | {took} | {notes} |"
+    line = (f"| {case} | {client} ({CLIENTS[client]}) | {v.attempts} | {v.failures} | {v.largest_gap:.2f} s "
+            f"| {took} | {notes} |")
     print(line)
     with path.open("a") as out:
         out.write(line + "\n")
 
 
-def finish(lab: Lab, loop: AttemptLoop) -> float:
-    """The tail: lab-2's backends held by every lab-1 node, 10 s more, and the loop's report past the
+def assert_clean(outcomes: dict[str, Outcome]) -> None:
+    dirty = {c: o for c, o in outcomes.items() if not o.clean()}
+    assert not dirty, "\n".join(f"{c} ({CLIENTS[c]} mode): {o.why()}" for c, o in dirty.items())
+
+
+def finish(lab: Lab, loops: dict[str, AttemptLoop]) -> float:
+    """The tail: lab-2's backends held by every client node, 10 s more, and the loops' reports past the
     end (a loop that stalled or died shows as a gap up to the end, not as a wait that failed)."""
-    wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT, "lab-2's rebel-base backends in lab-1's maps")
+    wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT,
+               "lab-2's rebel-base backends in the client clusters' maps")
     time.sleep(TAIL)
     end = time.time()
-    with contextlib.suppress(TimeoutError, LoopEnded):
-        loop.wait_past(end)
+    for loop in loops.values():
+        with contextlib.suppress(TimeoutError, LoopEnded):
+            loop.wait_past(end)
     return end
 
 
-def run_case(lab: Lab, case: str, act: Callable[[], object], back: Callable[[], bool], what: str) -> Outcome:
-    """One case: a fresh loop, ``act`` breaks something, ``back()`` holds once the broken component is
-    back and Ready; then the propagation figure, the tail, the verdict over the whole case."""
+def run_case(lab: Lab, case: str, act: Callable[[], object], back: Callable[[], bool],
+             what: str) -> dict[str, Outcome]:
+    """One case: fresh loops, ``act`` breaks something, ``back()`` holds once the broken component is
+    back and Ready; then the propagation figure, the tail, each client's verdict over the whole case."""
     slug = case.split(".")[0]
-    with AttemptLoop.in_xwing(lab.kubeconfig, CLIENT, raw=lab.dir / f"attempts-{slug}.log") as loop:
-        start = loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=90)
+    with client_loops(lab, slug) as loops:
+        starts = {c: loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=90) for c, loop in loops.items()}
+        start = max(starts.values())
         try:
             act()
             ready_at = wait_until(back, READY_TIMEOUT, what, interval=0.5)
             took = propagation(lab, ready_at)
-            end = finish(lab, loop)
+            end = finish(lab, loops)
         except AssertionError as exc:
-            # What the client lost meanwhile is the figure that explains a component that never came back.
-            so_far = Outcome(judge(loop.attempts(), EXPECT, MAX_GAP, start, time.time()), None, list(loop.garbled))
-            record(lab, case, so_far, f"did not recover: {str(exc).splitlines()[0]}")
-            raise AssertionError(f"{exc}\nthe client meanwhile: {so_far.why()}") from exc
-    outcome = Outcome(judge(loop.attempts(), EXPECT, MAX_GAP, start, end), took, list(loop.garbled))
-    record(lab, case, outcome)
-    return outcome
+            # What the clients lost meanwhile is the figure that explains a component that never came back.
+            lost = []
+            for c, loop in loops.items():
+                so_far = Outcome(judge(loop.attempts(), EXPECT, MAX_GAP, start, time.time()), None,
+                                 list(loop.garbled))
+                record(lab, case, c, so_far, f"did not recover: {str(exc).splitlines()[0]}")
+                lost.append(f"{c}: {so_far.why()}")
+            raise AssertionError(f"{exc}\nthe clients meanwhile:\n" + "\n".join(lost)) from exc
+    outcomes = {c: Outcome(judge(loop.attempts(), EXPECT, MAX_GAP, start, end), took[c], list(loop.garbled))
+                for c, loop in loops.items()}
+    for c, outcome in outcomes.items():
+        record(lab, case, c, outcome)
+    return outcomes
 
 
 # ---------------------------------------------------------------- the cases, in order
@@ -325,7 +377,7 @@ def test_a_deleting_a_store_replica_loses_no_request(lab: Lab) -> None:
         lab, "a. kubectl delete pod of a store replica",
         lambda: lab.kubectl(SERVER, "-n", NS, "delete", "pod", victim, "--wait=false"),
         lambda: store_ready(lab, gone={victim}), f"lab-2's store with {victim} replaced, Ready")
-    assert outcome.clean(), outcome.why()
+    assert_clean(outcome)
 
 
 def test_b_a_rollout_restart_of_the_store_loses_no_request(lab: Lab) -> None:
@@ -334,7 +386,7 @@ def test_b_a_rollout_restart_of_the_store_loses_no_request(lab: Lab) -> None:
         lab, "b. kubectl rollout restart of the store",
         lambda: lab.kubectl(SERVER, "-n", NS, "rollout", "restart", "deployment/clustermesh-store"),
         lambda: store_ready(lab, gone=old), "lab-2's store restarted, every replica Ready")
-    assert outcome.clean(), outcome.why()
+    assert_clean(outcome)
 
 
 def test_c_an_image_upgrade_of_the_store_loses_no_request(lab: Lab) -> None:
@@ -350,7 +402,7 @@ def test_c_an_image_upgrade_of_the_store_loses_no_request(lab: Lab) -> None:
         lab, f"c. image tag change of the store ({new})",
         lambda: lab.kubectl(SERVER, "-n", NS, "set", "image", "deployment/clustermesh-store", f"*={new}"),
         upgraded, f"lab-2's store on {new}, every replica Ready")
-    assert outcome.clean(), outcome.why()
+    assert_clean(outcome)
 
 
 def test_d_kill_9_of_etcd_in_a_store_pod_loses_no_request(lab: Lab) -> None:
@@ -366,7 +418,7 @@ def test_d_kill_9_of_etcd_in_a_store_pod_loses_no_request(lab: Lab) -> None:
     etcd = next(s for p in store_pods(lab) if name(p) == name(pod)
                 for s in p["status"]["containerStatuses"] if s["name"] == "etcd")
     assert etcd.get("lastState", {}).get("terminated", {}).get("exitCode") == 137, etcd  # it was our kill
-    assert outcome.clean(), outcome.why()
+    assert_clean(outcome)
 
 
 def test_e_draining_a_node_of_a_store_replica_loses_no_request(lab: Lab) -> None:
@@ -389,57 +441,69 @@ def test_e_draining_a_node_of_a_store_replica_loses_no_request(lab: Lab) -> None
                            f"lab-2's store off {node}, every replica Ready")
     finally:
         lab.kubectl(SERVER, "uncordon", node)
-    assert outcome.clean(), outcome.why()
+    assert_clean(outcome)
 
 
-def test_f_deleting_every_agent_of_the_client_cluster_loses_no_request(lab: Lab) -> None:
-    old = {name(p) for p in agent_pods(lab)}
+def test_f_deleting_every_agent_of_the_client_clusters_loses_no_request(lab: Lab) -> None:
+    old = {name(p) for c in CLIENTS for p in agent_pods(lab, c)}
     assert old
+
+    def delete_agents() -> None:
+        for context in CLIENTS:
+            lab.kubectl(context, "-n", NS, "delete", "pod", "-l", AGENT, "--wait=false")
+
     outcome = run_case(
-        lab, "f. kubectl delete pod of every lab-1 agent",
-        lambda: lab.kubectl(CLIENT, "-n", NS, "delete", "pod", "-l", AGENT, "--wait=false"),
+        lab, "f. kubectl delete pod of every agent of the client clusters", delete_agents,
         lambda: agents_ready(lab, gone=old) and maps_hold_server_backends(lab),
-        "lab-1's new agents Ready, lab-2's backends in their maps")
-    assert outcome.clean(), outcome.why()
+        "the client clusters' new agents Ready, lab-2's backends in their maps")
+    assert_clean(outcome)
 
 
 def test_g_every_store_replica_gone_past_the_grace_period_withdraws_then_returns(lab: Lab) -> None:
     """By design the one case that loses requests: the backends leave no earlier than the grace period
-    after the stores went, and come back once a store answers again."""
-    grace = grace_period(lab)
+    after the stores went (the cache's in lab-1, the agents' in lab-3), and come back once a store
+    answers again."""
+    grace = {c: grace_period(lab, c) for c in CLIENTS}
     replicas = int(store_deployment(lab)["spec"].get("replicas", 1))
     first_drop: dict[str, float] = {}
 
     def withdrawn() -> bool:
-        held = lab1_backends_of(lab, "rebel-base")
+        held = client_backends_of(lab, "rebel-base")
         for node, backends in held.items():
             if not backends:
                 first_drop.setdefault(node, time.time())
         return len(first_drop) == len(held)
 
-    with AttemptLoop.in_xwing(lab.kubeconfig, CLIENT, raw=lab.dir / "attempts-g.log") as loop:
-        start = loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=90)
+    with client_loops(lab, "g") as loops:
+        start = max(loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=90) for loop in loops.values())
         assert maps_hold_server_backends(lab)
         went = time.time()  # the earliest the stores can have stopped answering
         lab.kubectl(SERVER, "-n", NS, "scale", "deployment/clustermesh-store", "--replicas=0")
         try:
-            wait_until(withdrawn, grace + NOTICE + 120, "lab-2's rebel-base backends gone from lab-1's maps")
+            wait_until(withdrawn, max(grace.values()) + NOTICE + 120,
+                       "lab-2's rebel-base backends gone from the client clusters' maps")
         finally:
             lab.kubectl(SERVER, "-n", NS, "scale", "deployment/clustermesh-store", f"--replicas={replicas}")
         ready_at = wait_until(lambda: store_ready(lab), READY_TIMEOUT, "lab-2's store back, every replica Ready",
                               interval=0.5)
         back = wait_until(lambda: maps_hold_server_backends(lab), READ_TIMEOUT,
-                          "lab-2's rebel-base backends back in lab-1's maps")
+                          "lab-2's rebel-base backends back in the client clusters' maps")
         took = propagation(lab, ready_at)
-        answering = loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=60)
-        end = finish(lab, loop)
-    attempts = loop.attempts()
-    outcome = Outcome(judge(attempts, EXPECT, MAX_GAP, start, end), took, list(loop.garbled))
-    after = judge(attempts, EXPECT, MAX_GAP, answering, end)
-    gone_after = min(first_drop.values()) - went
-    record(lab, f"g. every store replica gone past the grace period ({grace:g} s)", outcome,
-           f"withdrawn {gone_after:.1f} s after the scale to 0 (all nodes by "
-           f"{max(first_drop.values()) - went:.1f} s); back {back - ready_at:.1f} s after the store was Ready; "
-           f"since: {after.failures} failures")
-    assert gone_after >= grace, f"withdrawn {gone_after:.1f}s after the stores went, before the {grace:g}s grace"
-    assert after.failures == 0 and not outcome.garbled, after.describe()
+        answering = max(loop.wait_clean(EXPECT, max_gap=MAX_GAP, timeout=60) for loop in loops.values())
+        end = finish(lab, loops)
+    problems = []
+    for client, loop in loops.items():
+        attempts = loop.attempts()
+        outcome = Outcome(judge(attempts, EXPECT, MAX_GAP, start, end), took[client], list(loop.garbled))
+        after = judge(attempts, EXPECT, MAX_GAP, answering, end)
+        drops = [t for node, t in first_drop.items() if lab.state["nodes"][node]["cluster"] == client]
+        gone_after = min(drops) - went
+        record(lab, f"g. every store replica gone past the grace period ({grace[client]:g} s)", client, outcome,
+               f"withdrawn {gone_after:.1f} s after the scale to 0 (all nodes by {max(drops) - went:.1f} s); "
+               f"back {back - ready_at:.1f} s after the store was Ready; since: {after.failures} failures")
+        if gone_after < grace[client]:
+            problems.append(f"{client}: withdrawn {gone_after:.1f}s after the stores went, before the "
+                            f"{grace[client]:g}s grace")
+        if after.failures or outcome.garbled:
+            problems.append(f"{client}: after the return: {after.describe()} {outcome.garbled[:5]}")
+    assert not problems, "\n".join(problems)
