@@ -72,6 +72,10 @@ class Remote(Protocol):
 
     def node_records(self) -> list[Node]: ...
 
+    def service_record(self, ref: tuple[str, str]) -> ClusterService | None: ...
+
+    def take_changed(self) -> set[tuple[str, str]]: ...
+
     def usable(self, now: float | None = None) -> bool: ...
 
     @property
@@ -105,6 +109,9 @@ class RemoteCache:
         # (records are immutable; a change is a new object), so a tick over 10,000 services is cheap.
         self._services: dict[tuple[str, str], ClusterService] = {}
         self._nodes: dict[str, Node] = {}
+        # The connection _services was last copied from in full: from then on, a change copies
+        # only the Services that connection says changed (an event costs the same at 10,000).
+        self._copied_from: Remote | None = None
 
     def replace(self, remote: Remote, now: float | None = None) -> None:
         """A new connection to the same remote (new settings): the copy keeps coming from the old
@@ -140,19 +147,31 @@ class RemoteCache:
             self.withdraw()
 
     def _copy(self) -> None:
-        services = {(s.namespace, s.name): s for s in self.remote.service_records()}
-        nodes = {n.name: n for n in self.remote.node_records()}
-        for ref, svc in services.items():
-            if self._services.get(ref) is not svc:
-                self.writer.set(_service_key(self.name, *ref), svc.encode())
-        for ref in self._services.keys() - services.keys():
-            self.writer.set(_service_key(self.name, *ref), None)
+        if self._copied_from is self.remote:
+            for ref in self.remote.take_changed():
+                svc = self.remote.service_record(ref)
+                if svc is None:
+                    if self._services.pop(ref, None) is not None:
+                        self.writer.set(_service_key(self.name, *ref), None)
+                elif self._services.get(ref) is not svc:
+                    self._services[ref] = svc
+                    self.writer.set(_service_key(self.name, *ref), svc.encode())
+        else:
+            self.remote.take_changed()  # before the walk: what changes after it comes next time
+            services = {(s.namespace, s.name): s for s in self.remote.service_records()}
+            for ref, svc in services.items():
+                if self._services.get(ref) is not svc:
+                    self.writer.set(_service_key(self.name, *ref), svc.encode())
+            for ref in self._services.keys() - services.keys():
+                self.writer.set(_service_key(self.name, *ref), None)
+            self._services, self._copied_from = services, self.remote
+        nodes = {n.name: n for n in self.remote.node_records()}  # a few per cluster: walked whole
         for name, node in nodes.items():
             if self._nodes.get(name) is not node:
                 self.writer.set(_node_key(self.name, name), node.encode())
         for name in self._nodes.keys() - nodes.keys():
             self.writer.set(_node_key(self.name, name), None)
-        self._services, self._nodes = services, nodes
+        self._nodes = nodes
 
     async def _mark_synced(self) -> None:
         try:
@@ -176,7 +195,7 @@ class RemoteCache:
             self.writer.set(schema.synced_key(self.name, prefix), None)
         for prefix in remote_prefixes(self.name):
             self.writer.replace_prefix(prefix, {})
-        self._services, self._nodes = {}, {}
+        self._services, self._nodes, self._copied_from = {}, {}, None
         if self.synced:
             log.warning("[cache %s] withdrawn: the remote is past its grace period or not ready", self.name)
         self.synced = False

@@ -31,6 +31,14 @@ class FakeRemote:
     def node_records(self) -> list[Node]:
         return list(self.nodes)
 
+    def service_record(self, ref: tuple[str, str]) -> ClusterService | None:
+        return next((s for s in self.services if (s.namespace, s.name) == ref), None)
+
+    def take_changed(self) -> set[tuple[str, str]]:
+        # Every Service it ever had: "everything may have changed" is always a correct answer.
+        self.seen = getattr(self, "seen", set()) | {(s.namespace, s.name) for s in self.services}
+        return set(self.seen)
+
     def usable(self, now: float | None = None) -> bool:
         return self.is_usable
 
@@ -134,5 +142,60 @@ def test_a_remote_connected_again_keeps_its_copy_until_the_new_connection_is_rea
         assert cache.synced
         cache.refresh(now=160)  # the grace period is over: withdrawn
         assert not cache.synced and set(writer.desired) == {"cilium/cluster-config/far"}
+
+    asyncio.run(run())
+
+
+class CountingRemote(FakeRemote):
+    """10,000 Services that report exactly what changed, and count full listings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_ref = {("ns", f"s{i}"): ClusterService("far", "ns", f"s{i}", 42) for i in range(10_000)}
+        self.changed: set[tuple[str, str]] = set()
+        self.listings = 0
+
+    def service_records(self) -> list[ClusterService]:
+        self.listings += 1
+        return list(self.by_ref.values())
+
+    def service_record(self, ref: tuple[str, str]) -> ClusterService | None:
+        return self.by_ref.get(ref)
+
+    def take_changed(self) -> set[tuple[str, str]]:
+        changed, self.changed = self.changed, set()
+        return changed
+
+
+class CountingWriter(FakeWriter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self, key: str, value: str | None) -> None:
+        self.sets += 1
+        super().set(key, value)
+
+
+def test_a_change_copies_that_service_only_and_a_new_connection_is_copied_whole() -> None:
+    async def run() -> None:
+        remote, writer = CountingRemote(), CountingWriter()
+        cache = RemoteCache(remote, writer)
+        cache.refresh()
+        assert remote.listings == 1 and len([k for k in writer.desired if "/services/" in k]) == 10_000
+        before = writer.sets
+        remote.by_ref[("ns", "s7")] = ClusterService("far", "ns", "s7", 42, shared=False)
+        del remote.by_ref[("ns", "s8")]
+        remote.changed |= {("ns", "s7"), ("ns", "s8")}
+        cache.refresh()
+        assert remote.listings == 1, "a change must not walk every Service"
+        assert writer.sets - before == 2
+        assert "cilium/cache/services/v1/far/ns/s8" not in writer.desired
+        assert ClusterService.decode(writer.desired["cilium/cache/services/v1/far/ns/s7"]).shared is False
+        # Another connection (new credentials): its records are walked once, whole.
+        new = CountingRemote()
+        cache.replace(new)
+        cache.refresh()  # not synced yet: the new connection takes over at once
+        assert new.listings == 1 and "cilium/cache/services/v1/far/ns/s8" in writer.desired
 
     asyncio.run(run())
