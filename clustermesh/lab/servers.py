@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -50,10 +51,30 @@ def find_binary(name: str) -> str:
     raise ServerError(f"{name} not found in $KUBEBUILDER_ASSETS, PATH or {CACHE}; run scripts/setup.sh")
 
 
+# Parallel test workers (pytest-xdist) each pick ports from a block of their own, below the kernel's
+# ephemeral range: two workers could otherwise both be handed a port between the check and the server's
+# bind, and a client of one would silently talk to the other's server.
+_WORKER_PORTS = 1000
+_WORKER_BASE = 20000
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now (the server binds it next)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    block = _WORKER_BASE + (int(worker[2:]) % 12) * _WORKER_PORTS
+    for _ in range(200):
+        port = block + random.randrange(_WORKER_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServerError(f"no free port in {block}-{block + _WORKER_PORTS - 1} for test worker {worker}")
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float, proc: Process | None = None) -> None:
