@@ -145,6 +145,45 @@ class KubeClient:
             raise _status_error(f"GET {path}", ApiException(http_resp=resp))
         return cast(dict[str, Any], json.loads(data))
 
+    def request_json(self, method: str, path: str, body: Any = None,
+                     content_type: str = "application/json") -> dict[str, Any]:
+        """A raw write (POST, PUT, PATCH, DELETE) through the client's REST layer; the answer as JSON.
+        404 raises KubeNotFound and 409 KubeConflict, as reads do."""
+        url = self.configuration.host + path
+        headers = {**self._headers(), "Content-Type": content_type}
+        with _api_errors(f"{method} {path}"):
+            resp = self.api.rest_client.request(  # type: ignore[no-untyped-call]
+                method, url, headers=headers, body=body, _request_timeout=60
+            )
+        data = resp.data if getattr(resp, "data", None) is not None else resp.read()
+        if not 200 <= resp.status < 300:
+            raise _status_error(f"{method} {path}", ApiException(http_resp=resp))
+        return cast(dict[str, Any], json.loads(data)) if data else {}
+
+    def list_path(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        """Every item of a collection (paginated), optionally with a label selector."""
+        items: list[dict[str, Any]] = []
+        cont: str | None = None
+        while True:
+            query: list[tuple[str, Any]] = [("limit", 500)]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if cont:
+                query.append(("continue", cont))
+            page = self._get_json(path, query)
+            items += page.get("items") or []
+            cont = (page.get("metadata") or {}).get("continue")
+            if not cont:
+                return items
+
+    def serves(self, group_version: str, resource: str) -> bool:
+        """Whether the API server serves ``resource`` in ``group_version`` (a CRD is installed)."""
+        try:
+            found = self._get_json(f"/apis/{group_version}")
+        except KubeNotFound:
+            return False
+        return any(r.get("name") == resource for r in found.get("resources") or [])
+
     def endpointslice_version(self) -> str:
         """The served version the API server prefers (v1beta1 on 1.20, v1 on current clusters);
         asked once per client, since every listing and watch needs it."""
@@ -210,6 +249,10 @@ class KubeClient:
         finally:
             resp.release_conn()
             pool.clear()
+
+    def get(self, path: str) -> dict[str, Any]:
+        """One object by its API path (KubeNotFound when it does not exist)."""
+        return self._get_json(path)
 
     def _get_json_or_none(self, path: str) -> dict[str, Any] | None:
         """``_get_json``, with None for an object that does not exist."""

@@ -94,7 +94,11 @@ def slim_service(body: Body) -> dict[str, Any]:
     spec = body.get("spec") or {}
     return {
         "metadata": _meta(body, "annotations", "labels"),
-        "spec": {k: _plain(spec.get(k)) for k in ("type", "clusterIP", "clusterIPs", "ports", "selector")},
+        # The rest of the spec is what an MCS-API export copies (cluster/mcs.py).
+        "spec": {k: _plain(spec.get(k)) for k in ("type", "clusterIP", "clusterIPs", "ports", "selector",
+                                                  "sessionAffinity", "sessionAffinityConfig", "ipFamilies",
+                                                  "internalTrafficPolicy", "trafficDistribution")
+                 if spec.get(k) is not None},
     }
 
 

@@ -70,6 +70,8 @@ class KubeAPI:
             "Node": "/api/v1/nodes",
             "Service": f"/api/v1/namespaces/{namespace}/services",
             "EndpointSlice": f"/apis/discovery.k8s.io/{self.slice_version()}/namespaces/{namespace}/endpointslices",
+            "ServiceExport": f"/apis/multicluster.x-k8s.io/v1alpha1/namespaces/{namespace}/serviceexports",
+            "ServiceImport": f"/apis/multicluster.x-k8s.io/v1alpha1/namespaces/{namespace}/serviceimports",
         }
         base = bases[kind]
         return f"{base}/{name}" if name else base

@@ -29,6 +29,7 @@ from clustermesh.cluster.state import ClusterState, Kind, NodeRef, Ref, ServiceR
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVClient, KVStoreError
 from clustermesh.operator.leader import StatusLeader
+from clustermesh.operator.mcs import McsController
 from clustermesh.scratch import private_folder
 from clustermesh.store.cache import CACHE_SYNCED_PREFIXES, RemoteCache
 from clustermesh.store.membership import RemoteSet, max_connected_clusters
@@ -126,6 +127,9 @@ class Operator:
         self._last_status: dict[str, Any] | None = None
         self.leader = (StatusLeader(kube, config.status_lease_namespace, config.status_lease, config.replica)
                        if config.status_lease else None)
+        self._leading = self.leader is None
+        # MCS-API: written to Kubernetes by the replica that writes the status, like the status.
+        self.mcs = McsController(kube, self.state, self.members, lambda: self._leading)
 
     # ------------------------------------------------------------ identity
 
@@ -188,7 +192,7 @@ class Operator:
 
     def _start_remote(self, config: RemoteConfig, max_cluster_id: int) -> RemoteCluster:
         return RemoteCluster(config, on_change=self._remote_changed, grace_period=self.config.grace_period,
-                             max_cluster_id=max_cluster_id).start()
+                             max_cluster_id=max_cluster_id, watch_exports=True).start()
 
     # ------------------------------------------------------------ the cache (KVStoreMesh)
 
@@ -260,6 +264,13 @@ class Operator:
         if trace.enabled():
             trace.hops("k8s-event", (f"{r.namespace}/{r.name}" for r in refs if isinstance(r, ServiceRef)))
         self._export(refs)
+        for ref in refs:
+            if isinstance(ref, ServiceRef):
+                self.mcs.service_changed((ref.namespace, ref.name))
+
+    def on_export_event(self, event_type: str | None, body: Body) -> None:
+        """A ServiceExport's watch event (MCS-API)."""
+        self.mcs.on_export(event_type, body)
 
     def _export(self, refs: Iterable[Ref]) -> None:
         if self.identity is None or self.writer is None:
@@ -312,6 +323,16 @@ class Operator:
             refs += self.state.apply_listing(kind, items, rv)
         return refs
 
+    async def _start_mcs(self) -> None:
+        """Whether this cluster serves ServiceExports, and its full listing of them."""
+        if not await asyncio.to_thread(self.mcs.detect):
+            return
+        try:
+            await asyncio.to_thread(self.mcs.list_exports)
+        except KubeError as exc:
+            log.warning("listing ServiceExports failed (%s): MCS-API off until the operator restarts", exc)
+            self.mcs.enabled = False
+
     def _on_api_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("listing the cluster failed, retrying: %s", exc)
@@ -322,6 +343,7 @@ class Operator:
     async def _start(self, identity: ClusterIdentity) -> None:
         started = asyncio.get_running_loop().time()
         await self._list_everything()
+        await self._start_mcs()
         self.identity = identity
         log.info(
             "exporting cluster %s (id %d) to %s: listed %d services, %d endpoint slices, %d nodes in %.2fs",
@@ -329,26 +351,35 @@ class Operator:
             len(self.state.nodes), asyncio.get_running_loop().time() - started,
         )
         self.writer = SyncStore(self.kv, identity.name, self.config.writer)
-        config = schema.ClusterConfig(identity.id, max_connected_clusters=identity.max_connected_clusters)
+        # serviceExportsEnabled says whether peers may wait for our ServiceExports (and take their
+        # absence as none): only with the CRDs here, so a missing CRD never reads as "nothing exported".
+        config = schema.ClusterConfig(identity.id, max_connected_clusters=identity.max_connected_clusters,
+                                      service_exports_enabled=self.mcs.enabled)
         self.writer.set(schema.cluster_config_key(identity.name), config.encode())
         # Cilium's promise that a cluster-config exists: its readers wait for it instead of
         # taking this store for one written before cluster-configs.
         self.writer.set(schema.HAS_CLUSTER_CONFIG_KEY, "true")
         self._export(self.state.refs())
+        self.mcs.start(identity.name, self.writer)
         self._spawn("store-writer", self.writer.run())
         self._spawn("initial-sync", self._initial_sync())
         self._spawn("status", self._status_loop())
         self._spawn("resync", self._resync_loop())
         if self.config.cache:
             self._spawn("cache", self._cache_loop())
+        if self.mcs.enabled:
+            self._spawn("mcs", self.mcs.run())
 
     async def _initial_sync(self) -> None:
         assert self.identity is not None and self.writer is not None
         started = asyncio.get_running_loop().time()
+        exports = self.mcs.enabled
         stale = await self.writer.initial_sync(
             prefixes=[schema.services_cluster_prefix(self.identity.name),
-                      schema.nodes_cluster_prefix(self.identity.name)],
-            synced_prefixes=[schema.SERVICES_PREFIX, schema.NODES_PREFIX],
+                      schema.nodes_cluster_prefix(self.identity.name)]
+            + ([schema.service_exports_cluster_prefix(self.identity.name)] if exports else []),
+            synced_prefixes=[schema.SERVICES_PREFIX, schema.NODES_PREFIX]
+            + ([schema.SERVICE_EXPORTS_PREFIX] if exports else []),
         )
         log.info(
             "first full export in: %d services, %d nodes, %d stale records removed, %.2fs",
@@ -366,6 +397,8 @@ class Operator:
             try:
                 prefixes = [schema.services_cluster_prefix(self.identity.name),
                             schema.nodes_cluster_prefix(self.identity.name)]
+                if self.mcs.enabled:
+                    prefixes.append(schema.service_exports_cluster_prefix(self.identity.name))
                 if self.config.cache:  # one listing for the whole cache, not one per key
                     prefixes += [schema.CACHE_SERVICES_PREFIX + "/", schema.CACHE_NODES_PREFIX + "/"]
                 await self.writer.verify(prefixes)
@@ -522,7 +555,9 @@ class Operator:
             # Old connections end once their replacement is ready (the cache's loop does it each second).
             await asyncio.to_thread(self.members.retire, time.monotonic())
             status = self.status_payload()
-            if self.leader is not None and not await asyncio.to_thread(self.leader.refresh):
+            if self.leader is not None:
+                self._leading = await asyncio.to_thread(self.leader.refresh)
+            if not self._leading:
                 self._last_status = None  # write it all when this replica leads again
             elif status != self._last_status:
                 try:

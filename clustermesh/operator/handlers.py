@@ -27,6 +27,11 @@ async def endpointslice_event(type: str | None, body: kopf.Body, memo: kopf.Memo
     memo.operator.on_event("EndpointSlice", type, body)
 
 
+@kopf.on.event("multicluster.x-k8s.io", "v1alpha1", "serviceexports", registry=registry)
+async def serviceexport_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.operator.on_export_event(type, body)
+
+
 @kopf.on.event("nodes", registry=registry)
 async def node_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.operator.on_event("Node", type, body)

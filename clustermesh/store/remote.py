@@ -32,7 +32,7 @@ from typing import Any
 
 from clustermesh import metrics, schema, trace
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
-from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError
+from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError, ServiceExportRecord
 from clustermesh.scratch import write_private
 from clustermesh.store.watch import WatchStore
 
@@ -188,6 +188,7 @@ class RemoteCluster:
         max_cluster_id: int = schema.MAX_CLUSTER_ID,
         probe_interval: float = 2.0,
         probe_timeout: float = 3.0,
+        watch_exports: bool = False,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -201,6 +202,10 @@ class RemoteCluster:
         self.services: dict[tuple[str, str], ClusterService] = {}
         self._changed_refs: set[tuple[str, str]] = set()
         self.nodes: dict[str, Node] = {}
+        self.watch_exports = watch_exports
+        """Also read the remote's MCS-API ServiceExports (the operator does; agents do not)."""
+        self.service_exports: dict[tuple[str, str], ServiceExportRecord] = {}
+        self._exports_store: WatchStore | None = None
         self.config_error: str | None = None
         self._lock = threading.RLock()
         self._problems: dict[str, str] = {}
@@ -235,6 +240,12 @@ class RemoteCluster:
             WatchStore(self.client, schema.HEARTBEAT_KEY, _Prefix(self, "heartbeat"),
                        name=f"{self.name}/heartbeat"),
         ]
+        if self.watch_exports:
+            # Always the remote's own state: the operator reads each remote directly.
+            self._exports_store = WatchStore(
+                self.client, schema.service_exports_cluster_prefix(self.name), _Prefix(self, "export"),
+                name=f"{self.name}/serviceexports")
+            self._stores.append(self._exports_store)
         for store in self._stores:
             store.start()
         self._prober = threading.Thread(target=self._probe_loop, name=f"remote-probe-{self.name}", daemon=True)
@@ -293,6 +304,30 @@ class RemoteCluster:
             changed, self._changed_refs = self._changed_refs, set()
             return changed
 
+    def export_records(self) -> list[ServiceExportRecord] | None:
+        """The remote's ServiceExports, or None while they are not known in full: the remote announces
+        the capability and its first listing (or its synced marker) is not in yet. A remote that
+        predates MCS (no capability) or turned it off exports nothing, at once (its silence is
+        not a withdrawal to wait for)."""
+        with self._lock:
+            value = self._config_value
+            records = list(self.service_exports.values())
+            synced = set(self._synced)
+        try:
+            config = ClusterConfig.decode(value) if value is not None else None
+        except SchemaError:
+            config = None
+        if config is None:
+            return None
+        if not config.service_exports_enabled:
+            return []
+        store = self._exports_store
+        if store is None or not store.synced.is_set():
+            return None
+        if config.synced_canaries and schema.SERVICE_EXPORTS_PREFIX not in synced:
+            return None
+        return records
+
     def node_records(self) -> list[Node]:
         with self._lock:
             return list(self.nodes.values())
@@ -316,6 +351,7 @@ class RemoteCluster:
             self._changed_refs.update(self.services)
             self.services.clear()
             self.nodes.clear()
+            self.service_exports.clear()
             self._synced.clear()
             self._config_value = None
         self._changed()
@@ -486,6 +522,17 @@ class RemoteCluster:
                 self._check_config(value)
             elif kind == "synced":
                 self._synced.add(key.removeprefix(f"{schema.SYNCED_PREFIX}/{self.name}/"))
+            elif kind == "export":
+                try:
+                    record = ServiceExportRecord.decode(value, key=key)
+                    if record.cluster != self.name:
+                        raise SchemaError(f"cluster {record.cluster!r} is not {self.name!r}")
+                except SchemaError as exc:
+                    self._problem(key, str(exc))
+                    self._drop_export(key)
+                else:
+                    self._problem(key, None)
+                    self.service_exports[(record.namespace, record.name)] = record
             elif kind == "service":
                 try:
                     svc = ClusterService.decode(value, key=key, max_cluster_id=self.max_cluster_id)
@@ -511,6 +558,13 @@ class RemoteCluster:
                     self.nodes[node.name] = node
         self._changed()
 
+    def _drop_export(self, key: str) -> None:
+        try:
+            ref = schema.parse_service_export_key(key)
+        except SchemaError:
+            return
+        self.service_exports.pop((ref.namespace, ref.name), None)
+
     def _drop_service(self, key: str) -> None:
         try:
             ref = schema.parse_service_key(key)
@@ -533,6 +587,8 @@ class RemoteCluster:
                 self._synced.discard(key.removeprefix(f"{schema.SYNCED_PREFIX}/{self.name}/"))
             elif kind == "service":
                 self._drop_service(key)
+            elif kind == "export":
+                self._drop_export(key)
             else:
                 self.nodes.pop(key.rsplit("/", 1)[-1], None)
         self._changed()

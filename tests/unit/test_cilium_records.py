@@ -15,7 +15,7 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.cluster.export import ClusterIdentity, export_service
-from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError
+from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError, ServiceExportRecord
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cilium"
 # Fixtures of a mesh configured with max-connected-clusters 511.
@@ -32,7 +32,7 @@ def expected_encoding(path: Path) -> Any:
     return json.loads((other if other.exists() else path).read_text())
 
 
-def decode(kind: str, path: Path) -> ClusterService | Node | ClusterConfig:
+def decode(kind: str, path: Path) -> ClusterService | Node | ClusterConfig | ServiceExportRecord:
     raw = path.read_text()
     data = json.loads(raw)
     max_id = 511 if path.name in EXTENDED_MESH else 255
@@ -41,24 +41,28 @@ def decode(kind: str, path: Path) -> ClusterService | Node | ClusterConfig:
         return ClusterService.decode(raw, key=key, max_cluster_id=max_id)
     if kind == "nodes":
         return Node.decode(raw, key=schema.node_key(data["Cluster"], data["Name"]), max_cluster_id=max_id)
+    if kind == "serviceexports":
+        return ServiceExportRecord.decode(
+            raw, key=schema.service_export_key(data["cluster"], data["namespace"], data["name"]))
     return ClusterConfig.decode(raw)
 
 
 @pytest.mark.parametrize(
     ("kind", "path"),
-    [(kind, p) for kind in ("services", "nodes", "cluster-config") for p in fixtures(kind)],
+    [(kind, p) for kind in ("services", "nodes", "cluster-config", "serviceexports") for p in fixtures(kind)],
     ids=lambda v: v.name if isinstance(v, Path) else v,
 )
 def test_cilium_record_round_trips(kind: str, path: Path) -> None:
     record = decode(kind, path)
     assert json.loads(record.encode()) == expected_encoding(path)
-    again = type(record).decode(record.encode(), **({"max_cluster_id": 511} if kind != "cluster-config" else {}))
+    again = type(record).decode(record.encode(),
+                                **({"max_cluster_id": 511} if kind in ("services", "nodes") else {}))
     assert again == record
     assert again.encode() == record.encode()
 
 
 def test_every_kind_has_fixtures() -> None:
-    assert all(fixtures(kind) for kind in ("services", "nodes", "cluster-config"))
+    assert all(fixtures(kind) for kind in ("services", "nodes", "cluster-config", "serviceexports"))
 
 
 def test_zones_and_hostnames_are_read() -> None:
@@ -115,6 +119,8 @@ def test_rejected_records(case: dict[str, Any]) -> None:
             ClusterService.decode(raw, max_cluster_id=max_id)
         elif case["kind"] == "node":
             Node.decode(raw, max_cluster_id=max_id)
+        elif case["kind"] == "serviceexport":
+            ServiceExportRecord.decode(raw, key=case.get("key"))
         else:
             ClusterConfig.decode(raw)
 
