@@ -504,7 +504,9 @@ def test_cluster_config_follows_the_mesh_as_cilium_writes_it(
     def written() -> None:
         raw = kv.get(schema.cluster_config_key(cluster))
         assert raw is not None
-        assert json.loads(raw) == {"id": 300, "capabilities": {"syncedCanaries": True, "maxConnectedClusters": 511}}
+        # The MCS-API CRDs are installed (crds/): peers may wait for this cluster's ServiceExports.
+        assert json.loads(raw) == {"id": 300, "capabilities": {"syncedCanaries": True, "maxConnectedClusters": 511,
+                                                               "serviceExportsEnabled": True}}
         assert kv.get(schema.HAS_CLUSTER_CONFIG_KEY) == "true"
     eventually(written, timeout=30)
 

@@ -778,6 +778,17 @@ def test_hosts_file_services() -> None:
     assert not any("headless" in line for line in lines)
 
 
+def test_hosts_file_clusterset_names() -> None:
+    # An MCS-API import: the derived Service's IP under <service>.<namespace>.svc.clusterset.local.
+    derived = service("derived-9jo8ljlgl7", "10.0.0.40", [{"port": 80}], ns="other")
+    derived["metadata"]["labels"] = {"multicluster.kubernetes.io/service-name": "full"}
+    plain = service("web", "10.0.0.41", [{"port": 80}], ns="other")
+    plain["metadata"]["labels"] = {"multicluster.kubernetes.io/service-name": "web"}  # not derived: no name
+    text = spec.hosts_file(make_pod(ns="team"), "10.1.0.5", [derived, plain])
+    assert "10.0.0.40\tfull.other.svc.clusterset.local derived-9jo8ljlgl7.other.svc.cluster.local" in text
+    assert "web.other.svc.clusterset.local" not in text
+
+
 def test_resolv_conf() -> None:
     lines = spec.resolv_conf("team", "example.org").splitlines()
     assert "search team.svc.example.org svc.example.org example.org" in lines

@@ -625,6 +625,9 @@ def pod_hostname(pod: Obj, domain: str = "cluster.local") -> tuple[str, str]:
     return name, f"{subdomain}.{ns}.svc.{domain}" if subdomain else ""
 
 
+MCS_SERVICE_NAME = "multicluster.kubernetes.io/service-name"
+
+
 def _service_hosts(namespace: str, services: Iterable[Obj], domain: str) -> list[str]:
     lines = []
     for svc in sorted(services, key=lambda s: (s["metadata"].get("namespace", ""), s["metadata"]["name"])):
@@ -634,6 +637,12 @@ def _service_hosts(namespace: str, services: Iterable[Obj], domain: str) -> list
         names = [f"{name}.{ns}.svc.{domain}", f"{name}.{ns}.svc", f"{name}.{ns}"]
         if ns == namespace:
             names.append(name)
+        imported = (svc["metadata"].get("labels") or {}).get(MCS_SERVICE_NAME)
+        if imported and name.startswith("derived-"):
+            # An MCS-API import: its derived Service's ClusterIP is the ServiceImport's ClusterSetIP
+            # (KEP-1645's <service>.<namespace>.svc.clusterset.local, what CoreDNS's multicluster
+            # plugin answers in a cluster).
+            names.insert(0, f"{imported}.{ns}.svc.clusterset.local")
         lines.append(f"{svc['spec']['clusterIP']}\t{' '.join(names)}")
     return lines
 

@@ -1,0 +1,120 @@
+"""MCS-API in the lab installed from deploy/: Cilium's MCS-API example (demo/starwars/mcsapi.yaml: a
+Service and a ServiceExport, plus a headless pair) applied unchanged in lab-1 and lab-2 beside the Star
+Wars demo. Every cluster of the set gets the ServiceImport (lab-3 too, which exports nothing), x-wings
+reach the rebel bases of both exporting clusters by ``rebel-base-mcsapi.default.svc.clusterset.local``,
+and when lab-1's rebel bases are gone the strict client (every attempt: time, exit code, answer; errors,
+wrong answers and gaps over 1 s count) loses nothing: the ClusterSetIP is served by the socket-LB with
+lab-2's backends only (kube-proxy knows no endpoint of the derived Service but the local ones)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from clustermesh.cluster.mcs import derived_name
+from clustermesh.lab.attempts import AttemptLoop, answer_problem, judge
+from clustermesh.lab.kubeapi import eventually
+from tests.e2e.test_lab import DEMO, Lab, apply_demo
+
+pytestmark = pytest.mark.timeout(900)
+
+NAME = "rebel-base-mcsapi"
+HEADLESS = "rebel-base-headless-mcsapi"
+CLUSTERSET = f"{NAME}.default.svc.clusterset.local"
+EXPORTERS = ("lab-1", "lab-2")
+
+
+@pytest.fixture(scope="module")
+def lab(deploy_lab: Lab) -> Lab:
+    apply_demo(deploy_lab)  # the Star Wars demo, as test_manifests leaves it (applied again: unchanged)
+    for context in EXPORTERS:
+        deploy_lab.kubectl(context, "apply", "-f", str(DEMO / "mcsapi.yaml"))
+    return deploy_lab
+
+
+def _imported(lab: Lab, context: str, clusters: list[str]) -> dict:
+    imp = lab.json(context, "get", "serviceimport", NAME)
+    assert imp["spec"]["type"] == "ClusterSetIP" and len(imp["spec"].get("ips") or []) == 1, imp
+    assert [c["cluster"] for c in (imp.get("status") or {}).get("clusters") or []] == clusters, imp
+    svc = lab.json(context, "get", "service", derived_name("default", NAME))
+    assert imp["spec"]["ips"] == [svc["spec"]["clusterIP"]]
+    return imp
+
+
+def answers(lab: Lab, context: str, target: str, count: int = 20) -> dict[str, int]:
+    out = lab.kubectl(context, "exec", "deploy/x-wing", "--", "sh", "-c",
+                      f"for i in $(seq {count}); do curl -s --max-time 2 {target} || echo FAILED; done", check=False)
+    clusters = re.findall(r'"Cluster": "(Cluster-\d)"', out)
+    return {name: clusters.count(name) for name in set(clusters)} | {"failed": out.count("FAILED")}
+
+
+def test_the_import_is_in_every_cluster_of_the_set(lab: Lab) -> None:
+    for context in ("lab-1", "lab-2", "lab-3"):
+        eventually(lambda c=context: _imported(lab, c, ["lab-1", "lab-2"]), timeout=120, interval=1)
+        headless = lab.json(context, "get", "serviceimport", HEADLESS)
+        assert headless["spec"]["type"] == "Headless" and not headless["spec"].get("ips"), headless
+    for context in EXPORTERS:
+        export = lab.json(context, "get", "serviceexport", NAME)
+        conditions = {c["type"]: (c["status"], c["reason"]) for c in export["status"]["conditions"]}
+        assert conditions == {"Valid": ("True", "Valid"), "Ready": ("True", "Exported"),
+                              "Conflict": ("False", "NoConflicts")}, conditions
+    # The README's view: the conditions and the IPs as columns.
+    table = lab.kubectl("lab-1", "get", "serviceexport,serviceimport")
+    assert re.search(rf"serviceexport\S*/{NAME}\s+True\s+True\s+False", table), table
+    ip = lab.json("lab-1", "get", "serviceimport", NAME)["spec"]["ips"][0]
+    assert re.search(rf"serviceimport\S*/{NAME}\s+ClusterSetIP\s+\[\"{re.escape(ip)}\"\]", table), table
+
+
+def test_x_wings_reach_both_clusters_by_the_clusterset_name(lab: Lab) -> None:
+    for context in EXPORTERS:
+        def both(c: str = context) -> None:
+            got = answers(lab, c, CLUSTERSET)
+            assert got["failed"] == 0 and {"Cluster-1", "Cluster-2"} <= set(got), got
+        eventually(both, timeout=90, interval=1)
+    # A Service that is not exported has no clusterset name.
+    got = answers(lab, "lab-1", "rebel-base.default.svc.clusterset.local", count=2)
+    assert got == {"failed": 2}, got
+
+
+def test_scaling_one_exporter_to_zero_loses_nothing(lab: Lab, tmp_path) -> None:
+    loop = AttemptLoop.in_xwing(lab.kubeconfig, "lab-1", CLUSTERSET, raw=tmp_path / "attempts.txt")
+    try:
+        start = loop.wait_clean({"Cluster-1", "Cluster-2"}, seconds=3, timeout=90)
+        lab.kubectl("lab-1", "scale", "deployment", "rebel-base", "--replicas=0")
+
+        def only_cluster_2(attempts: list) -> bool:
+            recent = [a for a in attempts if a.t >= time.time() - 3]
+            return bool(recent) and all(a.exit_code == 0 and answer_problem(a.answer, {"Cluster-2"}) is None
+                                        for a in recent)
+
+        loop.wait_for(only_cluster_2, 60, "3 s of answers from Cluster-2 only")
+        lab.kubectl("lab-1", "scale", "deployment", "rebel-base", "--replicas=2")
+        lab.kubectl("lab-1", "rollout", "status", "deployment/rebel-base", "--timeout=150s", timeout=180)
+        loop.wait_clean({"Cluster-1", "Cluster-2"}, seconds=3, timeout=90)
+        end = time.time()
+        loop.wait_past(end)
+        verdict = judge(loop.attempts(), {"Cluster-1", "Cluster-2"}, 1.0, start=start, end=end)
+        assert verdict.attempts > 50 and not verdict.failures, verdict.describe()
+    finally:
+        loop.stop()
+
+
+def test_the_import_goes_with_the_last_export(lab: Lab) -> None:
+    lab.kubectl("lab-1", "delete", "serviceexport", NAME)
+    for context in ("lab-1", "lab-2", "lab-3"):
+        eventually(lambda c=context: _imported(lab, c, ["lab-2"]), timeout=90, interval=1)
+    lab.kubectl("lab-2", "delete", "serviceexport", NAME)
+
+    def gone(context: str) -> None:
+        out = lab.kubectl(context, "get", "serviceimport", NAME, "--ignore-not-found", "-o", "name")
+        assert out.strip() == "", out
+        out = lab.kubectl(context, "get", "service", derived_name("default", NAME), "--ignore-not-found",
+                          "-o", "name")
+        assert out.strip() == "", out
+
+    for context in ("lab-1", "lab-2", "lab-3"):
+        eventually(lambda c=context: gone(c), timeout=90, interval=1)
+    # The headless export is untouched by another Service's unexport.
+    assert lab.json("lab-3", "get", "serviceimport", HEADLESS)["spec"]["type"] == "Headless"
