@@ -197,7 +197,7 @@ class McsController:
             dname = mcs.derived_name(ns, name)
             wanted_imports.add((ns, name))
             wanted_derived.add((ns, dname))
-            imp = imports.get((ns, name)) or self._create(
+            imp: Body = imports.get((ns, name)) or self._create(
                 f"{MCS_PATH}/namespaces/{ns}/serviceimports",
                 _without_status(mcs.service_import(spec, None)))
             exported_here = (ns, name) in snap.local and snap.local[(ns, name)].record is not None
@@ -291,8 +291,8 @@ class McsController:
         for cond in conditions:
             old = current.get(cond.type) or {}
             same = old.get("status") == ("True" if cond.status else "False")
-            out.append(cond.to_json(old.get("lastTransitionTime") if same and old.get("lastTransitionTime")
-                                    else _now()))
+            since = old.get("lastTransitionTime")
+            out.append(cond.to_json(str(since) if same and since else _now()))
         if [{k: c.get(k) for k in ("type", "status", "reason", "message")} for c in export.get("conditions") or []] \
                 == [{k: c[k] for k in ("type", "status", "reason", "message")} for c in out]:
             return

@@ -175,3 +175,54 @@ def test_no_export_no_import() -> None:
     with pytest.raises(ValueError):
         mcs.merge_exports([])
     assert mcs.group_exports([]) == {}
+
+
+# ---------------------------------------------------------------- the operator's snapshot of the set
+
+
+class FakeRemote:
+    def __init__(self, name: str, cid: int, usable: bool, exports: list[ServiceExportRecord] | None) -> None:
+        self.name, self._usable, self._exports = name, usable, exports
+        self.config = type("C", (), {"id": cid})()
+
+    def usable(self, now: float) -> bool:
+        return self._usable
+
+    def export_records(self) -> list[ServiceExportRecord] | None:
+        return self._exports
+
+
+class FakeMembers:
+    def __init__(self, remotes: list[FakeRemote], awaiting: frozenset[int] = frozenset()) -> None:
+        self.remotes, self.awaiting = remotes, awaiting
+
+    def sources(self, now: float) -> list[FakeRemote]:
+        return self.remotes
+
+    def awaiting_first_sync(self) -> frozenset[int]:
+        return self.awaiting
+
+
+def controller(members: FakeMembers) -> Any:
+    from clustermesh.cluster.state import ClusterState
+    from clustermesh.operator.mcs import McsController
+
+    c = McsController(None, ClusterState(), members, lambda: True)  # type: ignore[arg-type]
+    c.cluster = "me"
+    return c
+
+
+def test_a_remote_whose_exports_are_unknown_holds_back_every_deletion() -> None:
+    known = record("c2", "2025-01-01T00:00:00Z")
+    snap = controller(FakeMembers([FakeRemote("c2", 2, True, [known]),
+                                   FakeRemote("c3", 3, True, None)])).snapshot(0.0)
+    assert set(snap.specs) == {("default", "web")} and snap.pending == frozenset({"c3"})
+    # A remote of the first spec that has not been ready yet (a restarting operator) is unknown too.
+    snap = controller(FakeMembers([FakeRemote("c2", 2, False, None)], awaiting=frozenset({2}))).snapshot(0.0)
+    assert snap.pending == frozenset({"c2"}) and snap.specs == {}
+
+
+def test_a_remote_past_its_grace_period_exports_nothing_and_holds_nothing_back() -> None:
+    gone = record("c2", "2025-01-01T00:00:00Z")
+    snap = controller(FakeMembers([FakeRemote("c2", 2, False, [gone])])).snapshot(0.0)
+    assert snap.specs == {} and snap.pending == frozenset()
