@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -46,8 +45,10 @@ def test_ready_only_after_config_and_synced_markers(proxied) -> None:
         # Services and nodes come from two watches: wait for both.
         eventually(lambda: _eq((set(rc.services), set(rc.nodes)), ({("ns", "echo")}, {"n1"})))
         assert rc.nodes["n1"].ipv4_pod_cidr == "10.245.0.0/24"
-        time.sleep(0.3)
+        # Every prefix listed (the synced markers' too): what is missing is known to be missing.
+        eventually(lambda: _eq(all(store.synced.is_set() for store in rc._stores), True))
         assert not rc.ready, "no synced marker yet: a half-written export is not trusted"
+        assert "synced" in (rc.not_ready_reason() or ""), rc.not_ready_reason()
         export(kv, "c2/")
         eventually(lambda: _eq(rc.ready, True))
         assert rc.usable()

@@ -4,8 +4,11 @@ identity may only read cilium/ keys, so a remote reader cannot write or look els
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -63,15 +66,41 @@ def test_remote_reads_through_the_proxy_but_cannot_write(secure_store) -> None:
             remote.get("private/secret")
 
 
+def tls_answer(url: str, ca: Path, cert: Path | None = None, key: Path | None = None) -> str:
+    """What the server says to a TLS client with this certificate (or none): "ok" when it answers
+    an HTTP/2 preface with data, else the TLS error. A refusal for the certificate is a TLS alert
+    ("certificate required", "bad certificate", "unknown ca"), which an unreachable or plain server
+    cannot send."""
+    parsed = urlparse(url)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["h2"])
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=parsed.hostname) as tls:
+        try:
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+            return "ok" if tls.recv(64) else "closed"
+        except ssl.SSLError as exc:
+            return str(exc)
+
+
 def test_without_a_client_certificate_etcd_serves_nothing(secure_store) -> None:
     store, _proxy, pki = secure_store
-    with KVClient(Endpoint.parse(store.url, str(pki.cert_path)), timeout=3) as anonymous, pytest.raises(KVStoreError):
+    trusted = store.client_cert("root")
+    assert tls_answer(store.url, pki.cert_path, trusted.cert, trusted.key) == "ok"  # the server is there
+    refusal = tls_answer(store.url, pki.cert_path)
+    assert "CERTIFICATE_REQUIRED" in refusal or "BAD_CERTIFICATE" in refusal, refusal
+    with KVClient(Endpoint.parse(store.url, str(pki.cert_path)), timeout=3) as anonymous, \
+            pytest.raises(KVStoreError):
         anonymous.get("cilium/.heartbeat")
 
 
 def test_a_wrong_password_is_refused(secure_store) -> None:
     _store, proxy, pki = secure_store
-    with client(proxy.url, pki, "cluster-2", password="wrong") as c, pytest.raises(KVStoreError):
+    with client(proxy.url, pki, "cluster-2", password="wrong") as c, \
+            pytest.raises(KVStoreError, match="authentication failed, invalid user ID or password"):
         c.get("cilium/.heartbeat")  # the login happens on first use
 
 
@@ -79,6 +108,10 @@ def test_a_certificate_from_another_ca_is_refused(secure_store, tmp_path: Path) 
     store, _proxy, pki = secure_store
     other = CertificateAuthority(tmp_path / "other-pki")
     pair = other.issue("intruder", "root", server=False)
+    trusted = store.client_cert("root")
+    assert tls_answer(store.url, pki.cert_path, trusted.cert, trusted.key) == "ok"  # the server is there
+    refusal = tls_answer(store.url, pki.cert_path, pair.cert, pair.key)
+    assert "UNKNOWN_CA" in refusal or "BAD_CERTIFICATE" in refusal, refusal
     endpoint = Endpoint.parse(store.url, str(pki.cert_path), str(pair.cert), str(pair.key))
     with KVClient(endpoint, timeout=3) as c, pytest.raises(KVStoreError):
         c.get("cilium/.heartbeat")

@@ -105,6 +105,14 @@ def test_the_import_goes_with_the_last_export(lab: Lab) -> None:
     lab.kubectl("lab-1", "delete", "serviceexport", NAME)
     for context in ("lab-1", "lab-2", "lab-3"):
         eventually(lambda c=context: _imported(lab, c, ["lab-2"]), timeout=90, interval=1)
+
+    # Exported by lab-2 only: lab-1's x-wing reaches it by the clusterset name, and only lab-2 answers
+    # (lab-1's rebel bases still serve the Service they export no more, not the import).
+    def only_lab_2() -> None:
+        got = answers(lab, "lab-1", CLUSTERSET)
+        assert got == {"Cluster-2": 20, "failed": 0}, got
+
+    eventually(only_lab_2, timeout=60, interval=1)
     lab.kubectl("lab-2", "delete", "serviceexport", NAME)
 
     def gone(context: str) -> None:
