@@ -2,7 +2,7 @@
 """Hop benchmark: where the time goes between an EndpointSlice PATCH in lab-2 and lab-1's socket-LB map.
 
     .venv/bin/python bench/hop_bench.py [--services 100,2000,10000] [--samples 40] [--modes cache,direct]
-                                        [--lab-dir DIR] [--keep]
+                                        [--lab-dir DIR] [--keep] [--pause-kube-proxy]
 
 Runs as root in the lab as deploy/ installs it (``clustermesh lab up``, 2 clusters x 2 nodes; its own unless
 ``--lab-dir`` names a running one). The components write their hop times (``clustermesh/trace.py``: wall
@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,6 +137,17 @@ class Traces:
 
     def first_after(self, cluster: str, role: str, hop: str, ref: str, t: float) -> float | None:
         return min((x for x in self.seen.get((cluster, role, hop, ref), ()) if x >= t), default=None)
+
+
+def pause_kube_proxies(lab: Lab, sig: int) -> int:
+    """SIGSTOP (or SIGCONT) every kube-proxy of the lab; how many. kube-proxy is on no hop timed here,
+    but at 10,000 Services per cluster its iptables resyncs (4 of them, 20,000 Services each) take both
+    cores of this machine and starve everything that is timed."""
+    out = subprocess.run(["pgrep", "-f", f"kube-proxy .*{lab.directory}"], capture_output=True, text=True).stdout
+    pids = [int(x) for x in out.split()]
+    for pid in pids:
+        os.kill(pid, sig)
+    return len(pids)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -273,6 +286,9 @@ def main() -> int:
     parser.add_argument("--modes", default="cache,direct")
     parser.add_argument("--lab-dir", type=Path)
     parser.add_argument("--keep", action="store_true", help="leave the lab this bench started running")
+    parser.add_argument("--pause-kube-proxy", action="store_true",
+                        help="SIGSTOP the lab's kube-proxies for the run (on no timed hop; at 10,000 Services "
+                             "their iptables resyncs starve this 2-core machine)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="clustermesh-hop-bench-", dir="/var/tmp"))
     modes = args.modes.split(",")
@@ -283,6 +299,8 @@ def main() -> int:
     print("| Services | mode | change | samples | api | export | remote | cache | watch | map | total |")
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     try:
+        if args.pause_kube_proxy:
+            say(f"kube-proxy paused ({pause_kube_proxies(lab, signal.SIGSTOP)} processes)")
         bench = Bench(lab, root / "trace")
         bench.prepare()
         bench.grow(1)
@@ -295,6 +313,8 @@ def main() -> int:
                 for change in ("add", "remove"):
                     print(row(size, mode, change, got[change]), flush=True)
     finally:
+        if args.pause_kube_proxy:
+            pause_kube_proxies(lab, signal.SIGCONT)
         if lab.own and not args.keep:
             lab.down()
     return 0
