@@ -239,10 +239,16 @@ def _failover(lab: Lab, act: Any, settle: Any, only_remote_for: float = 2.0) -> 
 
         if only_remote_for:
             eventually(only_remote, timeout=30, interval=0.5)
+        settled = time.monotonic()
         settle()
         eventually(lambda: _saw(loop, {"Cluster-1", "Cluster-2"}), timeout=90, interval=0.5)
-        after = [w for _, w in loop.answers.since(t0)]
-        assert after.count("failed") == 0, f"{after.count('failed')} failed of {len(after)}"
+        timeline = loop.answers.since(t0)
+        after = [w for _, w in timeline]
+        # When each failure came, counted from the act, beside when the settle began: a slow
+        # withdrawal and a slow return read differently.
+        when = [f"+{t - t0:.2f}s" for t, w in timeline if w == "failed"]
+        assert after.count("failed") == 0, (f"{after.count('failed')} failed of {len(after)} at {when}; "
+                                            f"settle began at +{settled - t0:.2f}s")
     finally:
         loop.stop()
 
