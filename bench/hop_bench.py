@@ -298,11 +298,15 @@ def main() -> int:
            else Lab.start(root, args.keep, extra=("--direct",) if modes[0] == "direct" else ()))
     print("| Services | mode | change | samples | api | export | remote | cache | watch | map | total |")
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    # SIGTERM ends the run through the finally below (kube-proxies continued, an own lab taken down).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        if args.pause_kube_proxy:
-            say(f"kube-proxy paused ({pause_kube_proxies(lab, signal.SIGSTOP)} processes)")
         bench = Bench(lab, root / "trace")
         bench.prepare()
+        if args.pause_kube_proxy:
+            # Only now: the rollout replaced the store pods, and a paused kube-proxy would keep
+            # sending their Service to the old ones. From here on no pod of the mesh is replaced.
+            say(f"kube-proxy paused ({pause_kube_proxies(lab, signal.SIGSTOP)} processes)")
         bench.grow(1)
         for size in (int(x) for x in args.services.split(",")):
             bench.grow(size)

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode
 
 import kubernetes
 import urllib3
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,47 @@ def _api_errors(what: str, conflict: str | None = None) -> Iterator[None]:
         raise _status_error(what, exc, conflict) from exc
     except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, TLS, timeouts
         raise KubeError(f"{what}: {exc}; is the API server reachable?") from exc
+
+
+UNROUTABLE_EXTENSION = "clustermesh.io/unroutable"
+"""A kubeconfig cluster extension: ``{"networks": [CIDR, ...], "reason": "..."}``, addresses of that cluster
+that the machine running kubectl must never dial (``clustermesh lab`` writes it: its node addresses exist
+only inside the lab's network namespaces, and from the host a connection would leave by the default route)."""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def unroutable_networks(kubeconfig: str | None, context: str | None) -> list[tuple[Network, str]]:
+    """The networks the kubeconfig's cluster entry (of ``context``, else the current one) marks with
+    :data:`UNROUTABLE_EXTENSION`, each with its reason. A kubeconfig without it, or one that cannot be
+    read here (in a pod), marks nothing."""
+    paths = [kubeconfig] if kubeconfig else [
+        p for p in os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config")).split(os.pathsep) if p]
+    docs = []
+    for path in paths:
+        try:
+            docs.append(yaml.safe_load(Path(path).read_text()) or {})
+        except (OSError, yaml.YAMLError):
+            continue
+    wanted = context or next((d.get("current-context") for d in docs if d.get("current-context")), None)
+    cluster = next((c.get("context", {}).get("cluster") for d in docs for c in d.get("contexts") or []
+                    if c.get("name") == wanted), None)
+    out: list[tuple[Network, str]] = []
+    for d in docs:
+        for entry in d.get("clusters") or []:
+            if entry.get("name") != cluster:
+                continue
+            for ext in (entry.get("cluster") or {}).get("extensions") or []:
+                if ext.get("name") != UNROUTABLE_EXTENSION:
+                    continue
+                body = ext.get("extension") or {}
+                for cidr in body.get("networks") or []:
+                    try:
+                        out.append((ipaddress.ip_network(str(cidr)), str(body.get("reason") or "")))
+                    except ValueError:
+                        log.warning("kubeconfig: %s network %r is not a CIDR; ignored", UNROUTABLE_EXTENSION, cidr)
+            return out
+    return out
 
 
 class KubeClient:

@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 from typing import Any
 
 from clustermesh import metrics, trace
@@ -48,11 +47,8 @@ def run_agent(args: argparse.Namespace) -> int:
     except (KubeError, DatapathError, SchemaError, ValueError, RoutingError, KVStoreError) as exc:
         print(f"clustermesh agent: {exc}", file=sys.stderr)
         return 1
-    stopping = threading.Event()
-
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping; the datapath keeps its maps", signum)
-        stopping.set()
         agent.request_stop()  # not stop(): the handler may run in the middle of a reconcile
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -20,7 +20,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,12 @@ from clustermesh.agent.status_view import (
     render_text,
     status_document,
 )
-from clustermesh.kube import KubeClient, KubeError
+from clustermesh.kube import KubeClient, KubeError, Network, unroutable_networks
 from clustermesh.kvstore import Endpoint, KVStoreError
 from clustermesh.store import remote
 from clustermesh.store.remote import RemoteConfig, mesh_problems, remote_config_from_spec
 
 log = logging.getLogger(__name__)
-
-LAB_UNDERLAY = ipaddress.ip_network("192.168.100.0/24")  # clustermesh lab's node addresses (lab/mesh.py)
 
 AGENT_SELECTOR = "app.kubernetes.io/name=clustermesh-agent"  # deploy/base/agent.yaml
 PROBE_TIMEOUT = 5.0  # seconds per etcd request: a dead remote must not hold up the others for long
@@ -51,19 +49,22 @@ MAX_PARALLEL_PROBES = 16
 
 
 def probe_remote(config: RemoteConfig, timeout: float = PROBE_TIMEOUT,
-                 max_cluster_id: int = schema.MAX_CLUSTER_ID) -> RemoteFinding:
+                 max_cluster_id: int = schema.MAX_CLUSTER_ID,
+                 unroutable: Sequence[tuple[Network, str]] = ()) -> RemoteFinding:
     """One look at a remote store: what an agent needs to call it ready, and key counts.
 
     Three small reads and two counts; no record value is fetched."""
     name = config.name
     try:
         hosts = [Endpoint.parse(e, config.ca_cert).host for e in config.endpoints]
-        if any(_in_lab_underlay(host) for host in hosts):
-            # Reachable only inside the lab's node namespaces: from here the connection would
-            # leave the machine by its default route.
-            return RemoteFinding(name, config.id, config.endpoint, error=(
-                "a lab address, reachable only inside the lab's nodes; see kubectl get clustermesh "
-                "(the operator's view) or clustermesh lab status"))
+        for host in hosts:
+            marked = _unroutable(host, unroutable)
+            if marked is not None:
+                # The kubeconfig says this address is not reachable from here (a lab's underlay): a
+                # connection would leave the machine by its default route.
+                return RemoteFinding(name, config.id, config.endpoint, error=(
+                    f"{host} is not to be dialled from here ({marked}); see kubectl get clustermesh "
+                    "(the operator's view)"))
         with config.client(timeout) as client:
             config_value = client.get(schema.cluster_config_key(name))
             marker_prefix = f"{schema.SYNCED_PREFIX}/{name}/"
@@ -77,7 +78,8 @@ def probe_remote(config: RemoteConfig, timeout: float = PROBE_TIMEOUT,
 
 
 def collect(kube: KubeClient, mesh: Mapping[str, Any], secrets_dir: Path, secrets_namespace: str,
-            store_namespace: str = "clustermesh-system") -> dict[str, Any]:
+            store_namespace: str = "clustermesh-system",
+            unroutable: Sequence[tuple[Network, str]] = ()) -> dict[str, Any]:
     """The status document for ``mesh``: every ``spec.clusters`` entry looked at once (in parallel)."""
     spec: Mapping[str, Any] = mesh.get("spec") or {}
     local = spec.get("localCluster") or {}
@@ -118,7 +120,8 @@ def collect(kube: KubeClient, mesh: Mapping[str, Any], secrets_dir: Path, secret
             usable.append(rc)
     if usable:
         with ThreadPoolExecutor(min(MAX_PARALLEL_PROBES, len(usable)), thread_name_prefix="status-probe") as pool:
-            findings += pool.map(lambda rc: probe_remote(rc, max_cluster_id=max_id), usable)
+            findings += pool.map(lambda rc: probe_remote(rc, max_cluster_id=max_id, unroutable=unroutable),
+                                 usable)
     return status_document(mesh, findings, certificates(kube, configs, store_namespace))
 
 
@@ -157,11 +160,14 @@ def certificates(kube: KubeClient, configs: list[RemoteConfig], store_namespace:
     return found
 
 
-def _in_lab_underlay(host: str) -> bool:
+def _unroutable(host: str, networks: Sequence[tuple[Network, str]]) -> str | None:
+    """The reason the kubeconfig gives for not dialling ``host``, or None."""
     try:
-        return ipaddress.ip_address(host) in LAB_UNDERLAY
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
+    return next(((reason or f"the kubeconfig marks {net} unroutable") for net, reason in networks
+                 if address.version == net.version and address in net), None)
 
 
 def _int(value: object) -> int | None:
@@ -175,6 +181,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"clustermesh status: {exc}", file=sys.stderr)
         return 1
     deadline = time.monotonic() + args.timeout
+    unroutable = unroutable_networks(args.kubeconfig, args.context)
     reported: list[str] = []
     with tempfile.TemporaryDirectory(prefix="clustermesh-status-") as tmp:
         while True:
@@ -187,7 +194,7 @@ def run_status(args: argparse.Namespace) -> int:
             if mesh is None:
                 print(f"clustermesh status: no ClusterMesh {args.clustermesh!r}; apply one first", file=sys.stderr)
                 return 1
-            doc = collect(kube, mesh, Path(tmp), args.secrets_namespace)
+            doc = collect(kube, mesh, Path(tmp), args.secrets_namespace, unroutable=unroutable)
             if doc["ready"] or not args.wait or time.monotonic() >= deadline:
                 break
             if not_ready(doc) != reported:  # progress on stderr, once per change

@@ -7,12 +7,8 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
-
-T = TypeVar("T")
 
 
 class KubeAPIError(Exception):
@@ -98,15 +94,3 @@ class KubeAPI:
 
     def get(self, kind: str, namespace: str | None, name: str) -> Any:
         return self.request("GET", self.path(kind, namespace, name))
-
-
-def eventually(check: Callable[[], T], timeout: float = 15.0, interval: float = 0.1) -> T:
-    """Poll ``check`` until it returns without AssertionError; re-raise the last one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(interval)

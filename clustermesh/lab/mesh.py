@@ -34,10 +34,11 @@ from clustermesh import scratch
 from clustermesh.connect import connect, load_side
 from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
-from clustermesh.kube import KubeClient
+from clustermesh.kube import UNROUTABLE_EXTENSION, KubeClient
 from clustermesh.lab.kubeapi import KubeAPI
 from clustermesh.lab.netns import (
     API_VIP,
+    UNDERLAY_CIDR,
     LabNode,
     NetnsError,
     Underlay,
@@ -391,13 +392,11 @@ class LabMesh:
         self.supervised.append(sup)
 
     def write_kubeconfig(self) -> Path:
-        merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [],
-                                  "contexts": [], "current-context": self.clusters[0].name}
+        parts = []
         for c in self.clusters:
             assert c.cp is not None
-            one = json.loads(c.cp.write_kubeconfig(c.directory / "kubeconfig", context=c.name).read_text())
-            for key in ("clusters", "users", "contexts"):
-                merged[key] += one[key]
+            parts.append(json.loads(c.cp.write_kubeconfig(c.directory / "kubeconfig", context=c.name).read_text()))
+        merged = merged_kubeconfig(parts)
         self.kubeconfig.write_text(json.dumps(merged, indent=2))
         self.kubeconfig.chmod(0o600)
         return self.kubeconfig
@@ -628,3 +627,19 @@ def _remove_made_paths(state_dirs: Path) -> None:
 
 
 __all__ = ["LabCluster", "LabMesh", "NetnsError", "ServerError", "teardown"]
+
+
+def merged_kubeconfig(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One kubeconfig for every cluster of the lab (the first one current). Each cluster entry marks the
+    lab's underlay unroutable: tools that read this kubeconfig (clustermesh status) must not dial the
+    nodes' addresses from the host, where they exist only inside the lab's namespaces."""
+    merged: dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [],
+                              "contexts": [], "current-context": parts[0]["current-context"]}
+    for one in parts:
+        for entry in one["clusters"]:
+            entry["cluster"]["extensions"] = [{"name": UNROUTABLE_EXTENSION, "extension": {
+                "networks": [UNDERLAY_CIDR],
+                "reason": "a lab address, reachable only inside the lab's nodes; or clustermesh lab status"}}]
+        for key in ("clusters", "users", "contexts"):
+            merged[key] += one[key]
+    return merged

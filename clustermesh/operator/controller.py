@@ -192,7 +192,7 @@ class Operator:
 
     def _start_remote(self, config: RemoteConfig, max_cluster_id: int) -> RemoteCluster:
         return RemoteCluster(config, on_change=self._remote_changed, grace_period=self.config.grace_period,
-                             max_cluster_id=max_cluster_id, watch_exports=True).start()
+                             max_cluster_id=max_cluster_id, watch_exports=True, role="operator").start()
 
     # ------------------------------------------------------------ the cache (KVStoreMesh)
 

@@ -22,6 +22,7 @@ cluster-config whose ID changes make every prefix list again.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import threading
 import time
@@ -117,13 +118,40 @@ def mesh_problems(
 REQUIRED_SYNCED = {schema.SERVICES_PREFIX: "services", schema.NODES_PREFIX: "nodes"}
 
 
+class Unready(enum.Enum):
+    """Why a remote is not used yet: what callers branch on (the message is for people)."""
+
+    NO_CONFIG = "no cluster-config"
+    BAD_CONFIG = "cluster-config does not parse"
+    ID_MISMATCH = "the remote's ID is not the ClusterMesh's"
+    WAITING = "waiting for synced markers"
+    SWITCHING = "switching layout"
+    LISTING = "first listing"
+
+    @property
+    def misconfigured(self) -> bool:
+        """A user has to fix something (not a matter of waiting)."""
+        return self in (Unready.BAD_CONFIG, Unready.ID_MISMATCH)
+
+
+class NotReady(str):
+    """A not-ready reason: the message (a ``str``, as logs and status show it) and its ``kind``."""
+
+    kind: Unready
+
+    def __new__(cls, kind: Unready, message: str) -> NotReady:
+        reason = super().__new__(cls, message)
+        reason.kind = kind
+        return reason
+
+
 def not_ready_reason(
     name: str,
     expected_id: int,
     config_value: str | None,
     synced: Collection[str],
     max_cluster_id: int = schema.MAX_CLUSTER_ID,
-) -> str | None:
+) -> NotReady | None:
     """Why a remote is not to be trusted yet, or None when it is ready. Pure.
 
     ``config_value`` is the raw ``cilium/cluster-config/<name>`` (None when absent);
@@ -131,21 +159,22 @@ def not_ready_reason(
     A remote whose cluster-config does not announce the ``syncedCanaries`` capability
     never writes markers (cilium-operator in kvstore mode): like Cilium, trust it at once."""
     if config_value is None:
-        return "no cluster-config"
+        return NotReady(Unready.NO_CONFIG, "no cluster-config")
     try:
         config = ClusterConfig.decode(config_value)
         schema.validate_cluster_id(config.cluster_id, max_cluster_id)
     except SchemaError as exc:
-        return f"cluster-config does not parse: {exc}"
+        return NotReady(Unready.BAD_CONFIG, f"cluster-config does not parse: {exc}")
     if config.cluster_id != expected_id:
-        return f"says its ID is {config.cluster_id}, the ClusterMesh says {expected_id}"
+        return NotReady(Unready.ID_MISMATCH,
+                        f"says its ID is {config.cluster_id}, the ClusterMesh says {expected_id}")
     if not config.synced_canaries:
         return None
     # A KVStoreMesh cache marks its copies synced under the cache prefixes (Cilium's layout).
     missing = [what for prefix, what in REQUIRED_SYNCED.items()
                if (schema.state_to_cache(prefix) if config.cached else prefix) not in synced]
     if missing:
-        return f"waiting for synced markers of {' and '.join(missing)}"
+        return NotReady(Unready.WAITING, f"waiting for synced markers of {' and '.join(missing)}")
     return None
 
 
@@ -189,8 +218,11 @@ class RemoteCluster:
         probe_interval: float = 2.0,
         probe_timeout: float = 3.0,
         watch_exports: bool = False,
+        role: str = "agent",
     ) -> None:
         self.config = config
+        self.role = role
+        """Who reads the remote (agent, operator): the component label of its error metrics."""
         self.name = config.name
         self.grace_period = grace_period
         self.heartbeat_timeout = heartbeat_timeout
@@ -386,7 +418,7 @@ class RemoteCluster:
             if first:
                 log.warning("[remote %s] store does not answer (%s); its backends serve for %.0fs more",
                             self.name, exc, self.grace_period)
-                metrics.ERRORS.labels("agent", "remote-unreachable").inc()
+                metrics.ERRORS.labels(self.role, "remote-unreachable").inc()
                 # Watches on a frozen proxy wait forever: make them reconnect, and fail, now.
                 for store in self._stores:
                     store.resync()
@@ -402,7 +434,7 @@ class RemoteCluster:
         if view.revision < seen:
             log.warning("[remote %s] store revision went back from %d to %d: the store behind the proxy "
                         "was replaced; listing everything again", self.name, seen, view.revision)
-            metrics.ERRORS.labels("agent", "store-replaced").inc()
+            metrics.ERRORS.labels(self.role, "store-replaced").inc()
             for store in self._stores:
                 store.resync()
         else:
@@ -410,7 +442,7 @@ class RemoteCluster:
             if elsewhere:
                 log.warning("[remote %s] etcd %s answers, %d prefixes were read from %s; listing them again",
                             self.name, view.store, len(elsewhere), elsewhere[0].store)
-                metrics.ERRORS.labels("agent", "store-replaced").inc()
+                metrics.ERRORS.labels(self.role, "store-replaced").inc()
             # A prefix still backing off after the outage is listed now, not at its next retry.
             for store in self._stores:
                 if store in elsewhere or not store.connected:
@@ -421,7 +453,7 @@ class RemoteCluster:
         return True
 
     def _track_reachability(self, now: float) -> bool:
-        """Start or end the unreachable period; returns whether it changed."""
+        """Start or end the unreachable period; returns whether it changed. The probe thread's alone."""
         ok = self.connected
         if ok and self._unreachable_since is not None:
             self._unreachable_since = self._unreachable_wall = None
@@ -452,21 +484,23 @@ class RemoteCluster:
         if self.heartbeat_stale and not self._resynced_stale:
             log.warning("[remote %s] no heartbeat for %.0fs; listing again (its backends stay)", self.name,
                         self.heartbeat_timeout)
-            metrics.ERRORS.labels("agent", "stale-remote").inc()
+            metrics.ERRORS.labels(self.role, "stale-remote").inc()
             self._resynced_stale = True
             self.heartbeat_relists += 1
             for store in self._stores:
                 store.resync()
 
-    def not_ready_reason(self) -> str | None:
+    def not_ready_reason(self) -> NotReady | None:
         with self._lock:
             reason = not_ready_reason(self.name, self.config.id, self._config_value, self._synced,
                                       self.max_cluster_id)
         if reason is None and self._stores_cached != self.cached:
             # The records of the other layout are no answer (an empty listing would look ready).
-            return "switching to the cache's layout" if self.cached else "switching to the state layout"
+            return NotReady(Unready.SWITCHING, "switching to the cache's layout" if self.cached
+                            else "switching to the state layout")
         if reason is None and not all(s.synced.is_set() for s in self._record_stores):
-            return "listing services and nodes"  # a marker may arrive before our own first listing
+            # A marker may arrive before our own first listing.
+            return NotReady(Unready.LISTING, "listing services and nodes")
         return reason
 
     @property
@@ -478,7 +512,8 @@ class RemoteCluster:
         if not self.ready:
             return False
         now = time.monotonic() if now is None else now
-        self._track_reachability(now)
+        # A query: the probe thread alone starts and ends the unreachable period (at most one probe
+        # interval after a watch broke); until it has, a broken connection is within its grace.
         since = self._unreachable_since
         return since is None or now - since < self.grace_period
 
@@ -505,7 +540,7 @@ class RemoteCluster:
         if self._problems.get(key) != problem:
             self._problems[key] = problem
             log.warning("[remote %s] %s: %s; skipped", self.name, key, problem)
-            metrics.ERRORS.labels("agent", "bad-record").inc()
+            metrics.ERRORS.labels(self.role, "bad-record").inc()
 
     def _upsert(self, kind: str, key: str, value: str) -> None:
         if kind == "service":
@@ -596,13 +631,15 @@ class RemoteCluster:
     def _check_config(self, value: str) -> None:
         self._config_value = value
         reason = not_ready_reason(self.name, self.config.id, value, self._synced, self.max_cluster_id)
-        if reason is not None and not reason.startswith("waiting"):
-            self.config_error = f"{self.name} {reason}" if reason.startswith("says") else reason
-            if reason.startswith("says"):
-                self.config_error += ": fix one of them; the remote is not used until they agree"
-            self._problem(schema.cluster_config_key(self.name), self.config_error)
+        if reason is not None and reason.kind is Unready.ID_MISMATCH:
+            self.config_error = f"{self.name} {reason}: fix one of them; the remote is not used until they agree"
+        elif reason is not None and reason.kind.misconfigured:
+            self.config_error = str(reason)
         else:
             self.config_error = None
+        if self.config_error is not None:
+            self._problem(schema.cluster_config_key(self.name), self.config_error)
+        else:
             self._problem(schema.cluster_config_key(self.name), None)
         try:
             decoded = ClusterConfig.decode(value)

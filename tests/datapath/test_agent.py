@@ -23,11 +23,12 @@ import pytest
 from clustermesh import schema
 from clustermesh.datapath import hooks
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import KubeAPI, eventually
+from clustermesh.lab.kubeapi import KubeAPI
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
 from tests.datapath.conftest import Topology
 from tests.integration.test_operator import REPO, endpoint_slice, service
 from tests.kubectl import apply_crds
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.datapath
 

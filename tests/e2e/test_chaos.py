@@ -31,9 +31,9 @@ import pytest
 
 from clustermesh.datapath.dump import read as read_maps
 from clustermesh.datapath.plan import specs_from_state
-from clustermesh.lab.kubeapi import eventually
 from clustermesh.lab.run import XwingLoop
 from tests.e2e.test_lab import Lab, _lab_pids, apply_demo, open_lab
+from tests.waiting import eventually
 
 OPERATOR_DOWN = float(os.environ.get("CLUSTERMESH_CHAOS_OPERATOR_DOWN", "120"))
 """Seconds the operator stays down in the operator test (the issue asks for 2 minutes)."""

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from clustermesh.lab.kubeapi import eventually
 from clustermesh.lab.run import XwingLoop
 from tests.prereq import require, require_binary, require_root
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo" / "starwars"

@@ -13,9 +13,9 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import eventually
 from clustermesh.store.remote import RemoteCluster, RemoteConfig
 from tests.integration.test_operator import _assert_true, cluster, crds, operators  # noqa: F401
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import eventually
 from clustermesh.lab.servers import EtcdServer
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
 from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from tests.waiting import eventually
 
 NAME, ID = "cluster-2", 2
 REPO = Path(__file__).resolve().parents[2]
@@ -170,8 +170,9 @@ def test_a_store_replaced_behind_a_running_proxy_is_listed_again(
     etcd_server.start()
     with KVClient(etcd_server.url) as kv:
         export(kv, "c2/", services=("echo", "new"))
-        eventually(lambda: _eq(set(rc.services), {("ns", "echo"), ("ns", "new")}), timeout=15)
-        assert rc.usable()
+        # Listed again and usable (every prefix relisted: the services' listing may end first).
+        eventually(lambda: _eq((set(rc.services), rc.usable()), ({("ns", "echo"), ("ns", "new")}, True)),
+                   timeout=15)
         # The watches work again on the new store.
         extra = ClusterService(NAME, "ns", "later", ID)
         kv.put("c2/" + extra.key, extra.encode())

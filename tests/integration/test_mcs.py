@@ -17,7 +17,7 @@ import pytest
 from clustermesh import schema
 from clustermesh.cluster import mcs
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import KubeAPI, KubeAPIError, eventually
+from clustermesh.lab.kubeapi import KubeAPI, KubeAPIError
 from clustermesh.schema import McsPort, ServiceExportRecord
 from tests.integration.test_cache import patch_clusters
 from tests.integration.test_operator import (  # noqa: F401
@@ -30,6 +30,7 @@ from tests.integration.test_operator import (  # noqa: F401
     operators,
     service,
 )
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,10 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import KubeAPI, eventually
+from clustermesh.lab.kubeapi import KubeAPI
 from clustermesh.lab.servers import free_port
 from tests.kubectl import apply_crds, apply_object, apply_peering_crd, kubectl
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 GLOBAL = {"service.cilium.io/global": "true"}

@@ -8,9 +8,9 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import eventually
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
 from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from tests.waiting import eventually
 
 NAME, ID = "cluster-2", 2
 

@@ -8,9 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-from clustermesh.lab.kubeapi import eventually
 from clustermesh.lab.mesh import Supervised
 from clustermesh.lab.servers import Process
+from tests.waiting import eventually
 
 
 def _assert(value: bool, what: str = "") -> None:

@@ -6,8 +6,8 @@ import shutil
 import threading
 
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import eventually
 from clustermesh.store.watch import CallbackObserver, WatchStore
+from tests.waiting import eventually
 
 
 class Recorder:

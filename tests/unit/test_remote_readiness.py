@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clustermesh import schema
-from clustermesh.store.remote import RemoteConfig, mesh_problems, not_ready_reason
+from clustermesh.store.remote import RemoteConfig, Unready, mesh_problems, not_ready_reason
 
 SERVICES, NODES = schema.SERVICES_PREFIX, schema.NODES_PREFIX
 WITH_MARKERS = '{"id":2,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255}}'
@@ -36,6 +36,10 @@ def test_not_ready_reason(config: str | None, synced: set[str], expected: str | 
         assert reason is None
     else:
         assert reason is not None and reason.startswith(expected), reason
+        kinds = {"no cluster-config": Unready.NO_CONFIG, "cluster-config does not parse": Unready.BAD_CONFIG,
+                 "says its ID": Unready.ID_MISMATCH, "waiting": Unready.WAITING}
+        assert reason.kind is next(k for text, k in kinds.items() if expected.startswith(text))
+        assert reason.kind.misconfigured is (reason.kind in (Unready.BAD_CONFIG, Unready.ID_MISMATCH))
 
 
 def test_ids_above_255_need_a_mesh_configured_for_511() -> None:

@@ -130,14 +130,61 @@ def test_text_without_remotes_or_operator_status() -> None:
     ]
 
 
-def test_status_never_dials_a_lab_address_from_the_host() -> None:
-    """A lab's store endpoints live on its underlay, reachable only inside its node namespaces:
-    from the host a connection would leave by the default route."""
+def test_status_never_dials_an_address_its_kubeconfig_marks_unroutable(tmp_path) -> None:
+    """A lab's store endpoints live on its underlay, reachable only inside its node namespaces: from
+    the host a connection would leave by the default route. The lab's kubeconfig says so (a cluster
+    extension), and status dials nothing there; the product itself knows no lab address."""
+    import json
+    import socket
+
     from clustermesh.agent.status import probe_remote
+    from clustermesh.kube import UNROUTABLE_EXTENSION, unroutable_networks
     from clustermesh.store.remote import RemoteConfig
 
-    finding = probe_remote(RemoteConfig("lab-2", 2, ("http://192.168.100.21:32379",)), timeout=0.01)
-    assert finding.error is not None and "lab address" in finding.error
+    kubeconfig = tmp_path / "kubeconfig"
+    cluster = {"server": "https://127.0.0.1:1", "extensions": [{"name": UNROUTABLE_EXTENSION, "extension": {
+        "networks": ["192.168.100.0/24", "not-a-cidr"], "reason": "a lab address"}}]}
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "other",
+        "clusters": [{"name": "lab-1", "cluster": cluster}, {"name": "plain", "cluster": {"server": "https://x"}}],
+        "contexts": [{"name": "lab-1", "context": {"cluster": "lab-1"}},
+                     {"name": "other", "context": {"cluster": "plain"}}]}))
+    marked = unroutable_networks(str(kubeconfig), "lab-1")
+    assert [(str(n), r) for n, r in marked] == [("192.168.100.0/24", "a lab address")]
+    assert unroutable_networks(str(kubeconfig), None) == []  # the current context's cluster has none
+    assert unroutable_networks(str(tmp_path / "missing"), "lab-1") == []
+
+    finding = probe_remote(RemoteConfig("lab-2", 2, ("http://192.168.100.21:32379",)), timeout=0.01,
+                           unroutable=marked)
+    assert finding.error is not None and "a lab address" in finding.error and "192.168.100.21" in finding.error
+    # Outside the marked network it does dial: a listener on 127.0.0.1 sees the connection.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(5)
+        port = server.getsockname()[1]
+        finding = probe_remote(RemoteConfig("lab-2", 2, (f"http://127.0.0.1:{port}",)), timeout=0.5,
+                               unroutable=marked)
+        conn, _ = server.accept()
+        conn.close()
+    assert finding.error is not None and "a lab address" not in finding.error
+
+
+def test_the_lab_kubeconfig_marks_its_underlay_unroutable(tmp_path) -> None:
+    import json
+
+    from clustermesh.kube import unroutable_networks
+    from clustermesh.lab.mesh import merged_kubeconfig
+    from clustermesh.lab.netns import UNDERLAY_CIDR
+
+    def one(name: str) -> dict:
+        return {"apiVersion": "v1", "kind": "Config", "current-context": name,
+                "clusters": [{"name": name, "cluster": {"server": "https://127.0.0.1:6443"}}],
+                "users": [{"name": f"{name}-admin", "user": {"token": "t"}}],
+                "contexts": [{"name": name, "context": {"cluster": name, "user": f"{name}-admin"}}]}
+
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(merged_kubeconfig([one("lab-1"), one("lab-2")])))
+    for context in ("lab-1", "lab-2", None):
+        assert [str(n) for n, _ in unroutable_networks(str(path), context)] == [UNDERLAY_CIDR], context
 
 
 def test_certificates_warn_30_days_before_and_fail_once_expired() -> None:

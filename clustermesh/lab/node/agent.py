@@ -641,7 +641,7 @@ class PodWorker:
     def write_hosts(self) -> None:
         etc = self.dir / "etc"
         etc.mkdir(parents=True, exist_ok=True)
-        text = spec.hosts_file(self.pod, self.record.ip, self.agent.services.values())
+        text = spec.hosts_file(self.pod, self.record.ip, self.agent.services_snapshot())
         path = etc / "hosts"
         # In place: the containers see this inode through a bind mount.
         with path.open("a+") as f:
@@ -995,8 +995,13 @@ class NodeAgent:
             data = spec.decode_configmap(obj) if kind == "ConfigMap" else spec.decode_secret(obj)
         self.cache[(kind, namespace, name)] = data
 
+    def services_snapshot(self) -> list[Obj]:
+        """The Services now, for another thread: the services loop owns ``services``; ``list()`` of a
+        dict's values copies it without letting another Python thread in between."""
+        return list(self.services.values())
+
     def services_of(self, namespace: str) -> list[Obj]:
-        return [s for s in self.services.values()
+        return [s for s in self.services_snapshot()
                 if s["metadata"].get("namespace") == namespace
                 or (s["metadata"]["name"] == "kubernetes" and s["metadata"].get("namespace") == "default")]
 

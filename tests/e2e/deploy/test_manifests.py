@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from clustermesh.lab.kubeapi import eventually
 from tests.e2e import test_lab as lab_tests
 from tests.e2e.test_lab import REPO, Lab, _failover, _lab_pids, apply_demo
+from tests.waiting import eventually
 
 SYSTEM = ("-n", "clustermesh-system")
 

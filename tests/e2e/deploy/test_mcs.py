@@ -8,6 +8,7 @@ lab-2's backends only (kube-proxy knows no endpoint of the derived Service but t
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -15,8 +16,8 @@ import pytest
 
 from clustermesh.cluster.mcs import derived_name
 from clustermesh.lab.attempts import AttemptLoop, answer_problem, judge
-from clustermesh.lab.kubeapi import eventually
 from tests.e2e.test_lab import DEMO, Lab, apply_demo
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -67,12 +68,52 @@ def test_the_import_is_in_every_cluster_of_the_set(lab: Lab) -> None:
     assert re.search(rf"serviceimport\S*/{NAME}\s+ClusterSetIP\s+\[\"{re.escape(ip)}\"\]", table), table
 
 
+STORE_ETCDCTL = ("ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:12379 --cacert=/etc/clustermesh/tls/ca.crt "
+                 "--cert=/etc/clustermesh/tls/root.crt --key=/etc/clustermesh/tls/root.key ")
+
+
+def _json_or_empty(lab: Lab, context: str, *args: str) -> dict:
+    try:
+        return dict(json.loads(lab.kubectl(context, *args, "-o", "json", check=False)))
+    except ValueError:
+        return {}
+
+
+def diagnosis(lab: Lab, context: str) -> str:
+    """Where the path from lab-1's and lab-2's rebel bases to ``context``'s x-wing stops, for a failure's
+    message: the derived Service in each exporter (its global/shared annotations), each store replica's
+    copy of each exporter's record of it (its own state and its cache), the x-wing's hosts line, and
+    the agents' last words about it. (Store chaos replaces these pods afterwards: this is the only look.)"""
+    derived = derived_name("default", NAME)
+    out = []
+    for c in EXPORTERS:
+        svc = _json_or_empty(lab, c, "get", "service", derived)
+        meta = svc.get("metadata") or {}
+        out.append(f"{c} {derived}: annotations {meta.get('annotations')} clusterIP "
+                   f"{(svc.get('spec') or {}).get('clusterIP')}")
+        pods = _json_or_empty(lab, c, "get", "pods", "-n", "clustermesh-system", "-l",
+                              "app.kubernetes.io/name=clustermesh-store")
+        for pod in pods.get("items", []):
+            name = pod["metadata"]["name"]
+            got = lab.kubectl(c, "exec", "-n", "clustermesh-system", name, "-c", "etcd-users", "--", "sh", "-c",
+                              STORE_ETCDCTL + f"get --prefix cilium/ | grep -A1 '/default/{derived}$'", check=False)
+            out.append(f"{c} store {name}:\n{got.strip()}")
+    hosts = lab.kubectl(context, "exec", "deploy/x-wing", "--", "grep", "clusterset", "/etc/hosts", check=False)
+    out.append(f"{context} x-wing hosts: {hosts.strip()}")
+    logs = lab.kubectl(context, "logs", "-n", "clustermesh-system", "ds/clustermesh-agent", "--tail=40", check=False)
+    out.append(f"{context} agent log tail:\n{logs}")
+    return "\n".join(out)
+
+
 def test_x_wings_reach_both_clusters_by_the_clusterset_name(lab: Lab) -> None:
     for context in EXPORTERS:
         def both(c: str = context) -> None:
             got = answers(lab, c, CLUSTERSET)
             assert got["failed"] == 0 and {"Cluster-1", "Cluster-2"} <= set(got), got
-        eventually(both, timeout=180, interval=1)
+        try:
+            eventually(both, timeout=180, interval=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{diagnosis(lab, context)}") from None
     # A Service that is not exported has no clusterset name.
     got = answers(lab, "lab-1", "rebel-base.default.svc.clusterset.local", count=2)
     assert got == {"failed": 2}, got
