@@ -186,6 +186,28 @@ class Bench:
             for what in ("deployment/clustermesh-store", "daemonset/clustermesh-agent"):
                 self.kube.run(ctx, "-n", SYSTEM, "rollout", "status", what, "--timeout=300s", timeout=320)
 
+    def wait_for_kube_proxy(self, timeout: float = 600) -> None:
+        """Until every node's kube-proxy sends the store Service to the store pods running now: the
+        rollout replaced them, and a kube-proxy paused before it synced (at 10,000 Services a sync
+        takes it many seconds) would keep the NodePort on the old pods."""
+        deadline = time.monotonic() + timeout
+        nodes = self.lab.state()["nodes"]
+        for ctx in (CLIENT, SERVER):
+            pods = self.kube.json(ctx, "get", "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=clustermesh-store")
+            ips = [p["status"].get("podIP") for p in pods["items"] if p["metadata"].get("deletionTimestamp") is None]
+            for name, node in nodes.items():
+                if node["cluster"] != ctx:
+                    continue
+                while True:
+                    rules = subprocess.run(["ip", "netns", "exec", node["netns"], "iptables-save", "-t", "nat"],
+                                           capture_output=True, text=True, timeout=60).stdout
+                    if all(ip and f"--to-destination {ip}:" in rules for ip in ips):
+                        break
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"{name}'s kube-proxy does not know {ctx}'s store pods {ips}")
+                    time.sleep(1)
+        say("every kube-proxy knows the store pods")
+
     def mode(self, mode: str) -> None:
         say(f"{CLIENT}: {mode} mode")
         if mode == "direct":
@@ -211,6 +233,23 @@ class Bench:
         ports = {line.split()[-1].rsplit(":", 1)[-1] for line in out.splitlines() if line.strip()}
         local, remote = "2379" in ports, str(STORE_NODE_PORT) in ports
         return (local and not remote) if mode == "cache" else (remote and not local)
+
+    def existing(self) -> int:
+        """How many of the bench's Services a running lab (``--lab-dir``) has in both clusters already
+        (svc-0 .. svc-N-1, each with its slice): a second run on it skips their creation."""
+        counts = []
+        for ctx in (CLIENT, SERVER):
+            out = self.kube.json(ctx, "get", "endpointslices", "-n", NS)["items"]
+            names = {s["metadata"]["name"] for s in out}
+            n = 0
+            while f"svc-{n}-1" in names:
+                n += 1
+            counts.append(n)
+        n = min(counts)
+        if n:
+            # A mode switch toggles the last Service's second endpoint: start it from one endpoint.
+            self.api[SERVER].set_extra(2, n - 1, False)
+        return n
 
     def grow(self, total: int) -> None:
         if total <= self.count:
@@ -303,7 +342,12 @@ def main() -> int:
     try:
         bench = Bench(lab, root / "trace")
         bench.prepare()
+        if not lab.own:
+            bench.count = bench.existing()
+            if bench.count:
+                say(f"{bench.count} Services already in both clusters: not created again")
         if args.pause_kube_proxy:
+            bench.wait_for_kube_proxy()
             # Only now: the rollout replaced the store pods, and a paused kube-proxy would keep
             # sending their Service to the old ones. From here on no pod of the mesh is replaced.
             say(f"kube-proxy paused ({pause_kube_proxies(lab, signal.SIGSTOP)} processes)")

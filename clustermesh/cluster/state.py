@@ -129,6 +129,10 @@ def slim_node(body: Body) -> dict[str, Any]:
     }
 
 
+def _without_version(slim: Mapping[str, Any]) -> dict[str, Any]:
+    return {**slim, "metadata": {k: v for k, v in (slim.get("metadata") or {}).items() if k != "resourceVersion"}}
+
+
 def _key(body: Body) -> ObjKey:
     meta = body.get("metadata") or {}
     return (meta.get("namespace") or "", meta.get("name") or "")
@@ -191,9 +195,16 @@ class ClusterState:
             self.services[key] = slim_service(body)
             return [ServiceRef(*key)]
         if kind == "Node":
-            if _older(self.nodes.get(key[1]), body):
+            old = self.nodes.get(key[1])
+            if _older(old, body):
                 return []
-            self.nodes[key[1]] = slim_node(body)
+            slim = slim_node(body)
+            self.nodes[key[1]] = slim
+            # A Node is updated every few seconds (its status, heartbeats) while what is kept of it
+            # (pod CIDRs, addresses) rarely moves: only that is news. Each NodeRef makes an agent
+            # merge every Service again (pod CIDRs are an input of all of them).
+            if old is not None and _without_version(old) == _without_version(slim):
+                return []
             return [NodeRef(key[1])]
         if _older(self.slices.get(key), body):
             return []

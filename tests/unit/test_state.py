@@ -36,6 +36,25 @@ def test_events_return_what_to_export() -> None:
     assert st.delete("Service", svc("a", 5)) == []
 
 
+def test_a_node_update_that_keeps_its_cidrs_and_addresses_is_no_news() -> None:
+    """Nodes are updated every few seconds (status, conditions); an agent merges every Service again
+    for each NodeRef, so only a change of what is kept (pod CIDRs, addresses) may return one."""
+    st = ClusterState()
+    assert st.upsert("Node", node("n1", 3)) == [NodeRef("n1")]
+    heartbeat = node("n1", 4)
+    heartbeat["status"] = {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "now"}]}
+    assert st.upsert("Node", heartbeat) == []
+    assert st.node("n1")["metadata"]["resourceVersion"] == "4"  # the newest copy is kept all the same
+    assert st.upsert("Node", node("n1", 3)) == []  # and an older one still never replaces it
+    moved = node("n1", 5)
+    moved["spec"]["podCIDR"] = "10.244.9.0/24"
+    assert st.upsert("Node", moved) == [NodeRef("n1")]
+    addressed = node("n1", 6)
+    addressed["spec"]["podCIDR"] = "10.244.9.0/24"
+    addressed["status"] = {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}
+    assert st.upsert("Node", addressed) == [NodeRef("n1")]
+
+
 def test_a_slice_that_changes_service_updates_both() -> None:
     st = ClusterState()
     st.upsert("EndpointSlice", es("x", "a", 1))
