@@ -61,6 +61,7 @@ NS = "hop"
 SYSTEM = "clustermesh-system"
 CLIENT, SERVER = "lab-1", "lab-2"
 GLOBAL = {"service.cilium.io/global": "true"}
+STORE_PORT = 2379  # the store pods' grpc-proxy (deploy/base/store.yaml)
 HOPS = {
     "direct": [("api", SERVER, "operator", "k8s-event"), ("export", SERVER, "operator", "etcd-write"),
                ("watch", CLIENT, "agent", "watch-event"), ("map", CLIENT, "agent", "map-write")],
@@ -201,7 +202,9 @@ class Bench:
                 while True:
                     rules = subprocess.run(["ip", "netns", "exec", node["netns"], "iptables-save", "-t", "nat"],
                                            capture_output=True, text=True, timeout=60).stdout
-                    if all(ip and f"--to-destination {ip}:" in rules for ip in ips):
+                    # The store Service's endpoint rule (another Service's stale rule may name a
+                    # reused pod IP on another port).
+                    if all(ip and f"--to-destination {ip}:{STORE_PORT}" in rules for ip in ips):
                         break
                     if time.monotonic() > deadline:
                         raise BenchError(f"{name}'s kube-proxy does not know {ctx}'s store pods {ips}")

@@ -82,6 +82,7 @@ class McsController:
         self._next_full = 0.0
         self._since: dict[tuple[str, str, str], str] = {}  # (ns, name, type) -> lastTransitionTime
         self._status: dict[Ref, list[dict[str, Any]]] = {}
+        self._views: dict[str, str] = {}  # remote -> how its exports count now (event loop only)
 
     # ------------------------------------------------------------ this cluster's exports
 
@@ -140,22 +141,37 @@ class McsController:
         records: list[ServiceExportRecord] = [r.record for r in self._records.values() if r.record]
         pending = set()
         awaiting = self.members.awaiting_first_sync()
+        views: dict[str, str] = {}
         for rc in self.members.sources(now):
             if rc.config.id in awaiting:
                 pending.add(rc.name)
+                views[rc.name] = "not known yet: waiting for the remote's first sync"
                 continue
             if not rc.usable(now):
-                continue  # gone past its grace period: its exports leave with its services
+                # Gone past its grace period (or not ready): its exports leave with its services.
+                views[rc.name] = f"not used: {rc.not_ready_reason() or 'unreachable past its grace period'}"
+                continue
             found = rc.export_records()
             if found is None:
                 pending.add(rc.name)
+                views[rc.name] = "not known yet: its ServiceExports are not listed in full (no synced marker)"
             else:
                 records += found
+                views[rc.name] = f"{len(found)} exported"
+        self._log_views(views)
         specs = mcs.group_exports(records)
         slices = {ref: [dict(s) for s in self.state.slices_of(*ref)]
                   for ref, r in self._records.items() if r.record is not None}
         return Snapshot(self.cluster, specs, dict(self._records),
                         {k: dict(v) for k, v in self.exports.items()}, slices, frozenset(pending))
+
+    def _log_views(self, views: dict[str, str]) -> None:
+        """Each remote's exports as this cluster counts them, logged when that changes (why an
+        import lacks a cluster is then in the log)."""
+        for name, view in sorted(views.items()):
+            if self._views.get(name) != view:
+                log.info("MCS-API: remote %s: %s", name, view)
+        self._views = views
 
     async def run(self) -> None:
         while True:

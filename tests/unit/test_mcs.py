@@ -5,6 +5,7 @@ cluster gets (ServiceImport, derived Service, copied EndpointSlices)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -191,6 +192,9 @@ class FakeRemote:
     def export_records(self) -> list[ServiceExportRecord] | None:
         return self._exports
 
+    def not_ready_reason(self) -> str | None:
+        return None
+
 
 class FakeMembers:
     def __init__(self, remotes: list[FakeRemote], awaiting: frozenset[int] = frozenset()) -> None:
@@ -226,3 +230,21 @@ def test_a_remote_past_its_grace_period_exports_nothing_and_holds_nothing_back()
     gone = record("c2", "2025-01-01T00:00:00Z")
     snap = controller(FakeMembers([FakeRemote("c2", 2, False, [gone])])).snapshot(0.0)
     assert snap.specs == {} and snap.pending == frozenset()
+
+
+def test_how_each_remote_counts_is_logged_once_per_change(caplog: pytest.LogCaptureFixture) -> None:
+    """Why an import lacks a cluster must be in the operator's log: each remote's state, when it changes."""
+    known = record("c2", "2025-01-01T00:00:00Z")
+    remote = FakeRemote("c2", 2, True, None)
+    c = controller(FakeMembers([remote]))
+    with caplog.at_level(logging.INFO, logger="clustermesh.operator.mcs"):
+        c.snapshot(0.0)
+        c.snapshot(0.5)
+        remote._exports = [known]
+        c.snapshot(1.0)
+        remote._usable = False
+        c.snapshot(1.5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["MCS-API: remote c2: not known yet: its ServiceExports are not listed in full (no synced marker)",
+                     "MCS-API: remote c2: 1 exported",
+                     "MCS-API: remote c2: not used: unreachable past its grace period"], lines

@@ -53,7 +53,10 @@ def answers(lab: Lab, context: str, target: str, count: int = 20) -> dict[str, i
 
 def test_the_import_is_in_every_cluster_of_the_set(lab: Lab) -> None:
     for context in ("lab-1", "lab-2", "lab-3"):
-        eventually(lambda c=context: _imported(lab, c, ["lab-1", "lab-2"]), timeout=120, interval=1)
+        try:
+            eventually(lambda c=context: _imported(lab, c, ["lab-1", "lab-2"]), timeout=120, interval=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{context}: {exc}\n{diagnosis(lab, context)}") from None
         headless = lab.json(context, "get", "serviceimport", HEADLESS)
         assert headless["spec"]["type"] == "Headless" and not headless["spec"].get("ips"), headless
     for context in EXPORTERS:
@@ -98,6 +101,15 @@ def diagnosis(lab: Lab, context: str) -> str:
             got = lab.kubectl(c, "exec", "-n", "clustermesh-system", name, "-c", "etcd-users", "--", "sh", "-c",
                               STORE_ETCDCTL + f"get --prefix cilium/ | grep -A1 '/default/{derived}$'", check=False)
             out.append(f"{c} store {name}:\n{got.strip()}")
+    for c in ("lab-1", "lab-2", "lab-3"):
+        pods = _json_or_empty(lab, c, "get", "pods", "-n", "clustermesh-system", "-l",
+                              "app.kubernetes.io/name=clustermesh-store")
+        for pod in pods.get("items", []):
+            name = pod["metadata"]["name"]
+            logs = lab.kubectl(c, "logs", "-n", "clustermesh-system", name, "-c", "operator", check=False)
+            said = [line for line in logs.splitlines() if "MCS-API" in line or "new settings" in line
+                    or "status lease" in line]
+            out.append(f"{c} {name} operator:\n" + "\n".join(said[-20:]))
     hosts = lab.kubectl(context, "exec", "deploy/x-wing", "--", "grep", "clusterset", "/etc/hosts", check=False)
     out.append(f"{context} x-wing hosts: {hosts.strip()}")
     logs = lab.kubectl(context, "logs", "-n", "clustermesh-system", "ds/clustermesh-agent", "--tail=40", check=False)
