@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for style in args.styles:
             cgroup = lab.cgroup(f"churn-{style}")
             lb = lab.socket_lb(f"churn-{style}", cgroup, bpf_dir=args.bpf_dir)  # fresh maps for each style
-            lb.reconcile(tcp_specs if style in ("fin", "rst") else udp_specs)
+            lb.program(tcp_specs if style in ("fin", "rst") else udp_specs)
             print(f"\n{style}: added cost of the timed call (ClusterIP via socket-LB minus direct, same cgroup)")
             print(f"  {'after sockets':>14}  {'added p50':>9}  {'LB p50/p90/p99 us':>20}  {'direct p50':>10}  cm_rev4")
             done = 0

@@ -300,7 +300,7 @@ def latency_bench(lab: Lab, args: argparse.Namespace, deadline: float) -> None:
             else:
                 cgroup, lb = reused_cgroup, reused_lb
             t0 = time.monotonic()
-            lb.reconcile(specs)
+            lb.program(specs)
             lb_time = time.monotonic() - t0
             restore = {}
             if phase == "fresh":  # iptables has no maps to reuse: once per count
@@ -411,7 +411,7 @@ def programming_bench(lab: Lab, args: argparse.Namespace) -> None:
         specs = services(count, distinct_backends(per))
 
     def reconcile_timed(prefix: str, wanted: list[ServiceSpec]) -> int:
-        # The steps of SocketLB.reconcile, timed one by one (GC paused as there).
+        # The steps of SocketLB.program, timed one by one (GC paused as there).
         with paused_gc():
             with timed(f"{prefix} read", t):
                 current = maps.read()

@@ -84,9 +84,9 @@ class TimedLB:
     def close(self) -> None:
         self.inner.close()
 
-    def reconcile(self, specs: Any) -> Any:
+    def program(self, specs: Any) -> Any:
         specs = list(specs)
-        ops = self.inner.reconcile(specs)
+        ops = self.inner.program(specs)
         done = time.perf_counter()
         with self.cond:
             self.writes.append((done, specs))

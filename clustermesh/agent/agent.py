@@ -406,7 +406,7 @@ class Agent:
         specs, moved = self.desired(now, sources)
         wrote = False
         if moved or self._last_specs is None:
-            ops = self.lb.reconcile(specs)
+            ops = self.lb.program(specs)
             self._last_specs = specs
             wrote = True
             if trace.enabled():

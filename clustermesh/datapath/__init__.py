@@ -34,9 +34,9 @@ from clustermesh.datapath.plan import (
     broken,
     desired_state,
     diff,
+    dry_run,
     leftovers,
-    plan,
-    reconcile,
+    sync_maps,
 )
 
 if TYPE_CHECKING:
@@ -68,12 +68,12 @@ __all__ = [
     "desired_state",
     "destroy",
     "diff",
+    "dry_run",
     "dump",
     "dump_main",
     "leftovers",
     "pin_dir_for",
-    "plan",
-    "reconcile",
+    "sync_maps",
 ]
 
 

@@ -4,7 +4,7 @@ Typical agent use::
 
     lb = SocketLB("/sys/fs/cgroup/unified/node-1", pin_dir_for("node-1"), local_cluster_id=1)
     lb.load()                      # reuses pinned maps and the live attachment
-    lb.reconcile(services)         # on every change: writes only what changed
+    lb.program(services)         # on every change: writes only what changed
     lb.close()                     # on shutdown: programs and maps stay in place
 
 bcc is only needed by :meth:`SocketLB.load`; reading and writing the maps,
@@ -34,6 +34,7 @@ from typing import Any
 from clustermesh import metrics
 from clustermesh.datapath import bpfsys, hooks
 from clustermesh.datapath.errors import CapacityError, DatapathError
+from clustermesh.datapath.incremental import IncrementalPlanner, drift, full_sync
 from clustermesh.datapath.layout import (
     BACKEND4_MAP,
     BACKEND4_MAX,
@@ -59,7 +60,7 @@ from clustermesh.datapath.layout import (
     SvcVal,
 )
 from clustermesh.datapath.model import BackendEntry, MapState, ServiceEntry, ServiceSpec, SlotKey
-from clustermesh.datapath.plan import Capacity, IncrementalPlanner, Maps, Op, drift, plan, reconcile_full
+from clustermesh.datapath.plan import Capacity, Maps, Op, dry_run
 from clustermesh.heap import release_freed_heap
 
 
@@ -120,7 +121,7 @@ class MapLimits:
 
 @dataclass(frozen=True)
 class ReconcileSettings:
-    """How :meth:`SocketLB.reconcile` checks its memory against the maps.
+    """How :meth:`SocketLB.program` checks its memory against the maps.
 
     After a first full reconcile (which reads the maps: a restarted agent
     starts from what is pinned), a change writes only what it changes, planned
@@ -434,11 +435,11 @@ class SocketLB:
     def read(self) -> MapState:
         return self.maps.read()
 
-    def plan(self, services: Iterable[ServiceSpec]) -> list[Op]:
-        """What :meth:`reconcile` would write now."""
-        return plan(self.maps, services, self.local_cluster_id)
+    def dry_run(self, services: Iterable[ServiceSpec]) -> list[Op]:
+        """What :meth:`program` would write now."""
+        return dry_run(self.maps, services, self.local_cluster_id)
 
-    def reconcile(self, services: Iterable[ServiceSpec]) -> list[Op]:
+    def program(self, services: Iterable[ServiceSpec]) -> list[Op]:
         """Make the maps hold exactly ``services`` (ordered, batched writes).
 
         The first call reads the maps and diffs everything; later ones plan only
@@ -454,10 +455,10 @@ class SocketLB:
         maps = self.maps
         try:
             if self._verify_due():
-                ops = self._reconcile_full(maps, services)
+                ops = self._full_sync(maps, services)
             else:
                 assert self._planner is not None
-                ops = self._planner.reconcile(maps, services)
+                ops = self._planner.write(maps, services)
                 self._incremental += 1
         except CapacityError as exc:
             # Refused before any write: the planner's memory still matches the maps.
@@ -483,16 +484,16 @@ class SocketLB:
             or self._clock() - self._verified_at >= settings.verify_interval
         )
 
-    def _reconcile_full(self, maps: Maps, services: Iterable[ServiceSpec]) -> list[Op]:
+    def _full_sync(self, maps: Maps, services: Iterable[ServiceSpec]) -> list[Op]:
         previous = self._planner
         if previous is None:
-            ops, _, planner = reconcile_full(maps, services, self.local_cluster_id)
+            ops, _, planner = full_sync(maps, services, self.local_cluster_id)
         else:
             # The change first, planned from memory, so it reaches the maps as fast
             # as any other; then the maps are read back (the slow part: about 0.5 s
             # at 10,000 services) and compared with what memory says they now hold.
             specs = list(services)
-            ops = previous.reconcile(maps, specs)
+            ops = previous.write(maps, specs)
             found = maps.read()
             planner = previous
             if found != previous.state:
@@ -501,7 +502,7 @@ class SocketLB:
                     drift(previous.state, found),
                 )
                 self._planner = None  # until the repair is in
-                repair, _, planner = reconcile_full(maps, specs, self.local_cluster_id, found)
+                repair, _, planner = full_sync(maps, specs, self.local_cluster_id, found)
                 ops += repair
         self._planner = planner
         self._incremental = 0

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     cgroup, pin_dir, cluster_id, spec_json = argv
     with SocketLB(cgroup, pin_dir, int(cluster_id)) as lb:
         attachments = lb.load()
-        ops = lb.reconcile(parse(spec_json))
+        ops = lb.program(parse(spec_json))
         report = {
             "attachments": {a.hook: [a.prog_id, a.action] for a in attachments},
             "ops": [str(op) for op in ops],

@@ -273,10 +273,10 @@ class RecordingLB:
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
-    def reconcile(self, specs: object) -> object:
+    def program(self, specs: object) -> object:
         specs = list(specs)  # type: ignore[call-overload]
         self.calls.append({str(b.ip) for s in specs for b in s.backends})
-        return self.inner.reconcile(specs)  # type: ignore[attr-defined]
+        return self.inner.program(specs)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("remote_comes", [True, False], ids=["remote-syncs-late", "remote-never-syncs"])
@@ -356,9 +356,9 @@ def test_a_remote_route_is_there_whenever_its_backends_are(
             return changes
 
     class OrderedLB(RecordingLB):
-        def reconcile(self, specs: object) -> object:
+        def program(self, specs: object) -> object:
             specs = list(specs)  # type: ignore[call-overload]
-            ops = self.inner.reconcile(specs)  # type: ignore[attr-defined]
+            ops = self.inner.program(specs)  # type: ignore[attr-defined]
             with lock:
                 history.append(("lb", any(str(b.ip) == remote_backend for s in specs for b in s.backends),
                                 time.monotonic()))

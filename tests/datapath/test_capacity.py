@@ -57,7 +57,7 @@ def test_full_map_refuses_the_update_and_keeps_serving_the_previous_state(
     topology: Topology, small_lb: SocketLB, caplog: pytest.LogCaptureFixture
 ) -> None:
     topology.add_backends(BACKENDS)
-    small_lb.reconcile([spec(WEB, *BACKENDS.values())])
+    small_lb.program([spec(WEB, *BACKENDS.values())])
     before = small_lb.read()
     assert small_lb.maps.capacity.services == 6 and small_lb.maps.capacity.backends == 3
 
@@ -66,7 +66,7 @@ def test_full_map_refuses_the_update_and_keeps_serving_the_previous_state(
     with caplog.at_level(logging.ERROR, logger="clustermesh.datapath.loader"):
         for _ in range(3):
             with pytest.raises(CapacityError) as caught:
-                small_lb.reconcile(too_big)
+                small_lb.program(too_big)
     err = caught.value
     assert (err.map_name, err.need, err.size) == ("cm_backend4", 4, 3)
     assert "Raise --backend-map-max" in str(err) and "4 entries" in str(err)
@@ -78,15 +78,15 @@ def test_full_map_refuses_the_update_and_keeps_serving_the_previous_state(
     assert names(topology.client("tcp", CLUSTER_IP, "80", "20")) <= set(BACKENDS)
 
     # A state that fits again is written, and the next refusal is logged again.
-    small_lb.reconcile([spec(OTHER, "10.245.3.10")])
+    small_lb.program([spec(OTHER, "10.245.3.10")])
     assert {key.frontend for key in small_lb.read().services} == {OTHER}
 
 
 def test_removed_services_make_room_before_new_ones_are_written(small_lb: SocketLB) -> None:
-    small_lb.reconcile([spec(WEB, *BACKENDS.values())])
+    small_lb.program([spec(WEB, *BACKENDS.values())])
     # Together the two states need 8 service entries and 6 backends; one at a time they fit.
     replacement = spec(OTHER, "10.245.3.10", "10.245.3.11", "10.245.3.12")
-    small_lb.reconcile([replacement])
+    small_lb.program([replacement])
     state = small_lb.read()
     assert {key.frontend for key in state.services} == {OTHER}
     assert len(state.backends) == 3 and broken(state) == []

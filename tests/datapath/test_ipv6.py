@@ -64,7 +64,7 @@ def rev6_entries(pin_dir: Path) -> dict[tuple[int, IPv6Address, int], tuple[IPv6
 def test_tcp_to_an_ipv6_clusterip_reaches_backends_and_sees_the_clusterip(
     lab6: Topology, lb: SocketLB, pin_dir: Path
 ) -> None:
-    lb.reconcile([web6()])
+    lb.program([web6()])
     results = lab6.client("tcp", CLUSTER_IP6, "80", "30")
     assert len(names_of(results)) > 1 and names_of(results) <= set(BACKENDS6)
     assert {addr(r["peer"]) for r in results} == {(CLUSTER_IP6, 80)}  # getpeername6
@@ -72,7 +72,7 @@ def test_tcp_to_an_ipv6_clusterip_reaches_backends_and_sees_the_clusterip(
 
 
 def test_udp_over_ipv6_replies_come_from_the_clusterip(lab6: Topology, lb: SocketLB) -> None:
-    lb.reconcile([dns6()])
+    lb.program([dns6()])
     results = lab6.client("udp", CLUSTER_IP6, "53", "20")
     assert names_of(results) <= set(BACKENDS6)
     assert {addr(r["from"]) for r in results} == {(CLUSTER_IP6, 53)}  # recvmsg6
@@ -84,18 +84,18 @@ def test_udp_over_ipv6_replies_come_from_the_clusterip(lab6: Topology, lb: Socke
 
 def test_dual_stack_services_are_balanced_side_by_side(lab6: Topology, lb: SocketLB) -> None:
     specs = [web6(), web4(), dns6(), ServiceSpec(Frontend(EMPTY_IP6, 80))]
-    lb.reconcile(specs)
+    lb.program(specs)
     state = lb.read()
     assert broken(state) == []
     assert sorted(specs_from_state(state), key=lambda s: s.frontend) == sorted(specs, key=lambda s: s.frontend)
-    assert lb.reconcile(specs) == []  # read back from both families: nothing to write
+    assert lb.program(specs) == []  # read back from both families: nothing to write
     assert names_of(lab6.client("tcp", CLUSTER_IP6, "80", "10")) <= set(BACKENDS6)
     assert names_of(lab6.client("tcp", CLUSTER_IP4, "80", "10")) <= set(BACKENDS4)
     (refused,) = lab6.client("tcp", EMPTY_IP6, "80", "1")
     assert refused["errno"] == errno.ECONNREFUSED
 
     # The IPv6 Service goes: its frontend is left to the kernel again; IPv4 is untouched.
-    lb.reconcile([web4()])
+    lb.program([web4()])
     (unrouted,) = lab6.client("tcp", CLUSTER_IP6, "80", "1")
     assert unrouted["errno"] == errno.ENETUNREACH, unrouted
     assert names_of(lab6.client("tcp", CLUSTER_IP4, "80", "5")) <= set(BACKENDS4)
@@ -103,14 +103,14 @@ def test_dual_stack_services_are_balanced_side_by_side(lab6: Topology, lb: Socke
 
 
 def test_ipv6_affinity_local_prefers_this_clusters_backend(lab6: Topology, lb: SocketLB) -> None:
-    lb.reconcile([web6(BACKENDS6, "local")])
+    lb.program([web6(BACKENDS6, "local")])
     assert names_of(lab6.client("tcp", CLUSTER_IP6, "80", "15")) == {"local-a6"}
-    lb.reconcile([web6(["remote-b6", "remote-c6"], "local")])  # failover
+    lb.program([web6(["remote-b6", "remote-c6"], "local")])  # failover
     assert names_of(lab6.client("tcp", CLUSTER_IP6, "80", "20")) == {"remote-b6", "remote-c6"}
 
 
 def test_the_ipv6_maps_are_their_own(lb: SocketLB, pin_dir: Path) -> None:
-    lb.reconcile([web6(), web4()])
+    lb.program([web6(), web4()])
     maps = lb.maps
     services, backends_map = maps.services, maps.backends
     assert isinstance(services, bpfsys.ByFamily) and isinstance(backends_map, bpfsys.ByFamily)

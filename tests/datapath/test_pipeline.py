@@ -60,7 +60,7 @@ def test_exported_backends_take_over_when_local_ones_are_gone(
             assert remote is not None
             result = merge(LOCAL_ID, {(ns, "echo"): local}, remote.service_records() if remote.usable() else [])
             assert result.problems == []
-            lb.reconcile(result.specs)
+            lb.program(result.specs)
 
         def exported_backends() -> set[str]:
             assert remote is not None

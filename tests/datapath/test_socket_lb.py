@@ -72,7 +72,7 @@ def lab(topology: Topology) -> Topology:
 def test_tcp_connect_to_clusterip_reaches_a_backend_and_sees_the_clusterip(
     lab: Topology, lb: SocketLB
 ) -> None:
-    lb.reconcile([web()])
+    lb.program([web()])
     results = lab.client("tcp", CLUSTER_IP, "80", "30")
     assert names_of(results) <= set(BACKENDS)
     # random among three backends: 30 connects all landing on one is ~1e-13
@@ -82,7 +82,7 @@ def test_tcp_connect_to_clusterip_reaches_a_backend_and_sees_the_clusterip(
 
 def test_curl_through_the_clusterip(lab: Topology, lb: SocketLB) -> None:
     curl = require_binary("curl", "apt-get install curl")
-    lb.reconcile([web()])
+    lb.program([web()])
     out = lab.run(
         [curl, "-sS", "--max-time", "3", "-w", "\n%{remote_ip}:%{remote_port}", f"http://{CLUSTER_IP}/"]
     )
@@ -92,14 +92,14 @@ def test_curl_through_the_clusterip(lab: Topology, lb: SocketLB) -> None:
 
 
 def test_udp_request_reply_comes_from_the_clusterip(lab: Topology, lb: SocketLB) -> None:
-    lb.reconcile([web(), dns()])
+    lb.program([web(), dns()])
     results = lab.client("udp", CLUSTER_IP, "53", "20")
     assert names_of(results) <= set(BACKENDS)
     assert {tuple(r["from"]) for r in results} == {(CLUSTER_IP, 53)}  # recvmsg translated
 
 
 def test_connected_udp_is_balanced_at_connect(lab: Topology, lb: SocketLB) -> None:
-    lb.reconcile([dns()])
+    lb.program([dns()])
     result = lab.client("udp-connected", CLUSTER_IP, "53")
     assert result["ok"], result
     assert result["name"] in BACKENDS
@@ -116,7 +116,7 @@ def rev_entries(pin_dir: Path) -> dict[tuple[int, IPv4Address, int], tuple[IPv4A
 def test_a_connected_socket_keeps_its_translation_while_open_and_across_a_restart(
     lab: Topology, lb: SocketLB, pin_dir: Path, tmp_path: Path, proto: str, port: int
 ) -> None:
-    lb.reconcile([web(), dns()])
+    lb.program([web(), dns()])
     stopfile = tmp_path / "stop"
     proc, first = lab.start_hold(proto, CLUSTER_IP, port, stopfile)
     try:
@@ -136,7 +136,7 @@ def test_a_connected_socket_keeps_its_translation_while_open_and_across_a_restar
 
 
 def test_reverse_entries_live_as_long_as_their_sockets(lab: Topology, lb: SocketLB, pin_dir: Path) -> None:
-    lb.reconcile([web(), dns()])
+    lb.program([web(), dns()])
     assert names_of(lab.client("tcp", CLUSTER_IP, "80", "20")) <= set(BACKENDS)
     assert lab.client("udp-connected", CLUSTER_IP, "53")["ok"]
     # closed sockets took their entries with them (cm_release4) ...
@@ -158,7 +158,7 @@ def test_reverse_map_is_a_per_cpu_lru(lb: SocketLB, pin_dir: Path) -> None:
 
 def test_udp_socket_connected_again_elsewhere_shows_its_real_peer(lab: Topology, lb: SocketLB) -> None:
     # the first connect can only pick remote-c: a stale translation would match the second peer
-    lb.reconcile([dns(["remote-c"])])
+    lb.program([dns(["remote-c"])])
     result = lab.client("udp-reconnect", CLUSTER_IP, "53", BACKENDS["remote-c"], "5353")
     assert tuple(result["first"]) == (CLUSTER_IP, 53)
     assert tuple(result["second"]) == (BACKENDS["remote-c"], 5353)
@@ -167,7 +167,7 @@ def test_udp_socket_connected_again_elsewhere_shows_its_real_peer(lab: Topology,
 
 
 def test_addresses_not_in_the_map_pass_untouched(lab: Topology, lb: SocketLB) -> None:
-    lb.reconcile([web()])
+    lb.program([web()])
     # A backend address is not a frontend: the connect lands exactly there
     # and getpeername shows the real address.
     direct = lab.client("tcp", BACKENDS["remote-b"], "8080", "5")
@@ -185,7 +185,7 @@ def test_addresses_not_in_the_map_pass_untouched(lab: Topology, lb: SocketLB) ->
 
 def test_service_without_backends_refuses_with_econnrefused(lab: Topology, lb: SocketLB) -> None:
     """count == 0: the hook refuses and sets ECONNREFUSED (see bpf/sock_lb.c)."""
-    lb.reconcile([web(), ServiceSpec(EMPTY), ServiceSpec(EMPTY_UDP)])
+    lb.program([web(), ServiceSpec(EMPTY), ServiceSpec(EMPTY_UDP)])
     start = time.monotonic()
     tcp = lab.client("tcp", EMPTY_IP, "80", "3")
     udp = lab.client("udp", EMPTY_IP, "53", "3")
@@ -201,13 +201,13 @@ def test_service_without_backends_refuses_with_econnrefused(lab: Topology, lb: S
 def test_affinity_local_fails_over_to_remote_without_a_failed_connect(
     lab: Topology, lb: SocketLB, tmp_path: Path
 ) -> None:
-    lb.reconcile([web(BACKENDS, "local")])
+    lb.program([web(BACKENDS, "local")])
     assert names_of(lab.client("tcp", CLUSTER_IP, "80", "20")) == {"local-a"}
 
     stopfile = tmp_path / "stop"
     loop = lab.start_loop(CLUSTER_IP, 80, stopfile)
     time.sleep(0.3)
-    ops = lb.reconcile([web(REMOTE, "local")])  # the local backend goes away
+    ops = lb.program([web(REMOTE, "local")])  # the local backend goes away
     assert ops
     time.sleep(0.3)
     summary = lab.finish_loop(loop, stopfile)
@@ -219,12 +219,12 @@ def test_affinity_local_fails_over_to_remote_without_a_failed_connect(
     assert after == REMOTE
     assert all(b.cluster_id != LOCAL_CLUSTER for b in lb.read().backends.values())
 
-    lb.reconcile([web(BACKENDS, "local")])  # it comes back: traffic goes home
+    lb.program([web(BACKENDS, "local")])  # it comes back: traffic goes home
     assert names_of(lab.client("tcp", CLUSTER_IP, "80", "20")) == {"local-a"}
 
 
 def test_affinity_remote_prefers_other_clusters(lab: Topology, lb: SocketLB) -> None:
-    lb.reconcile([web(BACKENDS, "remote")])
+    lb.program([web(BACKENDS, "remote")])
     assert names_of(lab.client("tcp", CLUSTER_IP, "80", "20")) == REMOTE
 
 
@@ -298,7 +298,7 @@ def test_restart_reuses_maps_and_attachment_without_a_failed_connect(
 def test_changed_program_replaces_the_attachment_atomically(
     lab: Topology, lb: SocketLB, cgroup: Path, pin_dir: Path, tmp_path: Path
 ) -> None:
-    lb.reconcile([web(), ServiceSpec(EMPTY)])
+    lb.program([web(), ServiceSpec(EMPTY)])
     before = lb.attached()
     # An "upgrade": the same program with another errno for empty services.
     newer = tmp_path / "bpf"
@@ -326,7 +326,7 @@ def test_changed_program_replaces_the_attachment_atomically(
     after = upgraded.attached()
     assert all(len(ids) == 1 for ids in after.values())
     assert after["cm_connect4"] != before["cm_connect4"]
-    assert upgraded.plan([web(), ServiceSpec(EMPTY)]) == []  # same maps, same contents
+    assert upgraded.dry_run([web(), ServiceSpec(EMPTY)]) == []  # same maps, same contents
     (refused,) = lab.client("tcp", EMPTY_IP, "80", "1")
     assert refused["errno"] == errno.EHOSTUNREACH
     assert names_of(lab.client("tcp", CLUSTER_IP, "80", "5")) <= set(BACKENDS)
@@ -350,7 +350,7 @@ import json, sys
 from clustermesh.datapath import Backend, Frontend, ServiceSpec, SocketLB
 lb = SocketLB(sys.argv[1], sys.argv[2], 1, compile_in_child=True)
 attachments = lb.load()
-lb.reconcile([ServiceSpec(Frontend(sys.argv[3], 80, "TCP"), frozenset([Backend(sys.argv[4], 8080, 1)]))])
+lb.program([ServiceSpec(Frontend(sys.argv[3], 80, "TCP"), frozenset([Backend(sys.argv[4], 8080, 1)]))])
 status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Rss")}
 print(json.dumps({"bcc": "bcc" in sys.modules, "actions": sorted({a.action for a in attachments}),
                   "rss_mb": (status["RssAnon"] + status["RssFile"]) // 1024}))
@@ -378,7 +378,7 @@ def test_the_agent_compiles_in_a_child_and_keeps_no_compiler_in_memory(
 def test_destroy_detaches_and_unpins(lab: Topology, cgroup: Path, pin_dir: Path) -> None:
     socket_lb = SocketLB(cgroup, pin_dir, LOCAL_CLUSTER)
     socket_lb.load()
-    socket_lb.reconcile([web()])
+    socket_lb.program([web()])
     assert names_of(lab.client("tcp", CLUSTER_IP, "80", "3")) <= set(BACKENDS)
     socket_lb.destroy()
     assert socket_lb.attached() == {h.name: [] for h in hooks.HOOKS}
@@ -390,7 +390,7 @@ def test_destroy_detaches_and_unpins(lab: Topology, cgroup: Path, pin_dir: Path)
 def test_dump_shows_frontends_slots_and_backends(
     lb: SocketLB, pin_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lb.reconcile([web(BACKENDS, "local"), ServiceSpec(EMPTY)])
+    lb.program([web(BACKENDS, "local"), ServiceSpec(EMPTY)])
     assert dump_main(str(pin_dir)) == 0
     out = capsys.readouterr().out
     assert "10.96.0.10:80/TCP  count 3  preferred 1  affinity local" in out
@@ -408,7 +408,7 @@ def test_dump_shows_frontends_slots_and_backends(
 def test_cli_dump_and_destroy(
     lb: SocketLB, cgroup: Path, pin_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lb.reconcile([web()])
+    lb.program([web()])
     where = ["--pin-dir", str(pin_dir)]
     assert command.main(["dump", *where, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["services"][0]["count"] == 3

@@ -17,6 +17,7 @@ import pytest
 
 from clustermesh.datapath import loader
 from clustermesh.datapath.errors import CapacityError
+from clustermesh.datapath.incremental import IncrementalPlanner, full_sync
 from clustermesh.datapath.loader import ReconcileSettings, SocketLB
 from clustermesh.datapath.model import (
     Affinity,
@@ -30,7 +31,6 @@ from clustermesh.datapath.model import (
 )
 from clustermesh.datapath.plan import (
     Capacity,
-    IncrementalPlanner,
     Maps,
     Op,
     apply,
@@ -38,7 +38,6 @@ from clustermesh.datapath.plan import (
     desired_state,
     leftovers,
     ordered_ops,
-    reconcile_full,
 )
 
 LOCAL = 1
@@ -188,13 +187,13 @@ def test_a_planner_started_from_pinned_maps_continues_where_they_are() -> None:
     assert sorted(maps.backends) == [1, 3]
 
     kept = [ServiceSpec(fe1, frozenset({a, c}))]
-    ops, found, planner = reconcile_full(maps, kept, LOCAL)
+    ops, found, planner = full_sync(maps, kept, LOCAL)
     assert ops == [] and found == planner.state == state_of(maps)
 
     new = Backend("10.245.0.9", 8080, 2)
     wanted = [*kept, ServiceSpec(fe2, frozenset({new, a}))]
     expected = full_ops(maps, wanted)
-    assert planner.reconcile(maps, wanted) == expected
+    assert planner.write(maps, wanted) == expected
     assert maps.backends[2] == BackendEntry(new.ip, new.port, new.cluster_id)  # the lowest free id
 
 
@@ -204,19 +203,19 @@ def test_a_refused_change_writes_nothing_and_a_retry_with_room_succeeds() -> Non
     small = Capacity(services=5, backends=3)
     maps = dict_maps(capacity=small)
     planner = IncrementalPlanner(MapState(), [], LOCAL)
-    planner.reconcile(maps, [ServiceSpec(fe1, frozenset({l1, r1}))])
+    planner.write(maps, [ServiceSpec(fe1, frozenset({l1, r1}))])
     before = state_of(maps)
 
     too_big = [ServiceSpec(fe1, frozenset({l1, r1})), ServiceSpec(fe2, frozenset({r1, r2}), Affinity.REMOTE)]
     with pytest.raises(CapacityError) as caught:
-        planner.reconcile(maps, too_big)  # 2 masters + 4 slots
+        planner.write(maps, too_big)  # 2 masters + 4 slots
     assert (caught.value.map_name, caught.value.need, caught.value.during_update) == ("cm_svc4", 6, False)
     assert state_of(maps) == before and planner.state == before
 
     # The same change, once the maps are larger (a new Maps over the same entries).
     roomy = Maps(maps.services, maps.backends, Capacity(services=16, backends=8))
     expected = full_ops(roomy, too_big)
-    assert planner.reconcile(roomy, too_big) == expected
+    assert planner.write(roomy, too_big) == expected
     assert state_of(roomy) == desired_state(too_big, LOCAL, before.backends)
 
 
@@ -224,12 +223,12 @@ def test_a_listed_twice_frontend_is_refused_and_changes_nothing() -> None:
     fe = FRONTENDS[0]
     planner = IncrementalPlanner(MapState(), [], LOCAL)
     maps = dict_maps()
-    planner.reconcile(maps, [ServiceSpec(fe)])
+    planner.write(maps, [ServiceSpec(fe)])
     before = state_of(maps)
     with pytest.raises(ValueError, match="listed twice"):
-        planner.reconcile(maps, [ServiceSpec(fe), ServiceSpec(fe, frozenset({BACKENDS4[0]}))])
+        planner.write(maps, [ServiceSpec(fe), ServiceSpec(fe, frozenset({BACKENDS4[0]}))])
     assert state_of(maps) == before and planner.state == before
-    assert planner.reconcile(maps, [ServiceSpec(fe)]) == []
+    assert planner.write(maps, [ServiceSpec(fe)]) == []
 
 
 def test_only_changed_frontends_are_planned() -> None:
@@ -237,7 +236,7 @@ def test_only_changed_frontends_are_planned() -> None:
     rng = random.Random(7)
     specs = [random_spec(rng, fe) for fe in FRONTENDS]
     maps = dict_maps()
-    _, _, planner = reconcile_full(maps, specs, LOCAL)
+    _, _, planner = full_sync(maps, specs, LOCAL)
     rebuilt = [ServiceSpec(s.frontend, frozenset(s.backends), s.affinity) for s in specs]
     assert planner.plan(rebuilt).changed == []
     other = Affinity.REMOTE if specs[3].affinity is Affinity.LOCAL else Affinity.LOCAL
@@ -283,7 +282,7 @@ def test_socket_lb_reads_the_maps_first_then_only_every_n_reconciles() -> None:
     lb = DictSocketLB(ReconcileSettings(verify_interval=3600, verify_every=3))
     for specs in changes(8):
         before = state_of(lb.dict_maps)
-        lb.reconcile(specs)
+        lb.program(specs)
         assert state_of(lb.dict_maps) == desired_state(specs, LOCAL, before.backends)
     # full, 3 incremental, full, 3 incremental
     assert lb.dict_maps.reads == 2
@@ -292,28 +291,28 @@ def test_socket_lb_reads_the_maps_first_then_only_every_n_reconciles() -> None:
 def test_socket_lb_reads_the_maps_again_after_the_interval() -> None:
     lb = DictSocketLB(ReconcileSettings(verify_interval=60, verify_every=1000))
     specs = list(changes(4))
-    lb.reconcile(specs[0])
+    lb.program(specs[0])
     lb.now = 59
-    lb.reconcile(specs[1])
+    lb.program(specs[1])
     assert lb.dict_maps.reads == 1
     lb.now = 60.5
-    lb.reconcile(specs[2])
-    lb.reconcile(specs[3])
+    lb.program(specs[2])
+    lb.program(specs[3])
     assert lb.dict_maps.reads == 2
 
 
 def test_socket_lb_repairs_drift_when_it_verifies(caplog: pytest.LogCaptureFixture) -> None:
     lb = DictSocketLB(ReconcileSettings(verify_interval=3600, verify_every=2))
     specs = list(changes(4))
-    lb.reconcile(specs[0])
+    lb.program(specs[0])
     # Someone else deletes a slot of a service no change touches.
     fe = FRONTENDS[0]
     lb.dict_maps.services[SlotKey(fe, 1)] = ServiceEntry(999)  # names no backend
-    lb.reconcile([*specs[0][:1], ServiceSpec(FRONTENDS[1], frozenset({BACKENDS4[9]}))])
-    lb.reconcile([*specs[0][:1], ServiceSpec(FRONTENDS[1], frozenset({BACKENDS4[10]}))])
+    lb.program([*specs[0][:1], ServiceSpec(FRONTENDS[1], frozenset({BACKENDS4[9]}))])
+    lb.program([*specs[0][:1], ServiceSpec(FRONTENDS[1], frozenset({BACKENDS4[10]}))])
     assert broken(state_of(lb.dict_maps)) != []  # incremental reconciles trust their memory
     with caplog.at_level(logging.WARNING, logger="clustermesh.datapath.loader"):
-        lb.reconcile([*specs[0][:1], ServiceSpec(FRONTENDS[1], frozenset({BACKENDS4[11]}))])
+        lb.program([*specs[0][:1], ServiceSpec(FRONTENDS[1], frozenset({BACKENDS4[11]}))])
     assert broken(state_of(lb.dict_maps)) == []
     assert [r.getMessage() for r in caplog.records] == [
         "datapath: 1 map entries differed from what this agent wrote; repairing"
@@ -334,20 +333,20 @@ def test_socket_lb_reads_the_maps_after_a_failed_write_but_not_after_a_refusal()
     backends = FailingDict()
     lb.dict_maps = CountingMaps({}, backends, Capacity(services=8, backends=4))
     specs = list(changes(3))
-    lb.reconcile(specs[0])
+    lb.program(specs[0])
     assert lb.dict_maps.reads == 1
 
     too_big = [ServiceSpec(FRONTENDS[0], frozenset(BACKENDS4[:5]))]
     with pytest.raises(CapacityError):
-        lb.reconcile(too_big)
-    lb.reconcile(specs[1])
+        lb.program(too_big)
+    lb.program(specs[1])
     assert lb.dict_maps.reads == 1  # nothing was written: memory still holds
 
     backends.fail = True
     with pytest.raises(OSError):
-        lb.reconcile(specs[2])  # a new backend cannot be written
+        lb.program(specs[2])  # a new backend cannot be written
     backends.fail = False
-    lb.reconcile(specs[2])
+    lb.program(specs[2])
     assert lb.dict_maps.reads == 2
     assert state_of(lb.dict_maps) == desired_state(specs[2], LOCAL, None)
 
@@ -356,13 +355,13 @@ def test_socket_lb_reads_the_maps_after_a_failed_write_but_not_after_a_refusal()
 def full_plans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Each call of the loader's full planner (every service planned)."""
     calls: list[object] = []
-    original = loader.reconcile_full
+    original = loader.full_sync
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loader, "reconcile_full", counting)
+    monkeypatch.setattr(loader, "full_sync", counting)
     return calls
 
 
@@ -371,7 +370,7 @@ def test_a_verification_that_finds_the_maps_as_remembered_plans_only_the_change(
     for specs in changes(4):
         before = state_of(lb.dict_maps)
         expected = full_ops(lb.dict_maps, specs)
-        assert lb.reconcile(specs) == expected
+        assert lb.program(specs) == expected
         assert state_of(lb.dict_maps) == desired_state(specs, LOCAL, before.backends)
     assert lb.dict_maps.reads == 4  # each one verified ...
     assert len(full_plans) == 1  # ... and only the first planned every service
@@ -383,12 +382,12 @@ def test_a_refusal_during_a_verification_keeps_the_memory_and_the_verification_d
     lb = DictSocketLB(ReconcileSettings(verify_interval=3600, verify_every=1))
     lb.dict_maps = CountingMaps({}, {}, Capacity(services=8, backends=4))
     specs = list(changes(2))
-    lb.reconcile(specs[0])
-    lb.reconcile(specs[0])  # incremental: nothing to write
+    lb.program(specs[0])
+    lb.program(specs[0])  # incremental: nothing to write
     with pytest.raises(CapacityError):
-        lb.reconcile([ServiceSpec(FRONTENDS[0], frozenset(BACKENDS4[:5]))])  # verification due, refused
+        lb.program([ServiceSpec(FRONTENDS[0], frozenset(BACKENDS4[:5]))])  # verification due, refused
     assert lb.dict_maps.reads == 1  # refused before any write or read
-    lb.reconcile(specs[1])
+    lb.program(specs[1])
     assert lb.dict_maps.reads == 2  # verified now ...
     assert len(full_plans) == 1  # ... against the memory kept through the refusal
     assert state_of(lb.dict_maps) == desired_state(specs[1], LOCAL, None)
@@ -398,11 +397,11 @@ def test_socket_lb_reads_the_maps_again_once_closed() -> None:
     """Reopened maps may be other maps (destroyed and loaded again): memory is not trusted."""
     lb = DictSocketLB(ReconcileSettings(verify_interval=3600, verify_every=1000))
     specs = list(changes(3))
-    lb.reconcile(specs[0])
-    lb.reconcile(specs[1])
+    lb.program(specs[0])
+    lb.program(specs[1])
     assert lb.dict_maps.reads == 1
     lb.close()
     lb.dict_maps = CountingMaps({}, {})  # what a destroy and a new load leave
-    lb.reconcile(specs[2])
+    lb.program(specs[2])
     assert lb.dict_maps.reads == 1
     assert state_of(lb.dict_maps) == desired_state(specs[2], LOCAL, None)

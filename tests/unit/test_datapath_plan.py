@@ -34,12 +34,12 @@ from clustermesh.datapath.plan import (
     broken,
     desired_state,
     diff,
+    dry_run,
     leftovers,
     ordered_ops,
     phase,
-    plan,
-    reconcile,
     specs_from_state,
+    sync_maps,
 )
 
 LOCAL = 1
@@ -253,9 +253,9 @@ def test_every_intermediate_state_is_whole(
 
 def test_failover_ends_on_remote_backends_only() -> None:
     maps, services, backends = fresh_maps()
-    reconcile(maps, [svc(FE, L1, R1, R2, affinity="local")], LOCAL)
+    sync_maps(maps, [svc(FE, L1, R1, R2, affinity="local")], LOCAL)
     assert eligible(MapState(services, backends), FE) == {L1}
-    ops = reconcile(maps, [svc(FE, R1, R2, affinity="local")], LOCAL)
+    ops = sync_maps(maps, [svc(FE, R1, R2, affinity="local")], LOCAL)
     assert eligible(MapState(services, backends), FE) == {R1, R2}
     # the local backend's id is deleted last, after no slot names it
     assert isinstance(ops[-1], DeleteBackend)
@@ -263,8 +263,8 @@ def test_failover_ends_on_remote_backends_only() -> None:
 
 def test_zero_backends_keeps_a_master_with_count_zero() -> None:
     maps, services, _ = fresh_maps()
-    reconcile(maps, [svc(FE, L1)], LOCAL)
-    reconcile(maps, [svc(FE)], LOCAL)
+    sync_maps(maps, [svc(FE, L1)], LOCAL)
+    sync_maps(maps, [svc(FE)], LOCAL)
     assert services == {SlotKey(FE): ServiceEntry(0, 0, 0, 0)}
 
 
@@ -276,19 +276,19 @@ STATES = [t[2] for t in TRANSITIONS] + [[svc(Frontend(f"10.96.1.{i}", 80), L1, R
 @pytest.mark.parametrize("services", STATES)
 def test_reconcile_is_idempotent(services: list[ServiceSpec]) -> None:
     maps, _, _ = fresh_maps()
-    first = reconcile(maps, services, LOCAL)
+    first = sync_maps(maps, services, LOCAL)
     assert (first == []) == (services == [])
-    assert reconcile(maps, services, LOCAL) == []
-    assert plan(maps, services, LOCAL) == []
+    assert sync_maps(maps, services, LOCAL) == []
+    assert dry_run(maps, services, LOCAL) == []
 
 
 def test_a_new_process_sees_an_empty_diff() -> None:
     """The restart case: a fresh Maps over the same (pinned) contents."""
     _, services, backends = fresh_maps()
     specs = [svc(FE, L1, R1, affinity="local"), svc(FE2, R2)]
-    reconcile(Maps(services, backends), specs, LOCAL)
+    sync_maps(Maps(services, backends), specs, LOCAL)
     pinned = (copy.deepcopy(services), copy.deepcopy(backends))
-    assert reconcile(Maps(*pinned), list(reversed(specs)), LOCAL) == []
+    assert sync_maps(Maps(*pinned), list(reversed(specs)), LOCAL) == []
 
 
 @pytest.mark.parametrize("services", STATES)
@@ -308,14 +308,14 @@ def test_specs_read_back_skip_slots_that_name_no_backend() -> None:
 
 def test_reconcile_removes_leftovers_of_an_interrupted_run() -> None:
     maps, services, backends = fresh_maps()
-    reconcile(maps, [svc(FE, L1, R1)], LOCAL)
+    sync_maps(maps, [svc(FE, L1, R1)], LOCAL)
     # as if the agent died between phases: a slot beyond count, an orphan slot
     # and a backend nobody uses
     services[SlotKey(FE, 9)] = ServiceEntry.slot(1)
     services[SlotKey(FE2, 1)] = ServiceEntry.slot(1)
     backends[99] = BackendEntry(IPv4Address("10.245.9.9"), 1, 9)
     assert len(leftovers(MapState(services, backends))) == 3
-    ops = reconcile(maps, [svc(FE, L1, R1)], LOCAL)
+    ops = sync_maps(maps, [svc(FE, L1, R1)], LOCAL)
     assert {str(op) for op in ops} == {
         f"delete {FE} slot 9",
         f"delete {FE2} slot 1",
@@ -363,12 +363,12 @@ def test_apply_batches_each_run_of_one_kind() -> None:
     services, backends = BatchDict(), BatchDict()
     maps = Maps(services, backends)
     specs = [svc(Frontend(f"10.96.2.{i}", 80), L1, R1) for i in range(10)]
-    reconcile(maps, specs, LOCAL)
+    sync_maps(maps, specs, LOCAL)
     assert backends.calls == [("update", 2)]
     assert services.calls == [("update", 20), ("update", 10)]  # slots, then masters
     services.calls.clear()
     backends.calls.clear()
-    reconcile(maps, specs[:5], LOCAL)
+    sync_maps(maps, specs[:5], LOCAL)
     assert services.calls == [("delete", 5), ("delete", 10)]  # masters, then slots
     assert backends.calls == []
 
@@ -400,7 +400,7 @@ def test_a_state_that_does_not_fit_is_refused_before_any_write(
 ) -> None:
     maps, svc_map, be_map = bounded_maps(services, backends)
     with pytest.raises(CapacityError) as caught:
-        reconcile(maps, specs, LOCAL)
+        sync_maps(maps, specs, LOCAL)
     err = caught.value
     assert (err.map_name, err.need, err.size, err.during_update) == (full_map, need, min(services, backends), False)
     setting = "MapLimits.services" if full_map == "cm_svc4" else "MapLimits.backends"
@@ -410,10 +410,10 @@ def test_a_state_that_does_not_fit_is_refused_before_any_write(
 
 def test_a_refused_state_leaves_the_previous_one_in_place() -> None:
     maps, svc_map, be_map = bounded_maps(6, 3)
-    reconcile(maps, [svc(FE, L1, R1)], LOCAL)
+    sync_maps(maps, [svc(FE, L1, R1)], LOCAL)
     before = MapState(dict(svc_map), dict(be_map))
     with pytest.raises(CapacityError):
-        reconcile(maps, [svc(FE, L1, R1), svc(FE2, L2, R2)], LOCAL)  # 4 backends > 3
+        sync_maps(maps, [svc(FE, L1, R1), svc(FE2, L2, R2)], LOCAL)  # 4 backends > 3
     assert MapState(dict(svc_map), dict(be_map)) == before
     assert broken(before) == []
 
@@ -421,7 +421,7 @@ def test_a_refused_state_leaves_the_previous_one_in_place() -> None:
 def test_removals_go_first_when_old_and_new_do_not_fit_together() -> None:
     """Replacing one service by another in maps that hold one at a time."""
     maps, svc_map, be_map = bounded_maps(3, 2)
-    reconcile(maps, [svc(FE, L1, L2)], LOCAL)
+    sync_maps(maps, [svc(FE, L1, L2)], LOCAL)
     start = MapState(dict(svc_map), dict(be_map))
     target = desired_state([svc(FE2, R1, R2)], LOCAL, start.backends)
     ops = ordered_ops(start, target, maps.capacity)
@@ -437,10 +437,10 @@ def test_removals_go_first_when_old_and_new_do_not_fit_together() -> None:
 def test_an_update_that_cannot_fit_even_with_removals_first_is_refused() -> None:
     """All backends of a kept service change: old and new ids coexist for a moment."""
     maps, svc_map, be_map = bounded_maps(10, 2)
-    reconcile(maps, [svc(FE, L1, L2)], LOCAL)
+    sync_maps(maps, [svc(FE, L1, L2)], LOCAL)
     before = dict(svc_map), dict(be_map)
     with pytest.raises(CapacityError) as caught:
-        reconcile(maps, [svc(FE, R1, R2)], LOCAL)
+        sync_maps(maps, [svc(FE, R1, R2)], LOCAL)
     assert (caught.value.map_name, caught.value.need, caught.value.during_update) == ("cm_backend4", 4, True)
     assert "while updating" in str(caught.value)
     assert (svc_map, be_map) == before
@@ -486,8 +486,8 @@ def test_each_family_is_checked_against_its_own_map() -> None:
     # room for the IPv4 service, not for the IPv6 one (cm_svc6 holds 2 entries)
     capacity = Capacity(services=3, backends=2, services6=2, backends6=2)
     maps = Maps({}, {}, capacity)
-    reconcile(maps, [svc(FE, L1, R1)], LOCAL)
+    sync_maps(maps, [svc(FE, L1, R1)], LOCAL)
     with pytest.raises(CapacityError) as caught:
-        reconcile(maps, [svc(FE, L1, R1), svc(FE6, L6, R6)], LOCAL)
+        sync_maps(maps, [svc(FE, L1, R1), svc(FE6, L6, R6)], LOCAL)
     assert (caught.value.map_name, caught.value.need, caught.value.size) == ("cm_svc6", 3, 2)
-    reconcile(maps, [svc(FE, L1, R1), svc(FE6, L6)], LOCAL)  # 2 entries: fits
+    sync_maps(maps, [svc(FE, L1, R1), svc(FE6, L6)], LOCAL)  # 2 entries: fits
