@@ -121,6 +121,17 @@ class Listing:
 
 
 @dataclass(frozen=True)
+class PrefixSummary:
+    """How many keys a prefix holds and the newest change among them, read at ``revision``:
+    enough to tell whether a watch on the prefix has kept up, without reading any value."""
+
+    count: int
+    newest: int
+    """The highest mod_revision under the prefix (0: it is empty)."""
+    revision: int
+
+
+@dataclass(frozen=True)
 class StoreView:
     """What a probe saw: the store's revision and identity."""
 
@@ -334,6 +345,14 @@ class KVClient:
         count_only): cheap against a store with 10,000 records."""
         resp = self._call(f"count {prefix}", lambda c: c.get_prefix_response(self.prefix + prefix, count_only=True))
         return int(resp.count)
+
+    def summarize_prefix(self, prefix: str) -> PrefixSummary:
+        """The count of keys under ``prefix`` and the newest mod_revision among them, in one
+        linearizable range of at most one key (sorted by mod_revision, keys only)."""
+        resp = self._call(f"summarize {prefix}", lambda c: c.get_prefix_response(
+            self.prefix + prefix, keys_only=True, limit=1, sort_target="mod", sort_order="descend"))
+        newest = int(resp.kvs[0].mod_revision) if resp.kvs else 0
+        return PrefixSummary(int(resp.count), newest, int(resp.header.revision))
 
     def probe(self, key: str, timeout: float) -> StoreView:
         """Is the store answering? One linearizable count of ``key`` with its own deadline

@@ -19,3 +19,23 @@ def eventually(check: Callable[[], T], timeout: float = 15.0, interval: float = 
             if time.monotonic() > deadline:
                 raise
         time.sleep(interval)
+
+
+def freeze(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped: kill() returns before a
+    thread running on another core has stopped, and a request it handles meanwhile is answered."""
+    import os
+    import signal
+    from pathlib import Path
+
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> None:
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # a thread that just ended
+            assert state in ("T", "t"), f"thread {stat.parent.name} of {pid} is {state}"
+
+    eventually(stopped, timeout=timeout, interval=0.01)

@@ -46,11 +46,23 @@ class Answers:
     """Answers of an x-wing loop, timestamped: which cluster answered, or a failure."""
 
     events: list[tuple[float, str]] = field(default_factory=list)
+    # curl's exit code of each failure, by the time of its event: 28 is a stall (no answer within
+    # --max-time), 7 a refused connection, 52/56 an empty or reset answer.
+    exit_codes: dict[float, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, what: str) -> None:
+    def add(self, what: str, exit_code: str = "") -> None:
         with self.lock:
-            self.events.append((time.monotonic(), what))
+            t = time.monotonic()
+            self.events.append((t, what))
+            if exit_code:
+                self.exit_codes[t] = exit_code
+
+    def failures_since(self, t0: float) -> list[str]:
+        """Each failure after ``t0``: when, counted from ``t0``, and curl's exit code."""
+        with self.lock:
+            return [f"+{t - t0:.2f}s (curl exit {self.exit_codes.get(t, '?')})"
+                    for t, w in self.events if t >= t0 and w == "failed"]
 
     def since(self, t: float) -> list[tuple[float, str]]:
         with self.lock:
@@ -59,9 +71,9 @@ class Answers:
 
 def xwing_command(kubeconfig: str, context: str, count: int | None, pause: float = 0.05) -> list[str]:
     """kubectl exec into x-wing: a shell loop of curl to rebel-base, a new connection per request;
-    each answer is rebel-base's JSON line, each failure a line ``FAILED``."""
+    each answer is rebel-base's JSON line, each failure a line ``FAILED <curl's exit code>``."""
     loop = "while :" if count is None else f"for i in $(seq {count})"
-    script = (f"{loop}; do curl -s --max-time 1 rebel-base || echo FAILED; sleep {pause}; done")
+    script = (f"{loop}; do curl -s --max-time 1 rebel-base || echo FAILED $?; sleep {pause}; done")
     return ["kubectl", "--kubeconfig", kubeconfig, "--context", context, "exec", "deploy/x-wing", "--",
             "sh", "-c", script]
 
@@ -70,7 +82,7 @@ def classify(line: str) -> str | None:
     line = line.strip()
     if not line:
         return None
-    if line == "FAILED":
+    if line.split(" ", 1)[0] == "FAILED":
         return "failed"
     try:
         return str(json.loads(line).get("Cluster", "?"))
@@ -93,7 +105,7 @@ class XwingLoop:
         for line in self.proc.stdout:
             what = classify(line)
             if what:
-                self.answers.add(what)
+                self.answers.add(what, line.strip()[len("FAILED "):] if what == "failed" else "")
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -219,6 +219,7 @@ class RemoteCluster:
         probe_timeout: float = 3.0,
         watch_exports: bool = False,
         role: str = "agent",
+        watch_check_interval: float = 30.0,
     ) -> None:
         self.config = config
         self.role = role
@@ -229,6 +230,9 @@ class RemoteCluster:
         self.max_cluster_id = max_cluster_id
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.watch_check_interval = watch_check_interval
+        """Seconds between checks of each watch against the store (``WatchStore.verify``): a watch
+        that fell silent is listed again within two of them."""
         self.on_change = on_change
         self.client = client or config.client()
         self.services: dict[tuple[str, str], ClusterService] = {}
@@ -393,16 +397,33 @@ class RemoteCluster:
     def _probe_loop(self) -> None:
         try:
             wait = self.probe_interval
+            next_check = time.monotonic() + self.watch_check_interval
             while not self._stop.wait(wait):
                 # After a failure, ask again soon: the failed call ended its connection, and the
                 # next one may reach another replica (or log in to a replaced store).
-                wait = self.probe_interval if self.probe() else min(self.probe_interval, self.RETRY_INTERVAL)
+                answered = self.probe()
+                wait = self.probe_interval if answered else min(self.probe_interval, self.RETRY_INTERVAL)
+                if answered and time.monotonic() >= next_check:
+                    self.verify_watches()
+                    next_check = time.monotonic() + self.watch_check_interval
         except Exception:  # a bug here must be visible, not a silently dead thread
             log.exception("[remote %s] liveness probe stopped by an unexpected error", self.name)
             raise
 
     RETRY_INTERVAL = 0.5
     """Seconds between probes while the store does not answer."""
+
+    def verify_watches(self) -> int:
+        """Check every watch against the store; returns how many fell silent (each is listed
+        again). A read that fails here is the probe's to notice, not this check's."""
+        silent = 0
+        for store in list(self._stores):
+            try:
+                silent += store.verify()
+            except KVStoreError as exc:
+                log.debug("[remote %s] checking the watch of %s: %s", self.name, store.prefix, exc)
+                break
+        return silent
 
     def probe(self) -> bool:
         """Ask the remote's store once, with a deadline. Returns whether it answered.

@@ -13,6 +13,11 @@ taken as the whole truth. A proxy in front of such a store keeps its watches
 waiting for revisions the new store has not reached, so it is the owner's
 probe (``RemoteCluster``) that notices and calls ``resync()``.
 
+A watch can also fall silent with its stream open: etcd's grpc-proxy keeps a client's watch on a
+broadcast whose own watch to etcd has ended (etcd-io/etcd#21813, #18231). Nothing errors, so the
+owner checks each watch against the store now and then (``verify``): a change older than one check
+that the watch never delivered means it is dead, and the prefix is listed again.
+
 Runs in its own thread: the etcd client's watch is a blocking iterator.
 """
 
@@ -27,9 +32,25 @@ from typing import Protocol
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics
-from clustermesh.kvstore import KVClient, KVStoreError, RevisionCompacted, StoreId, Watch
+from clustermesh.kvstore import KVClient, KVStoreError, PrefixSummary, RevisionCompacted, StoreId, Watch
 
 log = logging.getLogger(__name__)
+
+
+def behind(seen_revision: int, cached: int, summary: PrefixSummary) -> bool:
+    """Whether a watch that has seen up to ``seen_revision`` and holds ``cached`` keys lacks
+    something the store had when ``summary`` was read. Also true for a change in flight."""
+    return summary.newest > seen_revision or summary.count != cached
+
+
+def silent(seen_revision: int, cached: int, summary: PrefixSummary, earlier: PrefixSummary | None) -> bool:
+    """Whether the watch is dead rather than late: it is behind now and was behind at the
+    ``earlier`` check, with what it lacked then still missing (a change it never delivered, or a
+    count that differs while the prefix has not changed since). A busy prefix whose watch keeps up
+    is never silent: each check may catch a change in flight, never the same one twice."""
+    if earlier is None or not behind(seen_revision, cached, summary):
+        return False
+    return earlier.newest > seen_revision or (earlier.count, earlier.newest) == (summary.count, summary.newest)
 
 
 class StoreObserver(Protocol):
@@ -74,6 +95,9 @@ class WatchStore:
         self._wake = threading.Event()  # cuts a backoff short: stop() or resync()
         self._watch: Watch | None = None
         self._thread: threading.Thread | None = None
+        self._behind: PrefixSummary | None = None  # what the last verify() found the watch lacking
+        self.silent_watches = 0
+        """How many times verify() found the watch dead and listed again."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -101,6 +125,29 @@ class WatchStore:
         watch = self._watch
         if watch is not None:
             watch.cancel()
+
+    def verify(self) -> bool:
+        """Check the watch against the store (one small read); list again when it has fallen
+        silent (see ``silent``). Returns whether it did. Call it from one thread, every so often
+        (more than a change's way through the watch): the owner's probe thread. A store that does
+        not answer raises KVStoreError, as any read does."""
+        if self._watch is None or not self.synced.is_set():
+            self._behind = None  # listing, or between listings: nothing to check yet
+            return False
+        summary = self.client.summarize_prefix(self.prefix)
+        # Read after the summary: a change the watch delivers meanwhile counts as delivered.
+        seen, cached = self.max_revision, len(self.cache)
+        if silent(seen, cached, summary, self._behind):
+            log.warning("[%s] the watch fell silent: the store holds %d keys changed up to revision %d, "
+                        "the watch has seen %d keys up to %d; listing again", self.name, summary.count,
+                        summary.newest, cached, seen)
+            metrics.ERRORS.labels("reader", "silent-watch").inc()
+            self.silent_watches += 1
+            self._behind = None
+            self.resync()
+            return True
+        self._behind = summary if behind(seen, cached, summary) else None
+        return False
 
     def drain(self) -> None:
         """Report every cached key as deleted: the remote was removed from the mesh."""

@@ -246,7 +246,7 @@ def _failover(lab: Lab, act: Any, settle: Any, only_remote_for: float = 2.0) -> 
         after = [w for _, w in timeline]
         # When each failure came, counted from the act, beside when the settle began: a slow
         # withdrawal and a slow return read differently.
-        when = [f"+{t - t0:.2f}s" for t, w in timeline if w == "failed"]
+        when = loop.answers.failures_since(t0)
         assert after.count("failed") == 0, (f"{after.count('failed')} failed of {len(after)} at {when}; "
                                             f"settle began at +{settled - t0:.2f}s")
     finally:

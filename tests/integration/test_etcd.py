@@ -10,6 +10,7 @@ import time
 import pytest
 
 from clustermesh.kvstore import KVClient, KVUnavailable, LeaseKeeper, LeaseNotFound, WatchEvent
+from tests.waiting import freeze
 
 
 def test_put_get_list_delete(kv: KVClient) -> None:
@@ -128,7 +129,7 @@ def test_probe_reports_the_revision_and_a_frozen_proxy_by_its_deadline(
         assert remote.probe("cilium/.heartbeat", 2.0).revision == kv.revision()
         pid = proxy.process.pid
         assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         try:
             start = time.monotonic()
             with pytest.raises(KVUnavailable):

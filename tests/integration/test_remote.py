@@ -201,3 +201,26 @@ def test_a_remote_without_synced_canaries_is_trusted_once_listed(proxied) -> Non
 
 def _eq(a: object, b: object) -> None:
     assert a == b
+
+
+def test_a_watch_that_falls_silent_is_listed_again_by_the_probe_thread(proxied) -> None:
+    """The probe thread checks every watch against the store each ``watch_check_interval``: a
+    service watch that stops delivering (its callback gone from the etcd client's watcher, the way
+    a grpc-proxy's dead broadcast leaves a stream open and quiet) is listed again, and a change it
+    missed arrives."""
+    kv, proxy = proxied
+    export(kv, "c2/")
+    rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)), probe_interval=0.2, watch_check_interval=0.5).start()
+    try:
+        eventually(lambda: _eq(rc.ready, True))
+        services = rc._record_stores[0]
+        etcd = rc.client._client
+        with etcd.watcher._lock:
+            etcd.watcher._callbacks.clear()  # every watch of this client falls silent
+        svc = ClusterService(NAME, "ns", "late", ID, frontends={"10.97.0.2": {"http": PortConfig("TCP", 80)}},
+                             backends={"10.245.0.2": {"http": PortConfig("TCP", 8080)}})
+        kv.put("c2/" + svc.key, svc.encode())
+        eventually(lambda: _eq(("ns", "late") in rc.services, True), timeout=20)
+        assert services.silent_watches == 1
+    finally:
+        rc.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 from clustermesh.kvstore import KVClient
 from clustermesh.store.watch import CallbackObserver, WatchStore
@@ -109,3 +110,66 @@ def test_a_store_replaced_behind_the_proxy_is_relisted_on_request(etcd_server, e
                 eventually(lambda: _eq(rec.state.get("cilium/state/after"), "x"))
         finally:
             store.stop()
+
+
+def test_a_watch_that_fell_silent_is_found_by_verify_and_listed_again(kv: KVClient) -> None:
+    """A watch whose stream stays open and says nothing more (what a grpc-proxy does with a client
+    watch on a broadcast that lost its own watch to etcd, etcd-io/etcd#21813): ``verify``, with no
+    probe and no resync asked, finds it behind twice on the same change, calls it silent and lists
+    again. The silence is made inside the etcd client (its watcher forgets our callback, so the
+    events etcd sends are dropped as a cancelled watch's): the only part not real here."""
+    for i in range(3):
+        kv.put(f"cilium/state/k{i}", "v1")
+    rec = Recorder()
+    with KVClient(kv.endpoints[0]) as reader:
+        store = WatchStore(reader, "cilium/state/", rec.observer(), name="reader").start()
+        try:
+            assert rec.synced.wait(10)
+            assert store.verify() is False  # in step with the store: nothing to say
+            etcd = reader._client
+            with etcd.watcher._lock:
+                etcd.watcher._callbacks.clear()
+            kv.put("cilium/state/k1", "v2")
+            kv.delete("cilium/state/k2")
+            kv.put("cilium/state/new", "v1")
+            assert store.verify() is False, "one check behind may be a change in flight"
+            assert rec.state == {f"cilium/state/k{i}": "v1" for i in range(3)}, "the watch delivered nothing"
+            assert store.verify() is True
+            eventually(lambda: _eq(rec.state, {"cilium/state/k0": "v1", "cilium/state/k1": "v2",
+                                               "cilium/state/new": "v1"}))
+            assert store.silent_watches == 1
+            kv.put("cilium/state/after", "x")  # and the new watch delivers
+            eventually(lambda: _eq(rec.state.get("cilium/state/after"), "x"))
+        finally:
+            store.stop()
+
+
+def test_verify_never_calls_a_watch_that_keeps_up_silent(kv: KVClient) -> None:
+    """Changes in flight at every check (a writer busy all along) are not a silent watch. The checks
+    are 0.2 s apart, as verify asks: more than a change's way through a watch here (30 s in use)."""
+    rec = Recorder()
+    store = WatchStore(kv, "cilium/busy/", rec.observer(), name="busy").start()
+    stop = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            kv.put(f"cilium/busy/k{i % 7}", str(i))
+            if i % 3 == 0:
+                kv.delete(f"cilium/busy/k{(i + 2) % 7}")
+            i += 1
+
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        assert rec.synced.wait(10)
+        writer.start()
+        checks = 0
+        while checks < 30:
+            store.verify()
+            checks += 1
+            time.sleep(0.2)
+        assert store.silent_watches == 0
+    finally:
+        stop.set()
+        writer.join(10)
+        store.stop()

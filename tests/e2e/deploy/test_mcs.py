@@ -56,7 +56,7 @@ def test_the_import_is_in_every_cluster_of_the_set(lab: Lab) -> None:
         try:
             eventually(lambda c=context: _imported(lab, c, ["lab-1", "lab-2"]), timeout=120, interval=1)
         except AssertionError as exc:
-            raise AssertionError(f"{context}: {exc}\n{diagnosis(lab, context)}") from None
+            raise AssertionError(f"{context}: the import lacks a cluster\n{diagnosis(lab, context)}\n{exc}") from None
         headless = lab.json(context, "get", "serviceimport", HEADLESS)
         assert headless["spec"]["type"] == "Headless" and not headless["spec"].get("ips"), headless
     for context in EXPORTERS:
@@ -88,7 +88,24 @@ def diagnosis(lab: Lab, context: str) -> str:
     copy of each exporter's record of it (its own state and its cache), the x-wing's hosts line, and
     the agents' last words about it. (Store chaos replaces these pods afterwards: this is the only look.)"""
     derived = derived_name("default", NAME)
+    # First what each store pod's operator said last (CI shows the start of a long message): how it
+    # counts each remote's exports, and its latest warnings about remotes and watches.
     out = []
+    for c in ("lab-1", "lab-2", "lab-3"):
+        pods = _json_or_empty(lab, c, "get", "pods", "-n", "clustermesh-system", "-l",
+                              "app.kubernetes.io/name=clustermesh-store")
+        for pod in pods.get("items", []):
+            name = pod["metadata"]["name"]
+            logs = lab.kubectl(c, "logs", "-n", "clustermesh-system", name, "-c", "operator", check=False)
+            lines = logs.splitlines()
+            last: dict[str, str] = {}
+            for line in lines:
+                m = re.search(r"MCS-API: remote (\S+):", line)
+                if m:
+                    last[m.group(1)] = line[line.index("MCS-API"):]
+            warnings = [line for line in lines if " WARNING " in line or "new settings" in line]
+            out.append(f"{c} {name}: {'; '.join(last.values()) or 'no MCS-API line'}; latest warnings: "
+                       + " | ".join(w[:200] for w in warnings[-4:]))
     for c in EXPORTERS:
         svc = _json_or_empty(lab, c, "get", "service", derived)
         meta = svc.get("metadata") or {}
@@ -99,20 +116,12 @@ def diagnosis(lab: Lab, context: str) -> str:
         for pod in pods.get("items", []):
             name = pod["metadata"]["name"]
             got = lab.kubectl(c, "exec", "-n", "clustermesh-system", name, "-c", "etcd-users", "--", "sh", "-c",
-                              STORE_ETCDCTL + f"get --prefix cilium/ | grep -A1 '/default/{derived}$'", check=False)
-            out.append(f"{c} store {name}:\n{got.strip()}")
-    for c in ("lab-1", "lab-2", "lab-3"):
-        pods = _json_or_empty(lab, c, "get", "pods", "-n", "clustermesh-system", "-l",
-                              "app.kubernetes.io/name=clustermesh-store")
-        for pod in pods.get("items", []):
-            name = pod["metadata"]["name"]
-            logs = lab.kubectl(c, "logs", "-n", "clustermesh-system", name, "-c", "operator", check=False)
-            said = [line for line in logs.splitlines() if "MCS-API" in line or "new settings" in line
-                    or "status lease" in line]
-            out.append(f"{c} {name} operator:\n" + "\n".join(said[-20:]))
+                              STORE_ETCDCTL + f"get --prefix --keys-only cilium/ | grep -e '/default/{derived}$' "
+                              "-e serviceexports", check=False)
+            out.append(f"{c} store {name} keys: {' '.join(got.split())}")
     hosts = lab.kubectl(context, "exec", "deploy/x-wing", "--", "grep", "clusterset", "/etc/hosts", check=False)
     out.append(f"{context} x-wing hosts: {hosts.strip()}")
-    logs = lab.kubectl(context, "logs", "-n", "clustermesh-system", "ds/clustermesh-agent", "--tail=40", check=False)
+    logs = lab.kubectl(context, "logs", "-n", "clustermesh-system", "ds/clustermesh-agent", "--tail=10", check=False)
     out.append(f"{context} agent log tail:\n{logs}")
     return "\n".join(out)
 
