@@ -127,13 +127,29 @@ def client_loops(lab: Lab, slug: str) -> Iterator[dict[str, AttemptLoop]]:
 # ---------------------------------------------------------------- waiting
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> float:
-    """The wall time (``time.time()``, the attempts' clock) at which ``check()`` first held."""
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2,
+               explain: Callable[[], str] | None = None) -> float:
+    """The wall time (``time.time()``, the attempts' clock) at which ``check()`` first held.
+    On a timeout the message ends with ``explain()``: what the test saw then."""
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s" + (f"\n{explain()}" if explain else ""))
         time.sleep(interval)
     return time.time()
+
+
+def readers_said(lab: Lab) -> str:
+    """The last warnings about lab-2 of whoever reads it: lab-1's store pods (the cache) and lab-3's
+    agents (direct), one line per pod."""
+    out = []
+    for context, (label, container) in (("lab-1", (STORE, "operator")), ("lab-3", (AGENT, "agent"))):
+        for pod in lab.json(context, "-n", NS, "get", "pods", "-l", label)["items"]:
+            name = pod["metadata"]["name"]
+            logs = lab.kubectl(context, "-n", NS, "logs", name, "-c", container, check=False)
+            said = [ln[:220] for ln in logs.splitlines() if SERVER in ln and (" WARNING " in ln or " ERROR " in ln)]
+            out.append(f"{context} {name}: " + (" | ".join(said[-4:]) or "no warning about lab-2"))
+    return "\n".join(out)
 
 
 def is_ready(pod: dict[str, Any]) -> bool:
@@ -283,10 +299,11 @@ def propagation(lab: Lab, ready_at: float) -> dict[str, float]:
         return len(seen) == len(CLIENTS)
 
     wait_until(everywhere, READ_TIMEOUT, "lab-2's new chaos-probe backend in every client node's maps",
-               interval=0.05)
+               interval=0.05, explain=lambda: f"held: {client_backends_of(lab, 'chaos-probe')}\n{readers_said(lab)}")
     lab.kubectl(SERVER, "delete", "endpointslice", "chaos-probe-1")
     wait_until(lambda: not any(client_backends_of(lab, "chaos-probe").values()), READ_TIMEOUT,
-               "chaos-probe's backend gone from the client clusters' maps")
+               "chaos-probe's backend gone from the client clusters' maps",
+               explain=lambda: f"still held: {client_backends_of(lab, 'chaos-probe')}\n{readers_said(lab)}")
     return {client: t - ready_at for client, t in seen.items()}
 
 
