@@ -53,7 +53,8 @@ from clustermesh.kvstore import KVClient  # noqa: E402
 from clustermesh.lab.servers import EtcdServer  # noqa: E402
 from clustermesh.schema import ClusterConfig, ClusterService, Node, PortConfig  # noqa: E402
 from clustermesh.store.cache import RemoteCache  # noqa: E402
-from clustermesh.store.remote import RemoteCluster, RemoteConfig  # noqa: E402
+from clustermesh.store.remote import RemoteCluster  # noqa: E402
+from clustermesh.store.remote_config import RemoteConfig  # noqa: E402
 from clustermesh.store.sync import SyncStore, WriterSettings  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from clustermesh.certs import NAMESPACE, CertsError
 from clustermesh.identity import StoreCA, add_reader, revoke_reader, store_ca
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeConflict, KubeError
 from clustermesh.schema import MAX_CLUSTER_ID
-from clustermesh.store.remote import RemoteConfig, mesh_problems
+from clustermesh.store.remote_config import RemoteConfig, mesh_problems
 
 SECRETS_NAMESPACE = REMOTE_SECRETS_NAMESPACE
 ACCESS_NAMESPACE = NAMESPACE  # where spec.access.tls points when it names no namespace: where certs writes

@@ -42,7 +42,8 @@ from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.schema import ClusterService
 from clustermesh.scratch import private_folder
 from clustermesh.store.membership import RemoteSet, max_connected_clusters
-from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from clustermesh.store.remote import RemoteCluster
+from clustermesh.store.remote_config import RemoteConfig
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from clustermesh.agent.status_view import (
 )
 from clustermesh.kube import KubeClient, KubeError, Network, unroutable_networks
 from clustermesh.kvstore import Endpoint, KVStoreError
-from clustermesh.store import remote
-from clustermesh.store.remote import RemoteConfig, mesh_problems, remote_config_from_spec
+from clustermesh.store.readiness import not_ready_reason
+from clustermesh.store.remote_config import RemoteConfig, mesh_problems, remote_config_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def probe_remote(config: RemoteConfig, timeout: float = PROBE_TIMEOUT,
             nodes = client.count_prefix(schema.nodes_cluster_prefix(name))
     except KVStoreError as exc:
         return RemoteFinding(name, config.id, config.endpoint, error=str(exc))
-    reason = remote.not_ready_reason(name, config.id, config_value, synced, max_cluster_id)
+    reason = not_ready_reason(name, config.id, config_value, synced, max_cluster_id)
     return RemoteFinding(name, config.id, config.endpoint, not_ready=reason, services=services, nodes=nodes)
 
 

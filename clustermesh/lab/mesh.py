@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustermesh import scratch
 from clustermesh.connect import connect, load_side
-from clustermesh.datapath import hooks
 from clustermesh.datapath.hooks import pin_dir_for
 from clustermesh.kube import UNROUTABLE_EXTENSION, KubeClient
 from clustermesh.lab.kubeapi import KubeAPI
@@ -42,11 +40,8 @@ from clustermesh.lab.netns import (
     LabNode,
     NetnsError,
     Underlay,
-    delete_netns,
     ip,
-    kill_cgroup,
     masquerade_pods,
-    remove_cgroup,
 )
 from clustermesh.lab.pki import CertificateAuthority
 from clustermesh.lab.servers import (
@@ -58,6 +53,8 @@ from clustermesh.lab.servers import (
     find_binary,
     free_port,
 )
+from clustermesh.lab.supervise import Supervised
+from clustermesh.lab.teardown import process_start, teardown
 
 REPO = Path(__file__).resolve().parents[2]
 STORE_NODE_PORT = 32391
@@ -71,59 +68,6 @@ def cgroup2_root() -> Path:
         if len(parts) > 2 and parts[2] == "cgroup2":
             return Path(parts[1])
     raise ServerError("no cgroup v2 mount; mount one: mount -t cgroup2 none /sys/fs/cgroup/unified")
-
-
-class Supervised:
-    """A lab process that is restarted with backoff when it dies (1, 2, 4 .. 30 s).
-
-    While a file named like the process exists in ``hold_dir``, a dead process stays dead:
-    chaos tests (and users) keep a component down for as long as they like with
-    ``touch <lab>/hold/<name>; kill -9 <pid>``, and remove the file to get it back."""
-
-    def __init__(self, process: Process, report: Callable[[str], None], hold_dir: Path | None = None) -> None:
-        self.process = process
-        self.report = report
-        self.hold_dir = hold_dir
-        self.restarts = 0
-        self._restart_at: float | None = None
-        self._started_at = 0.0
-        self._held = False
-
-    @property
-    def name(self) -> str:
-        return self.process.name
-
-    def start(self) -> None:
-        self.process.start()
-        self._started_at = time.monotonic()
-
-    def check(self) -> None:
-        """Called about once a second by the lab's main loop."""
-        if self.process.running:
-            if time.monotonic() - self._started_at > 60:
-                self.restarts = 0  # ran a minute: the next failure starts the backoff afresh
-            return
-        if self.hold_dir is not None and (self.hold_dir / self.name).exists():
-            if not self._held:
-                self._held = True
-                self.report(f"{self.name} exited with {self.process.returncode}; held down while "
-                            f"{self.hold_dir / self.name} exists")
-            return
-        if self._held:
-            self._held = False
-            self.restarts = 0
-            self._restart_at = time.monotonic()  # released: back at once
-        now = time.monotonic()
-        if self._restart_at is None:
-            delay = min(30.0, 2.0 ** self.restarts) if self.restarts else 0.5
-            self._restart_at = now + delay
-            self.report(f"{self.name} exited with {self.process.returncode}; restarting in {delay:.1f}s "
-                        f"(log: {self.process.log_path})")
-        elif now >= self._restart_at:
-            self._restart_at = None
-            self.restarts += 1
-            self.start()
-            self.report(f"{self.name} restarted (pid {self.process.pid})")
 
 
 @dataclass
@@ -564,66 +508,6 @@ class LabMesh:
     def down(self) -> list[str]:
         self.supervised.clear()
         return teardown(self.state())
-
-
-def teardown(state: dict[str, Any]) -> list[str]:
-    """Remove everything a lab made, from its state record alone; each step on its own, so
-    one failure leaves no more behind. Returns the problems met."""
-    problems: list[str] = []
-
-    def attempt(what: str, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:
-            problems.append(f"{what}: {exc}")
-
-    root = Path(state["cgroup_root"])
-    # Every lab process and every pod process lives under the lab's cgroup: one write stops them all.
-    attempt("kill lab processes", kill_cgroup, root, 10.0)
-    for name, node in state.get("nodes", {}).items():
-        if Path(node["cgroup"]).exists():
-            attempt(f"datapath of {name}", hooks.destroy, node["cgroup"], node["pin_dir"])
-        else:
-            attempt(f"pins of {name}", hooks.remove_pins, node["pin_dir"])
-    for cluster in state.get("clusters", {}).values():
-        attempt("pod mount points", _remove_made_paths, Path(cluster["state_dirs"]))
-    attempt("namespaces", _remove_namespaces, state["netns_prefix"])
-    attempt("cgroups", remove_cgroup, root)
-    # The killed agents and operators could not remove their copies of the remotes' credentials.
-    for component in scratch.COMPONENTS:
-        attempt(f"{component} credential folders", scratch.remove_dead_folders, component)
-    return problems
-
-
-def _remove_namespaces(prefix: str) -> None:
-    for netns in sorted(_netns_names(), reverse=True):
-        if netns.startswith(prefix):
-            delete_netns(netns)
-    left = [n for n in _netns_names() if n.startswith(prefix)]
-    if left:
-        raise NetnsError(f"still there: {', '.join(left)}")
-
-
-def process_start(pid: int) -> str:
-    """A process's start time (clock ticks since boot): with the pid, it names the process
-    even after the pid is reused."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _netns_names() -> list[str]:
-    return [line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()]
-
-
-def _remove_made_paths(state_dirs: Path) -> None:
-    """The mount points node agents had to make on the host (their made-paths.json)."""
-    from clustermesh.lab.node.agent import remove_made_path
-
-    for made_file in state_dirs.glob("*/made-paths.json"):
-        for made in reversed(json.loads(made_file.read_text())):
-            remove_made_path(Path(made))
 
 
 __all__ = ["LabCluster", "LabMesh", "NetnsError", "ServerError", "teardown"]

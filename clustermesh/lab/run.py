@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clustermesh.lab.mesh import REPO, LabCluster, LabMesh, process_start, teardown
+from clustermesh.lab.mesh import REPO, LabCluster, LabMesh
 from clustermesh.lab.netns import NetnsError
 from clustermesh.lab.servers import CACHE, ServerError
+from clustermesh.lab.teardown import process_start, teardown
 
 DEMO = REPO / "demo" / "starwars"
 

@@ -33,7 +33,8 @@ from clustermesh.operator.mcs import McsController
 from clustermesh.scratch import private_folder
 from clustermesh.store.cache import CACHE_SYNCED_PREFIXES, RemoteCache
 from clustermesh.store.membership import RemoteSet, max_connected_clusters
-from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from clustermesh.store.remote import RemoteCluster
+from clustermesh.store.remote_config import RemoteConfig
 from clustermesh.store.sync import SyncStore, WriterSettings
 
 log = logging.getLogger(__name__)

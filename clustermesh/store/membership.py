@@ -31,7 +31,8 @@ from clustermesh import metrics, pki
 from clustermesh.kube import KubeError
 from clustermesh.kvstore import KVStoreError
 from clustermesh.schema import MAX_CLUSTER_ID, SchemaError, validate_max_connected_clusters
-from clustermesh.store.remote import RemoteCluster, RemoteConfig, mesh_problems, remote_config_from_spec
+from clustermesh.store.remote import RemoteCluster
+from clustermesh.store.remote_config import RemoteConfig, mesh_problems, remote_config_from_spec
 
 log = logging.getLogger(__name__)
 

@@ -22,160 +22,20 @@ cluster-config whose ID changes make every prefix list again.
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from clustermesh import metrics, schema, trace
-from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.kvstore import KVClient, KVStoreError
 from clustermesh.schema import ClusterConfig, ClusterService, Node, SchemaError, ServiceExportRecord
-from clustermesh.scratch import write_private
+from clustermesh.store.readiness import NotReady, Unready, not_ready_reason
+from clustermesh.store.remote_config import RemoteConfig
 from clustermesh.store.watch import WatchStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RemoteConfig:
-    """A remote cluster as the local ClusterMesh object names it."""
-
-    name: str
-    id: int
-    endpoints: tuple[str, ...]
-    """``access.endpoints`` in order: the first until it fails, then the next."""
-    ca_cert: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    @property
-    def endpoint(self) -> str:
-        """The first endpoint: what a person is told about."""
-        return self.endpoints[0]
-
-    def client(self, timeout: float = 5.0) -> KVClient:
-        """A client of this remote's store (nothing is dialled before its first call)."""
-        return KVClient([Endpoint.parse(e, self.ca_cert, self.cert_file, self.key_file) for e in self.endpoints],
-                        timeout=timeout, user=self.user, password=self.password)
-
-
-def remote_config_from_spec(kube: Any, spec: dict[str, Any], secrets_dir: Path, default_namespace: str) -> RemoteConfig:
-    """A ``spec.clusters[]`` entry of the ClusterMesh -> RemoteConfig. The TLS Secret
-    (``ca.crt``, ``tls.crt``, ``tls.key``, optional ``username``/``password``) is read
-    with ``kube.get_secret`` and its files written under ``secrets_dir``."""
-    ca = cert = key = user = password = None
-    tls = spec.get("tls") or {}
-    if tls.get("secretName"):
-        data = kube.get_secret(tls.get("secretNamespace") or default_namespace, tls["secretName"])
-        folder = secrets_dir / spec["name"]
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        paths = {}
-        for name in ("ca.crt", "tls.crt", "tls.key"):
-            if name in data:
-                write_private(folder / name, data[name])  # created 0600, never looser for a moment
-                paths[name] = str(folder / name)
-        ca, cert, key = paths.get("ca.crt"), paths.get("tls.crt"), paths.get("tls.key")
-        user = data["username"].decode() if "username" in data else None
-        password = data["password"].decode() if "password" in data else None
-    endpoints = tuple(str(e) for e in spec.get("endpoints") or ())
-    if not endpoints:
-        raise ValueError(f"remote {spec['name']}: no endpoints; give spec.clusters[].endpoints")
-    return RemoteConfig(spec["name"], int(spec["id"]), endpoints, ca, cert, key, user, password)
-
-
-def mesh_problems(
-    local_name: str, local_id: int, remotes: Iterable[RemoteConfig], max_cluster_id: int = schema.MAX_CLUSTER_ID
-) -> dict[str, str]:
-    """Remotes that must be refused (name -> why): bad or colliding names and IDs, IDs above
-    what this mesh allows (``max_cluster_id``: 255, or 511 when configured so). Pure."""
-    refused: dict[str, str] = {}
-    seen_ids: dict[int, str] = {local_id: local_name}
-    seen_names = {local_name}
-    for remote in remotes:
-        try:
-            schema.validate_cluster_name(remote.name)
-            schema.validate_cluster_id(remote.id, max_cluster_id)
-        except SchemaError as exc:
-            refused[remote.name] = str(exc)
-            continue
-        if remote.name in seen_names:
-            refused[remote.name] = f"cluster name {remote.name} is used twice in the mesh"
-        elif remote.id in seen_ids:
-            refused[remote.name] = f"cluster ID {remote.id} is already used by {seen_ids[remote.id]}"
-        else:
-            seen_ids[remote.id] = remote.name
-            seen_names.add(remote.name)
-    return refused
-
-
-# What a reader must have seen of a remote before trusting it: the synced marker of each prefix.
-REQUIRED_SYNCED = {schema.SERVICES_PREFIX: "services", schema.NODES_PREFIX: "nodes"}
-
-
-class Unready(enum.Enum):
-    """Why a remote is not used yet: what callers branch on (the message is for people)."""
-
-    NO_CONFIG = "no cluster-config"
-    BAD_CONFIG = "cluster-config does not parse"
-    ID_MISMATCH = "the remote's ID is not the ClusterMesh's"
-    WAITING = "waiting for synced markers"
-    SWITCHING = "switching layout"
-    LISTING = "first listing"
-
-    @property
-    def misconfigured(self) -> bool:
-        """A user has to fix something (not a matter of waiting)."""
-        return self in (Unready.BAD_CONFIG, Unready.ID_MISMATCH)
-
-
-class NotReady(str):
-    """A not-ready reason: the message (a ``str``, as logs and status show it) and its ``kind``."""
-
-    kind: Unready
-
-    def __new__(cls, kind: Unready, message: str) -> NotReady:
-        reason = super().__new__(cls, message)
-        reason.kind = kind
-        return reason
-
-
-def not_ready_reason(
-    name: str,
-    expected_id: int,
-    config_value: str | None,
-    synced: Collection[str],
-    max_cluster_id: int = schema.MAX_CLUSTER_ID,
-) -> NotReady | None:
-    """Why a remote is not to be trusted yet, or None when it is ready. Pure.
-
-    ``config_value`` is the raw ``cilium/cluster-config/<name>`` (None when absent);
-    ``synced`` the prefixes whose synced marker the remote wrote (``cilium/state/services/v1``...).
-    A remote whose cluster-config does not announce the ``syncedCanaries`` capability
-    never writes markers (cilium-operator in kvstore mode): like Cilium, trust it at once."""
-    if config_value is None:
-        return NotReady(Unready.NO_CONFIG, "no cluster-config")
-    try:
-        config = ClusterConfig.decode(config_value)
-        schema.validate_cluster_id(config.cluster_id, max_cluster_id)
-    except SchemaError as exc:
-        return NotReady(Unready.BAD_CONFIG, f"cluster-config does not parse: {exc}")
-    if config.cluster_id != expected_id:
-        return NotReady(Unready.ID_MISMATCH,
-                        f"says its ID is {config.cluster_id}, the ClusterMesh says {expected_id}")
-    if not config.synced_canaries:
-        return None
-    # A KVStoreMesh cache marks its copies synced under the cache prefixes (Cilium's layout).
-    missing = [what for prefix, what in REQUIRED_SYNCED.items()
-               if (schema.state_to_cache(prefix) if config.cached else prefix) not in synced]
-    if missing:
-        return NotReady(Unready.WAITING, f"waiting for synced markers of {' and '.join(missing)}")
-    return None
 
 
 class _Prefix:

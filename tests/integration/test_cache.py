@@ -13,7 +13,8 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import KVClient
-from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from clustermesh.store.remote import RemoteCluster
+from clustermesh.store.remote_config import RemoteConfig
 from tests.integration.test_operator import _assert_true, cluster, crds, operators  # noqa: F401
 from tests.waiting import eventually
 

@@ -27,9 +27,9 @@ import yaml
 from clustermesh.certs import CertsConfig, make_secrets
 from clustermesh.kube import KubeClient, KubeError
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
-from clustermesh.lab.node.agent import write_projected
+from clustermesh.lab.node.volumes import write_projected
 from clustermesh.lab.servers import free_port
-from clustermesh.store.remote import remote_config_from_spec
+from clustermesh.store.remote_config import remote_config_from_spec
 from tests.kubectl import REPO, apply_crds, kubectl
 from tests.prereq import require_binary
 

@@ -20,7 +20,8 @@ from clustermesh import schema
 from clustermesh.kvstore import KVClient
 from clustermesh.lab.servers import EtcdServer
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
-from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from clustermesh.store.remote import RemoteCluster
+from clustermesh.store.remote_config import RemoteConfig
 from tests.waiting import eventually
 
 NAME, ID = "cluster-2", 2

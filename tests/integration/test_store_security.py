@@ -16,7 +16,8 @@ from clustermesh import schema
 from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
 from clustermesh.lab.pki import CertificateAuthority
 from clustermesh.lab.servers import EtcdGrpcProxy, EtcdServer, ServerError
-from clustermesh.store.remote import RemoteCluster, RemoteConfig
+from clustermesh.store.remote import RemoteCluster
+from clustermesh.store.remote_config import RemoteConfig
 from tests.integration.test_liveness import ID, NAME, export
 from tests.prereq import require_binary
 from tests.waiting import eventually

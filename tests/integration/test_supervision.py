@@ -8,8 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from clustermesh.lab.mesh import Supervised
 from clustermesh.lab.servers import Process
+from clustermesh.lab.supervise import Supervised
 from tests.waiting import eventually
 
 

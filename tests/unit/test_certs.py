@@ -26,7 +26,7 @@ from clustermesh.certs import (
     write_yaml,
 )
 from clustermesh.cli import main
-from clustermesh.store.remote import remote_config_from_spec
+from clustermesh.store.remote_config import remote_config_from_spec
 
 
 @pytest.mark.parametrize(("config", "message"), [

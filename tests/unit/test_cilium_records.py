@@ -173,7 +173,7 @@ def test_a_kvstoremesh_cache_round_trips() -> None:
     """A cache as Cilium's KVStoreMesh writes it is read as the remote's (ready, records under the cache
     prefixes), and ours writes the same keys and values from those records."""
     from clustermesh.store.cache import CACHE_SYNCED_PREFIXES, cache_entries, cached_config
-    from clustermesh.store.remote import not_ready_reason
+    from clustermesh.store.readiness import not_ready_reason
 
     cache = json.loads((FIXTURES / "cache" / "cluster-2.json").read_text())
     config_key = schema.cluster_config_key("cluster-2")

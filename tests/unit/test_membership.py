@@ -9,7 +9,7 @@ from typing import Any
 
 from clustermesh.kube import KubeError
 from clustermesh.store.membership import RemoteSet
-from clustermesh.store.remote import RemoteConfig
+from clustermesh.store.remote_config import RemoteConfig
 
 GRACE = 60.0
 

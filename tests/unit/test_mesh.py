@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clustermesh.store.remote import RemoteConfig, mesh_problems
+from clustermesh.store.remote_config import RemoteConfig, mesh_problems
 
 
 def test_mesh_problems() -> None:

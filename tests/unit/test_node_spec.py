@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from clustermesh.lab.node import spec
-from clustermesh.lab.node.spec import ConfigError, ContainerState, PodState
+from clustermesh.lab.node import pod_status, spec
+from clustermesh.lab.node.pod_status import ContainerState, PodState
+from clustermesh.lab.node.spec import ConfigError
 
 Obj = dict[str, Any]
 NOW = "2024-01-01T00:10:00Z"
@@ -564,33 +565,33 @@ def crash_looping(code: int, name: str = "c") -> ContainerState:
 ])
 def test_phase(policy: str, states: list[ContainerState], want: str) -> None:
     pod = make_pod(restartPolicy=policy)
-    assert spec.phase(pod, PodState(containers=states)) == want
+    assert pod_status.phase(pod, PodState(containers=states)) == want
 
 
 def test_phase_defaults_to_restart_always() -> None:
-    assert spec.phase(make_pod(), PodState(containers=[terminated(0)])) == "Running"
+    assert pod_status.phase(make_pod(), PodState(containers=[terminated(0)])) == "Running"
 
 
 def test_phase_pending_while_initializing() -> None:
-    assert spec.phase(make_pod(), PodState(containers=[waiting()], init_done=False)) == "Pending"
+    assert pod_status.phase(make_pod(), PodState(containers=[waiting()], init_done=False)) == "Pending"
 
 
 @pytest.mark.parametrize(("policy", "want"), [("Never", "Failed"), ("OnFailure", "Pending"), ("Always", "Pending")])
 def test_a_failed_init_container_fails_the_pod_only_without_restarts(policy: str, want: str) -> None:
     state = PodState(containers=[waiting("main")], init_containers=[terminated(1, "init")], init_done=False)
-    assert spec.phase(make_pod(restartPolicy=policy), state) == want
+    assert pod_status.phase(make_pod(restartPolicy=policy), state) == want
 
 
 def test_pod_status_reports_init_containers() -> None:
     state = PodState(containers=[waiting("main")], init_containers=[terminated(0, "a"), running("b")],
                      init_done=False)
-    status = spec.pod_status(make_pod(), state, {}, NOW)
+    status = pod_status.pod_status(make_pod(), state, {}, NOW)
     init = conditions(status)["Initialized"]
     assert (init["status"], init["reason"]) == ("False", "ContainersNotInitialized")
     assert init["message"] == "containers with incomplete status: [b]"
     assert [(c["name"], list(c["state"])) for c in status["initContainerStatuses"]] == [
         ("a", ["terminated"]), ("b", ["running"])]
-    assert "initContainerStatuses" not in spec.pod_status(make_pod(), PodState(containers=[running()]), {}, NOW)
+    assert "initContainerStatuses" not in pod_status.pod_status(make_pod(), PodState(containers=[running()]), {}, NOW)
 
 
 # ------------------------------------------------------------------ pod status
@@ -603,7 +604,7 @@ def conditions(status: Obj) -> dict[str, Obj]:
 def test_pod_status_not_ready() -> None:
     state = PodState(containers=[running("a"), waiting("b")], pod_ip="10.1.0.5", host_ip="192.168.0.2",
                      start_time=EARLIER)
-    status = spec.pod_status(make_pod(), state, {}, NOW)
+    status = pod_status.pod_status(make_pod(), state, {}, NOW)
     conds = conditions(status)
     assert set(conds) == {"Initialized", "Ready", "ContainersReady"}  # PodScheduled is the scheduler's
     assert conds["Initialized"]["status"] == "True"
@@ -619,13 +620,13 @@ def test_pod_status_not_ready() -> None:
 
 
 def test_pod_status_not_ready_message_names_containers() -> None:
-    status = spec.pod_status(make_pod(), PodState(containers=[waiting("a"), running("b"), waiting("c")]), {}, NOW)
+    status = pod_status.pod_status(make_pod(), PodState(containers=[waiting("a"), running("b"), waiting("c")]), {}, NOW)
     for kind in ("Ready", "ContainersReady"):
         assert conditions(status)[kind]["message"] == "containers with unready status: [a c]"
 
 
 def test_pod_status_ready() -> None:
-    status = spec.pod_status(make_pod(), PodState(containers=[running("a"), running("b")]), {}, NOW)
+    status = pod_status.pod_status(make_pod(), PodState(containers=[running("a"), running("b")]), {}, NOW)
     for cond in status["conditions"]:
         assert cond["status"] == "True"
         assert "reason" not in cond
@@ -633,19 +634,19 @@ def test_pod_status_ready() -> None:
 
 
 def test_pod_status_no_containers_is_not_ready() -> None:
-    status = spec.pod_status(make_pod(), PodState(), {}, NOW)
+    status = pod_status.pod_status(make_pod(), PodState(), {}, NOW)
     assert conditions(status)["Ready"]["status"] == "False"
 
 
 def test_pod_status_initializing() -> None:
-    status = spec.pod_status(make_pod(), PodState(containers=[waiting()], init_done=False), {}, NOW)
+    status = pod_status.pod_status(make_pod(), PodState(containers=[waiting()], init_done=False), {}, NOW)
     assert conditions(status)["Initialized"]["status"] == "False"
     assert conditions(status)["Initialized"]["reason"] == "ContainersNotInitialized"
 
 
 def test_pod_status_succeeded_reason_is_pod_completed() -> None:
     pod = make_pod(restartPolicy="Never")
-    status = spec.pod_status(pod, PodState(containers=[terminated(0)]), {}, NOW)
+    status = pod_status.pod_status(pod, PodState(containers=[terminated(0)]), {}, NOW)
     assert status["phase"] == "Succeeded"
     for kind in ("Ready", "ContainersReady"):
         assert conditions(status)[kind]["status"] == "False"
@@ -665,7 +666,7 @@ def test_pod_status_transition_times(old_status: str | None, ready: bool, want_t
         previous["conditions"] += [{"type": kind, "status": old_status, "lastTransitionTime": EARLIER}
                                    for kind in ("Ready", "ContainersReady")]
     state = PodState(containers=[running() if ready else waiting()])
-    conds = conditions(spec.pod_status(make_pod(), state, previous, NOW))
+    conds = conditions(pod_status.pod_status(make_pod(), state, previous, NOW))
     assert conds["Ready"]["lastTransitionTime"] == want_time
     assert conds["ContainersReady"]["lastTransitionTime"] == want_time
 
@@ -673,7 +674,7 @@ def test_pod_status_transition_times(old_status: str | None, ready: bool, want_t
 def test_pod_status_transition_time_per_condition() -> None:
     previous = {"conditions": [{"type": "Initialized", "status": "True", "lastTransitionTime": EARLIER},
                                {"type": "Ready", "status": "False", "lastTransitionTime": EARLIER}]}
-    conds = conditions(spec.pod_status(make_pod(), PodState(containers=[running()]), previous, NOW))
+    conds = conditions(pod_status.pod_status(make_pod(), PodState(containers=[running()]), previous, NOW))
     assert conds["Initialized"]["lastTransitionTime"] == EARLIER
     assert conds["Ready"]["lastTransitionTime"] == NOW
 
@@ -686,7 +687,7 @@ def test_pod_status_transition_time_per_condition() -> None:
     (terminated(0), {"terminated": {"exitCode": 0, "reason": "Completed"}}, {}),
 ])
 def test_container_status(state: ContainerState, want_state: Obj, want_last: Obj) -> None:
-    out = spec.container_status(state)
+    out = pod_status.container_status(state)
     assert out["state"] == want_state
     assert out["lastState"] == want_last
     assert out["name"] == state.name
@@ -698,7 +699,7 @@ def test_container_status(state: ContainerState, want_state: Obj, want_last: Obj
 def test_container_status_id() -> None:
     state = running()
     state.container_id = "lab://abc"
-    assert spec.container_status(state)["containerID"] == "lab://abc"
+    assert pod_status.container_status(state)["containerID"] == "lab://abc"
 
 
 # ------------------------------------------------------------------ restarts

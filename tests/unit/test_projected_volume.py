@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clustermesh.lab.node.agent import write_projected
+from clustermesh.lab.node.volumes import write_projected
 
 
 def read(folder: Path) -> dict[str, bytes]:

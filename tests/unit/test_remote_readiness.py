@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from clustermesh import schema
-from clustermesh.store.remote import RemoteConfig, Unready, mesh_problems, not_ready_reason
+from clustermesh.store.readiness import Unready, not_ready_reason
+from clustermesh.store.remote_config import RemoteConfig, mesh_problems
 
 SERVICES, NODES = schema.SERVICES_PREFIX, schema.NODES_PREFIX
 WITH_MARKERS = '{"id":2,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255}}'

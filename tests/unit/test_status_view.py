@@ -139,7 +139,7 @@ def test_status_never_dials_an_address_its_kubeconfig_marks_unroutable(tmp_path)
 
     from clustermesh.agent.status import probe_remote
     from clustermesh.kube import UNROUTABLE_EXTENSION, unroutable_networks
-    from clustermesh.store.remote import RemoteConfig
+    from clustermesh.store.remote_config import RemoteConfig
 
     kubeconfig = tmp_path / "kubeconfig"
     cluster = {"server": "https://127.0.0.1:1", "extensions": [{"name": UNROUTABLE_EXTENSION, "extension": {

@@ -227,7 +227,7 @@ def grace_period(lab: Lab, context: str) -> float:
 
 def etcd_pid(lab: Lab, pod: dict[str, Any]) -> int:
     """The etcd process of a store pod, found from the host: the lab's kubelet runs each container in
-    ``<node cgroup>/pod-<uid>/<container>`` (clustermesh/lab/node/agent.py, PodWorker.cgroup and
+    ``<node cgroup>/pod-<uid>/<container>`` (clustermesh/lab/node/pod_worker.py, PodWorker.cgroup and
     Container.cgroup), so the etcd container's cgroup holds etcd and whatever store.sh still runs."""
     node = lab.state["nodes"][pod["spec"]["nodeName"]]
     procs = Path(node["cgroup"], f"pod-{pod['metadata']['uid']}", "etcd", "cgroup.procs").read_text().split()
