@@ -160,6 +160,14 @@ def apply_demo(lab: Lab) -> None:
                     timeout=180)
 
 
+@pytest.fixture
+def demo(lab: Lab) -> Lab:
+    """The Star Wars demo as its manifests say, for a test that needs it whatever ran before (applied
+    again: what an earlier test scaled is as the manifest says)."""
+    apply_demo(lab)
+    return lab
+
+
 def test_cilium_demo_manifests_run_unchanged(lab: Lab) -> None:
     apply_demo(lab)
     for context in ("lab-1", "lab-2"):
@@ -178,6 +186,7 @@ def answers(lab: Lab, context: str, count: int = 30) -> dict[str, int]:
     return {name: clusters.count(name) for name in set(clusters)} | {"failed": out.count("FAILED")}
 
 
+@pytest.mark.usefixtures("demo")
 def test_x_wing_is_answered_by_both_clusters(lab: Lab) -> None:
     # Wait until each cluster has the other's backends (one answer from the other cluster), then every
     # request of a batch must succeed: a failed request is never retried away.
@@ -192,6 +201,7 @@ def _assert_in(item: str, got: dict[str, int]) -> None:
     assert item in got, got
 
 
+@pytest.mark.usefixtures("demo")
 def test_kubectl_logs_shows_the_requests(lab: Lab) -> None:
     logs = "".join(lab.kubectl("lab-1", "logs", p["metadata"]["name"])
                    for p in lab.pods("lab-1", "name=rebel-base"))
@@ -201,6 +211,7 @@ def test_kubectl_logs_shows_the_requests(lab: Lab) -> None:
     assert len(tail) == 1
 
 
+@pytest.mark.usefixtures("demo")
 def test_kube_proxy_serves_a_non_global_service(lab: Lab) -> None:
     lab.kubectl("lab-1", "expose", "deployment", "x-wing", "--name", "xwing-local", "--port", "80")
 
@@ -258,6 +269,7 @@ def _saw(loop: XwingLoop, want: set[str]) -> None:
     assert recent == want, recent
 
 
+@pytest.mark.usefixtures("demo")
 def test_scale_to_zero_fails_over_without_a_failed_request(lab: Lab) -> None:
     _failover(
         lab,
@@ -266,6 +278,7 @@ def test_scale_to_zero_fails_over_without_a_failed_request(lab: Lab) -> None:
     )
 
 
+@pytest.mark.usefixtures("demo")
 def test_deleting_the_backends_fails_over_without_a_failed_request(lab: Lab) -> None:
     old = {p["metadata"]["name"] for p in lab.pods("lab-1", "name=rebel-base")}
 
@@ -289,6 +302,7 @@ def _main_pid(lab: Lab, pod: dict[str, Any]) -> int:
     return int(json.loads(record.read_text())["containers"]["rebel-base"]["pid"])
 
 
+@pytest.mark.usefixtures("demo")
 def test_kill_9_of_a_backend_restarts_its_container(lab: Lab) -> None:
     lab.kubectl("lab-1", "rollout", "status", "deployment/rebel-base", "--timeout=60s")
     pods = lab.pods("lab-1", "name=rebel-base")
@@ -322,6 +336,7 @@ def _lab_pids(lab: Lab, needle: str) -> list[int]:
     return found
 
 
+@pytest.mark.usefixtures("demo")
 def test_killed_agents_and_operator_come_back_and_the_demo_still_fails_over(lab: Lab) -> None:
     kubeconfig_1 = str(lab.dir / "lab-1" / "control-plane" / "kubeconfig")
     victims = (_lab_pids(lab, f"clustermesh.cli operator --kubeconfig {kubeconfig_1}")
@@ -512,6 +527,7 @@ def test_an_image_outside_the_catalog_waits_with_err_image_pull(lab: Lab) -> Non
     lab.kubectl("lab-1", "delete", "pod", "nope", "--wait=true", "--timeout=30s", timeout=60)
 
 
+@pytest.mark.usefixtures("demo")
 def test_a_silent_node_agent_loses_its_pods_readiness_and_reasserts_it(lab: Lab) -> None:
     """Kubernetes' node lifecycle: no Lease renewal for 40 s -> the node is Unknown and its pods not
     ready (their endpoints leave); once the node agent is back, it makes them Ready again."""

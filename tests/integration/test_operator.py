@@ -575,3 +575,23 @@ def test_a_paused_operator_keeps_its_records(api: KubeAPI, kv: KVClient, namespa
         op.proc.send_signal(signal.SIGCONT)
     api.create(service(namespace, "b", GLOBAL))
     eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a", "b"}))
+
+
+def test_sigterm_leaves_the_records_to_the_lease_and_the_next_operator_takes_them_over(
+        api: KubeAPI, kv: KVClient, namespace: str, cluster: str, operators) -> None:
+    """A rolling update: SIGTERM ends the operator cleanly (exit 0) without revoking its lease, so
+    the records stay for the next one, which writes them under a lease of its own."""
+    api.create(service(namespace, "a", GLOBAL))
+    api.create(endpoint_slice(namespace, "a-1", "a", [("10.244.9.1", True)]))
+    first = operators()
+    eventually(lambda: _assert_eq(set(records(kv, cluster, namespace)), {"a"}))
+    key = schema.service_key(cluster, namespace, "a")
+    lease = kv.list_prefix(key).items[key].lease
+    assert first.proc is not None
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) == 0, "a clean stop"
+    assert set(records(kv, cluster, namespace)) == {"a"}, "records left to the lease"
+    assert kv.lease_ttl(lease) > 0, "the lease was not revoked"
+    operators()
+    eventually(lambda: _assert_eq(kv.list_prefix(key).items[key].lease != lease, True), timeout=30)
+    assert set(records(kv, cluster, namespace)) == {"a"}

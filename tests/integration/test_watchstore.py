@@ -6,7 +6,7 @@ import shutil
 import threading
 import time
 
-from clustermesh.kvstore import KVClient
+from clustermesh.kvstore import KVClient, Watch
 from clustermesh.store.watch import CallbackObserver, WatchStore
 from tests.waiting import eventually
 
@@ -173,3 +173,34 @@ def test_verify_never_calls_a_watch_that_keeps_up_silent(kv: KVClient) -> None:
         stop.set()
         writer.join(10)
         store.stop()
+
+
+def test_a_watch_from_a_compacted_revision_lists_again_and_loses_nothing(kv: KVClient) -> None:
+    """Between the listing and its watch, changes are made and etcd compacts past the listing's
+    revision (a reader that listed and then stalled). The watch from listing + 1 is refused as
+    compacted, the reader lists again, and the changes made in between arrive: the delete as a
+    delete, the new key once."""
+    kv.put("cilium/c/a", "1")
+    rec = Recorder()
+    compacted: list[int] = []
+
+    class CompactsBeforeTheFirstWatch(KVClient):
+        def watch_prefix(self, prefix: str, start_revision: int | None = None) -> Watch:
+            if not compacted:
+                kv.put("cilium/c/b", "2")
+                kv.delete("cilium/c/a")
+                compacted.append(kv.revision())
+                kv._client.compact(compacted[0], physical=True)
+                assert start_revision is not None and start_revision <= compacted[0]
+            return super().watch_prefix(prefix, start_revision)
+
+    with CompactsBeforeTheFirstWatch(kv.endpoints[0]) as reader:
+        store = WatchStore(reader, "cilium/c/", rec.observer(), name="c", backoff_max=0.5).start()
+        try:
+            eventually(lambda: _eq(rec.state, {"cilium/c/b": "2"}))
+            assert compacted and store.listings >= 2
+            assert rec.events == [("upsert", "cilium/c/a"), ("upsert", "cilium/c/b"), ("delete", "cilium/c/a")]
+            kv.put("cilium/c/after", "3")  # and the new watch delivers
+            eventually(lambda: _eq(rec.state.get("cilium/c/after"), "3"))
+        finally:
+            store.stop()
