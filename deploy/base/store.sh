@@ -3,7 +3,10 @@
 #   store.sh etcd     init, then run etcd (TLS with client certificates, on the pod's loopback only)
 #   store.sh proxy    run etcd grpc-proxy, the only door remote clusters have (TLS, client certificates
 #                     from the store's CA and not on its CRL), once the readers exist; restart it when
-#                     the CRL changes, so a revoked reader's open connections close too
+#                     the CRL changes, so a revoked reader's open connections close too, and when the
+#                     readers change (etcd 3.4's grpc-proxy stops delivering a range's events to every
+#                     watcher of it once a reader's auth changed and another watcher joins; only a new
+#                     proxy process cures it, so every reader logs in anew on a fresh one)
 #   store.sh init     start etcd briefly on a private port, create root and the read-only role, enable
 #                     auth, stop; with etcd's own certificate (no user once auth is on), so this
 #                     container needs no root key. The proxy and the operator only know the public
@@ -99,6 +102,7 @@ enable_auth() {
 
 sync_users() {
     mkdir -p "$DATA/users" || return 1
+    changed=0
     ensure_roles || return 1
     for file in "$USERS"/*; do
         [ -f "$file" ] || continue
@@ -107,14 +111,17 @@ sync_users() {
         if ctl user get "$user" >/dev/null 2>&1; then
             if [ "$(cat "$(applied "$user")" 2>/dev/null || true)" != "$sum" ]; then
                 ctl user passwd "$user" --interactive=false <"$file" >/dev/null || return 1
+                changed=1
                 say "new password for reader $user"
             fi
         else
             ctl user add "$user" --interactive=false <"$file" >/dev/null || return 1
+            changed=1
             say "added reader $user (read-only on $READ_PREFIX)"
         fi
         if ! ctl user get "$user" 2>/dev/null | grep -q "^Roles: .*$ROLE"; then
             ctl user grant-role "$user" "$ROLE" >/dev/null || return 1
+            changed=1
         fi
         echo "$sum" >"$(applied "$user")" || return 1
     done
@@ -122,11 +129,16 @@ sync_users() {
     for user in $users; do
         if [ "$user" != root ] && [ ! -f "$USERS/$user" ]; then
             ctl user delete "$user" >/dev/null || return 1
+            changed=1
             rm -f "$(applied "$user")"
             say "removed reader $user (no longer in the users Secret)"
         fi
     done
     enable_auth || return 1
+    # The proxy restarts when this stamp changes (see the header).
+    if [ "$changed" = 1 ] || [ ! -f "$DATA/users-changed" ]; then
+        date +%s%N >"$DATA/users-changed" || return 1
+    fi
     # The proxy opens its door once the readers exist (a reader sent to a new replica is not refused).
     touch "$DATA/users-synced"
 }
@@ -161,6 +173,8 @@ version_of() { readlink "$1/..data" 2>/dev/null || cat "$1"/* 2>/dev/null | sha2
 
 crl_sum() { sha256sum <"$TLS/crl.pem" 2>/dev/null || echo none; }
 
+users_stamp() { cat "$DATA/users-changed" 2>/dev/null || echo none; }
+
 MODE=${1:-}
 case $MODE in
     etcd)
@@ -179,6 +193,7 @@ case $MODE in
         trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; exit 0' TERM INT
         while :; do
             sum=$(crl_sum)
+            stamp=$(users_stamp)
             # The CRL is read at every TLS handshake: a revoked reader cannot connect anew.
             etcd grpc-proxy start --endpoints="127.0.0.1:$CLIENT_PORT" --listen-addr="$PROXY_LISTEN" \
                 --metrics-addr="http://$PROXY_METRICS" --data-dir="$DATA/proxy" \
@@ -186,7 +201,7 @@ case $MODE in
                 --trusted-ca-file="$TLS/ca.crt" --cert-file="$TLS/proxy.crt" --key-file="$TLS/proxy.key" \
                 --client-crl-file="$TLS/crl.pem" &
             pid=$!
-            while kill -0 "$pid" 2>/dev/null && [ "$(crl_sum)" = "$sum" ]; do
+            while kill -0 "$pid" 2>/dev/null && [ "$(crl_sum)" = "$sum" ] && [ "$(users_stamp)" = "$stamp" ]; do
                 sleep 1
             done
             if ! kill -0 "$pid" 2>/dev/null; then
@@ -194,7 +209,11 @@ case $MODE in
                 exit 1
             fi
             # ...but its open connections stay: a restart closes them (other readers reconnect).
-            say "the CRL changed: restarting grpc-proxy to close revoked readers' connections"
+            if [ "$(crl_sum)" != "$sum" ]; then
+                say "the CRL changed: restarting grpc-proxy to close revoked readers' connections"
+            else
+                say "a reader changed: restarting grpc-proxy so that every reader logs in anew"
+            fi
             kill "$pid"
             wait "$pid" 2>/dev/null || true
         done

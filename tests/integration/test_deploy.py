@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -26,7 +27,7 @@ import yaml
 
 from clustermesh.certs import CertsConfig, make_secrets
 from clustermesh.kube import KubeClient, KubeError
-from clustermesh.kvstore import Endpoint, KVClient, KVStoreError
+from clustermesh.kvstore import Endpoint, KVClient, KVStoreError, Watch
 from clustermesh.lab.node.volumes import write_projected
 from clustermesh.lab.servers import free_port
 from clustermesh.store.remote_config import remote_config_from_spec
@@ -407,6 +408,98 @@ def test_store_script_applies_rotated_passwords_and_removed_readers_live(store_p
     _wait_for(lambda: read(new["clustermesh-access-cluster-2"]) == "ok", "the rotated password")
     _wait_for(lambda: read(old["clustermesh-access-cluster-3"]) == "refused", "the removed reader to be refused")
     assert read(old["clustermesh-access-cluster-2"]) == "refused"
+
+
+class Watcher:
+    """A remote agent's watch of one prefix, as its WatchStore keeps it: events are kept in order, and a
+    stream that breaks is opened again from the revision after the last one seen, so nothing is lost.
+    What it cannot get over is a stream that stays open and says nothing."""
+
+    def __init__(self, client: KVClient, prefix: str, after: int) -> None:
+        self.client, self.prefix = client, prefix
+        self.next_revision = after + 1
+        self.values: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        try:
+            self._watch = client.watch_prefix(prefix)  # registered with the proxy before this returns
+        except KVStoreError:
+            client.close()
+            raise
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        watch: Watch | None = self._watch
+        while not self._stop.is_set():
+            try:
+                if watch is None:
+                    watch = self._watch = self.client.watch_prefix(self.prefix, start_revision=self.next_revision)
+                for event in watch:
+                    if event.revision >= self.next_revision:
+                        self.values.append(event.value or "")
+                        self.next_revision = event.revision + 1
+            except KVStoreError as exc:
+                self.errors.append(str(exc))
+                self._stop.wait(0.2)
+            watch = None
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._watch.cancel()
+        self.client.close()
+        self._thread.join(10)
+
+
+def test_watches_through_the_proxy_keep_delivering_after_a_password_rotation(store_pod: StorePod) -> None:
+    """etcd 3.4's grpc-proxy, once a reader's password changed, stopped delivering a range's events to
+    every watcher of that range when another watcher joined: open streams, no events, no error, until
+    the proxy process was restarted (what `certs --rotate` followed by a new reader did to the lab).
+    store.sh restarts the proxy when the readers change; every watcher must get every put."""
+    store_pod.start("etcd")
+    store_pod.start("sync")
+    store_pod.start("proxy")
+    old = store_pod.write_secrets(("cluster-2", "cluster-3"))
+    prefix = "cilium/state/services/v1/cluster-1/"
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(store_pod.root_client())
+        _wait_for(lambda: root.put(prefix + "a", "a") is None, "etcd as root")
+        reader = stack.enter_context(store_pod.reader(old["clustermesh-access-cluster-2"]))
+        _wait_for(partial(_reads, reader, prefix + "a", "a"), "the proxy")
+        before = Watcher(store_pod.reader(old["clustermesh-access-cluster-2"]), prefix, root.revision())
+        stack.callback(before.close)
+
+        new = store_pod.write_secrets(("cluster-2", "cluster-3"), rotate=True)
+
+        def logs_in(access: dict[str, bytes]) -> bool:
+            with store_pod.reader(access) as client:
+                return client.get(prefix + "a") == "a"
+
+        for peer in ("cluster-2", "cluster-3"):
+            _wait_for(partial(logs_in, new[f"clustermesh-access-{peer}"]), f"{peer}'s new password")
+        watchers: dict[str, Watcher] = {}
+        for name, peer in (("b", "cluster-2"), ("c", "cluster-3"), ("d", "cluster-2")):
+            # Each joins as a new agent would (its own connection), then something changes.
+            after = root.revision()
+            holder: list[Watcher] = []
+
+            def joined(peer: str = peer, after: int = after, holder: list[Watcher] = holder) -> bool:
+                holder.append(Watcher(store_pod.reader(new[f"clustermesh-access-{peer}"]), prefix, after))
+                return True
+
+            _wait_for(joined, f"watcher {name} to be created")
+            watchers[name] = holder[-1]
+            stack.callback(watchers[name].close)
+            root.put(prefix + name, name)
+            for seen, watcher in watchers.items():
+                deadline = time.monotonic() + 15
+                while name not in watcher.values and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert name in watcher.values, (
+                    f"watcher {seen} never got {name!r} (got {watcher.values}, errors {watcher.errors[-3:]})")
+        for seen, watcher in watchers.items():
+            assert watcher.values == [n for n in "bcd" if n >= seen], (seen, watcher.values)
 
 
 # ----------------------------------------------------------------- one identity per peer, revocation
