@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from clustermesh import schema  # noqa: E402
 from clustermesh.kvstore import KVClient  # noqa: E402
-from clustermesh.lab.kubeapi import KubeAPI  # noqa: E402
 from clustermesh.lab.servers import ControlPlane, EtcdServer, free_port  # noqa: E402
+from tests.kubeapi import KubeAPI  # noqa: E402
 
 CLUSTER = "bench"
 NS = "bench"

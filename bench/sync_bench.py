@@ -43,11 +43,11 @@ from clustermesh.datapath import hooks  # noqa: E402
 from clustermesh.datapath.model import Backend, ServiceSpec  # noqa: E402
 from clustermesh.kube import KubeClient  # noqa: E402
 from clustermesh.kvstore import KVClient  # noqa: E402
-from clustermesh.lab.kubeapi import KubeAPI  # noqa: E402
 from clustermesh.lab.mesh import cgroup2_root  # noqa: E402
 from clustermesh.lab.netns import remove_cgroup  # noqa: E402
 from clustermesh.lab.servers import ControlPlane, EtcdGrpcProxy, EtcdServer  # noqa: E402
 from clustermesh.schema import ClusterConfig, ClusterService, PortConfig  # noqa: E402
+from tests.kubeapi import KubeAPI  # noqa: E402
 
 NS = "bench"
 LOCAL = ("bench-1", 1)

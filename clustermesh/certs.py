@@ -52,7 +52,7 @@ from clustermesh.pki import (
     private_dir,
     sans,
 )
-from clustermesh.scratch import write_private
+from clustermesh.private_files import write_private
 
 NAMESPACE = "clustermesh-system"
 STORE_SERVICE = "clustermesh-store"

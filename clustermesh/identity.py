@@ -38,7 +38,7 @@ from clustermesh.certs import (
 )
 from clustermesh.kube import KubeClient
 from clustermesh.pki import CertificateAuthority, PKIError, load_cert
-from clustermesh.scratch import write_private
+from clustermesh.private_files import write_private
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from clustermesh.scratch import write_private
+from clustermesh.private_files import write_private
 
 DAY = dt.timedelta(days=1)
 CA_LIFETIME = 1095 * DAY  # Cilium's default for its clustermesh CA and certificates

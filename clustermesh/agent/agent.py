@@ -29,9 +29,9 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from clustermesh import metrics, trace
 from clustermesh.agent.merge import LocalService, local_service
-from clustermesh.agent.pipeline import ServiceMerger
+from clustermesh.agent.merger import ServiceMerger
+from clustermesh.agent.route_plan import plan_routes
 from clustermesh.agent.routes import RouteTable, RoutingError
-from clustermesh.agent.routing import plan_routes
 from clustermesh.cluster.export import ClusterIdentity
 from clustermesh.cluster.state import ClusterState, Kind, Ref, ServiceRef
 from clustermesh.datapath.errors import CapacityError
@@ -39,8 +39,8 @@ from clustermesh.datapath.model import Backend, Frontend, ServiceSpec
 from clustermesh.datapath.plan import specs_from_state
 from clustermesh.heap import release_freed_heap
 from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
+from clustermesh.private_files import private_folder
 from clustermesh.schema import ClusterService
-from clustermesh.scratch import private_folder
 from clustermesh.store.membership import RemoteSet, max_connected_clusters
 from clustermesh.store.remote import RemoteCluster
 from clustermesh.store.remote_config import RemoteConfig

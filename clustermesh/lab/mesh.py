@@ -32,8 +32,7 @@ from typing import Any
 
 from clustermesh.connect import connect, load_side
 from clustermesh.datapath.hooks import pin_dir_for
-from clustermesh.kube import UNROUTABLE_EXTENSION, KubeClient
-from clustermesh.lab.kubeapi import KubeAPI
+from clustermesh.kube import UNROUTABLE_EXTENSION, KubeClient, KubeNotFound
 from clustermesh.lab.netns import (
     API_VIP,
     UNDERLAY_CIDR,
@@ -121,9 +120,9 @@ class LabCluster:
     def service_cidr(self) -> str:
         return f"10.{95 + self.index}.0.0/16"
 
-    def api(self) -> KubeAPI:
+    def kube(self) -> KubeClient:
         assert self.cp is not None
-        return KubeAPI.for_control_plane(self.cp)
+        return KubeClient(str(self.cp.kubeconfig))
 
     def kubectl(self, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
         assert self.cp is not None
@@ -440,9 +439,10 @@ class LabMesh:
     def _wait_nodes_ready(self, c: LabCluster, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         ready: set[str] = set()
+        kube = c.kube()
         while time.monotonic() < deadline:
             # Ready, and the node lifecycle controller has lifted the not-ready taint (pods schedule).
-            ready = {n["metadata"]["name"] for n in c.api().request("GET", "/api/v1/nodes")["items"]
+            ready = {n["metadata"]["name"] for n in kube.get("/api/v1/nodes")["items"]
                      if any(cond["type"] == "Ready" and cond["status"] == "True"
                             for cond in n.get("status", {}).get("conditions", []))
                      and not any(t["key"].startswith("node.kubernetes.io/not-ready")
@@ -457,8 +457,12 @@ class LabMesh:
     def _wait_synced(self, c: LabCluster, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         want = len(self.clusters) - 1
+        kube = c.kube()
         while time.monotonic() < deadline:
-            status = c.api().request("GET", "/apis/clustermesh.io/v1alpha1/clustermeshes/default").get("status", {})
+            try:
+                status = kube.get("/apis/clustermesh.io/v1alpha1/clustermeshes/default").get("status", {})
+            except KubeNotFound:  # the operator creates it
+                status = {}
             ready = [r for r in status.get("remotes", []) if r.get("ready")]
             synced = any(cond.get("type") == "Synced" and cond.get("status") == "True"
                          for cond in status.get("conditions", []))

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from clustermesh.pki import CertificateAuthority, CertPair
-from clustermesh.scratch import write_private
+from clustermesh.private_files import write_private
 
 __all__ = ["CertPair", "CertificateAuthority", "service_account_keys"]
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clustermesh import scratch
+from clustermesh import private_files
 from clustermesh.datapath import hooks
 from clustermesh.lab.netns import NetnsError, delete_netns, ip, kill_cgroup, remove_cgroup
 
@@ -38,8 +38,8 @@ def teardown(state: dict[str, Any]) -> list[str]:
     attempt("namespaces", _remove_namespaces, state["netns_prefix"])
     attempt("cgroups", remove_cgroup, root)
     # The killed agents and operators could not remove their copies of the remotes' credentials.
-    for component in scratch.COMPONENTS:
-        attempt(f"{component} credential folders", scratch.remove_dead_folders, component)
+    for component in private_files.COMPONENTS:
+        attempt(f"{component} credential folders", private_files.remove_dead_folders, component)
     return problems
 
 

@@ -30,7 +30,7 @@ from clustermesh.kube import REMOTE_SECRETS_NAMESPACE, KubeClient, KubeError
 from clustermesh.kvstore import KVClient, KVStoreError
 from clustermesh.operator.leader import StatusLeader
 from clustermesh.operator.mcs import McsController
-from clustermesh.scratch import private_folder
+from clustermesh.private_files import private_folder
 from clustermesh.store.cache import CACHE_SYNCED_PREFIXES, RemoteCache
 from clustermesh.store.membership import RemoteSet, max_connected_clusters
 from clustermesh.store.remote import RemoteCluster

@@ -12,8 +12,8 @@ from typing import Any
 
 from clustermesh import schema
 from clustermesh.kvstore import Endpoint, KVClient
+from clustermesh.private_files import write_private
 from clustermesh.schema import SchemaError
-from clustermesh.scratch import write_private
 
 
 @dataclass(frozen=True)

@@ -245,14 +245,7 @@ class SyncStore:
         if now >= self._next_heartbeat:
             self.set(schema.HEARTBEAT_KEY, schema.rfc3339_now())
             self._next_heartbeat = now + self.settings.heartbeat_interval
-        sleep = self._next_heartbeat - now
-        ready = []
-        for key in self.dirty:
-            due = self.prev_write.get(key, 0.0) + self.settings.min_interval
-            if due <= now:
-                ready.append(key)
-            else:
-                sleep = min(sleep, due - now)
+        ready = [key for key in self.dirty if self.prev_write.get(key, 0.0) + self.settings.min_interval <= now]
         puts: dict[str, str] = {}
         deletes: list[str] = []
         for key in ready:

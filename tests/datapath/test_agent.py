@@ -23,10 +23,10 @@ import pytest
 from clustermesh import schema
 from clustermesh.datapath import hooks
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import KubeAPI
 from clustermesh.schema import ClusterConfig, ClusterService, Node, NodeAddress, PortConfig
 from tests.datapath.conftest import Topology
 from tests.integration.test_operator import REPO, endpoint_slice, service
+from tests.kubeapi import KubeAPI
 from tests.kubectl import apply_crds
 from tests.waiting import eventually
 

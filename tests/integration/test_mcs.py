@@ -17,7 +17,6 @@ import pytest
 from clustermesh import schema
 from clustermesh.cluster import mcs
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import KubeAPI, KubeAPIError
 from clustermesh.schema import McsPort, ServiceExportRecord
 from tests.integration.test_cache import patch_clusters
 from tests.integration.test_operator import (  # noqa: F401
@@ -30,6 +29,7 @@ from tests.integration.test_operator import (  # noqa: F401
     operators,
     service,
 )
+from tests.kubeapi import KubeAPI, KubeAPIError
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ import pytest
 
 from clustermesh import schema
 from clustermesh.kvstore import KVClient
-from clustermesh.lab.kubeapi import KubeAPI
 from clustermesh.lab.servers import free_port
+from tests.kubeapi import KubeAPI
 from tests.kubectl import apply_crds, apply_object, apply_peering_crd, kubectl
 from tests.waiting import eventually
 

@@ -30,7 +30,7 @@ PURE = [
     "cluster/export.py",
     "cluster/state.py",
     "agent/merge.py",
-    "agent/routing.py",
+    "agent/route_plan.py",
     "agent/status_view.py",
     "datapath/model.py",
     "datapath/plan.py",

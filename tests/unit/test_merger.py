@@ -7,7 +7,7 @@ import random
 import pytest
 
 from clustermesh.agent.merge import LocalService, merge
-from clustermesh.agent.pipeline import Ref, ServiceMerger
+from clustermesh.agent.merger import Ref, ServiceMerger
 from clustermesh.datapath.model import Affinity
 from clustermesh.schema import ClusterService, PortConfig
 

@@ -1,6 +1,6 @@
-"""A minimal Kubernetes REST client for tests, benchmarks and the lab: create, patch
-and delete objects on a local kube-apiserver over one kept-alive connection
-(kubectl costs ~0.2 s a call, too slow for bursts of thousands)."""
+"""A minimal Kubernetes REST client for tests and benchmarks: create, patch and delete objects on a
+local kube-apiserver over one kept-alive connection (kubectl costs ~0.2 s a call, too slow for bursts of
+thousands). Not product code: the product and the lab use clustermesh.kube."""
 
 from __future__ import annotations
 

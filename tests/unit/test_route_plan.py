@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from clustermesh.agent.routing import plan_routes
+from clustermesh.agent.route_plan import plan_routes
 from clustermesh.schema import Node, NodeAddress
 
 

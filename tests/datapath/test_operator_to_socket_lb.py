@@ -15,12 +15,12 @@ import pytest
 
 from clustermesh.agent.merge import LocalService, merge
 from clustermesh.datapath import Affinity, SocketLB
-from clustermesh.lab.kubeapi import KubeAPI
 from clustermesh.schema import PortConfig
 from clustermesh.store.remote import RemoteCluster
 from clustermesh.store.remote_config import RemoteConfig
 from tests.datapath.conftest import Topology
 from tests.integration.test_operator import OperatorProcess, endpoint_slice, service
+from tests.kubeapi import KubeAPI
 from tests.kubectl import apply_crds
 from tests.waiting import eventually
 

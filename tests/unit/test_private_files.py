@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clustermesh.scratch import private_folder, remove_dead_folders
+from clustermesh.private_files import private_folder, remove_dead_folders
 
 
 def test_a_new_folder_removes_only_the_folders_of_dead_processes(
