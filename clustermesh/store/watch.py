@@ -126,6 +126,12 @@ class WatchStore:
         if watch is not None:
             watch.cancel()
 
+    @property
+    def watching(self) -> bool:
+        """A watch is open (registered with the store) after the last listing. ``synced`` is set
+        before it opens: a change made meanwhile comes with the watch's start revision."""
+        return self._watch is not None
+
     def verify(self) -> bool:
         """Check the watch against the store (one small read); list again when it has fallen
         silent (see ``silent``). Returns whether it did. Call it from one thread, every so often

@@ -214,6 +214,8 @@ def test_a_watch_that_falls_silent_is_listed_again_by_the_probe_thread(proxied) 
     rc = RemoteCluster(RemoteConfig(NAME, ID, (proxy.url,)), probe_interval=0.2, watch_check_interval=0.5).start()
     try:
         eventually(lambda: _eq(rc.ready, True))
+        # Ready means listed; the watches open right after: silence them once they are open.
+        eventually(lambda: _eq(all(store.watching for store in rc._record_stores), True))
         services = rc._record_stores[0]
         etcd = rc.client._client
         with etcd.watcher._lock:

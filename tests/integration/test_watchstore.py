@@ -125,6 +125,7 @@ def test_a_watch_that_fell_silent_is_found_by_verify_and_listed_again(kv: KVClie
         store = WatchStore(reader, "cilium/state/", rec.observer(), name="reader").start()
         try:
             assert rec.synced.wait(10)
+            eventually(lambda: _eq(store.watching, True))  # listed first, then the watch opens
             assert store.verify() is False  # in step with the store: nothing to say
             etcd = reader._client
             with etcd.watcher._lock:
