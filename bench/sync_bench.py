@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +68,17 @@ def local_ip(i: int, extra: int = 0) -> str:
 
 
 class TimedLB:
-    """The socket-LB, noting when each map write returned and what it wrote."""
+    """The socket-LB, noting when each map write returned and what it wrote (by frontend IP).
+
+    It passes the agent's hint through, so the agent takes the path it takes in production
+    (a change looks only at the frontends it moved), and it keeps no more per write than that.
+    """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.cond = threading.Condition()
-        self.writes: list[tuple[float, list[ServiceSpec]]] = []
+        self.state: dict[str, ServiceSpec] = {}  # what the maps hold, as the writes said
+        self.writes: list[tuple[float, dict[str, ServiceSpec | None]]] = []
 
     def load(self) -> Any:
         return self.inner.load()
@@ -84,31 +89,55 @@ class TimedLB:
     def close(self) -> None:
         self.inner.close()
 
-    def program(self, specs: Any) -> Any:
-        specs = list(specs)
-        ops = self.inner.program(specs)
+    def program(self, specs: Any, changed_hint: Any = None) -> Any:
+        ops = self.inner.program(specs, changed_hint)
         done = time.perf_counter()
+        if changed_hint is None:
+            wrote: dict[str, ServiceSpec | None] = {
+                str(s.frontend.ip): s for s in (specs.values() if isinstance(specs, Mapping) else specs)}
+        else:
+            wrote = {str(f.ip): specs.get(f) for f in changed_hint}
         with self.cond:
-            self.writes.append((done, specs))
-            del self.writes[:-4]
+            if changed_hint is None:
+                self.state = {}
+            for ip, spec in wrote.items():
+                if spec is None:
+                    self.state.pop(ip, None)
+                else:
+                    self.state[ip] = spec
+            self.writes.append((done, wrote))
+            del self.writes[:-64]
             self.cond.notify_all()
         return ops
 
-    def wait_for(self, since: float, check: Callable[[list[ServiceSpec]], bool], timeout: float = 60) -> float:
-        """When the first map write after ``since`` whose specs pass ``check`` returned."""
+    def wait_for(self, since: float, ip: str, check: Callable[[ServiceSpec | None], bool],
+                 timeout: float = 60) -> float:
+        """When the first map write after ``since`` that wrote the frontend ``ip`` passing ``check``
+        returned."""
         deadline = time.perf_counter() + timeout
         seen = 0.0
         with self.cond:
             while True:
-                for done, specs in self.writes:
+                for done, wrote in self.writes:
                     if done > max(since, seen):
                         seen = done
-                        if check(specs):
+                        if ip in wrote and check(wrote[ip]):
                             return done
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     raise TimeoutError("the change did not reach the maps")
                 self.cond.wait(left)
+
+    def wait_state(self, check: Callable[[dict[str, ServiceSpec]], bool], timeout: float) -> float:
+        """When the write after which the maps pass ``check`` returned (at the latest write seen)."""
+        deadline = time.perf_counter() + timeout
+        with self.cond:
+            while not (self.writes and check(self.state)):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise TimeoutError("the maps never held the whole state")
+                self.cond.wait(left)
+            return self.writes[-1][0]
 
 
 def rss_kib() -> int:
@@ -128,8 +157,8 @@ def pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def backends_of(specs: list[ServiceSpec], ip: str) -> set[Backend]:
-    return next((set(s.backends) for s in specs if str(s.frontend.ip) == ip), set())
+def has(spec: ServiceSpec | None, backend: Backend) -> bool:
+    return spec is not None and backend in spec.backends
 
 
 def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
@@ -202,8 +231,8 @@ def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
         thread.start()
         lb = lbs[0]
         every = set(cluster_ips)
-        programmed = lb.wait_for(t0, lambda specs: len(specs) == n and {str(s.frontend.ip) for s in specs} == every
-                                 and all(len(s.backends) == 4 for s in specs), timeout=600)
+        programmed = lb.wait_state(lambda state: state.keys() == every
+                                   and all(len(s.backends) == 4 for s in state.values()), timeout=600)
         cold = programmed - t0
         rss = (rss_kib() - base_rss) / 1024
         say(f"N={n}: programmed {n} Services x 4 backends {cold:.2f}s after the agent started; RSS grew "
@@ -225,8 +254,7 @@ def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
             before = time.perf_counter()
             kv.put(f"{name}/" + rec.key, rec.encode())
             start = time.perf_counter()  # the put returned: the agent may be done already
-            done = lb.wait_for(before, lambda specs, i=i, add=add, extra=extra: (
-                extra in backends_of(specs, cluster_ips[i])) == add)
+            done = lb.wait_for(before, cluster_ips[i], lambda spec, add=add, extra=extra: has(spec, extra) == add)
             remote_lat.append(max(0.0, done - start))
         for k in range(samples):
             add = k % 2 == 0
@@ -239,8 +267,7 @@ def run_size(n: int, samples: int, work: Path) -> dict[str, float]:
             before = time.perf_counter()
             api.patch("EndpointSlice", NS, f"svc-{i}-1", {"endpoints": endpoints})
             start = time.perf_counter()
-            done = lb.wait_for(before, lambda specs, i=i, add=add, extra=extra: (
-                extra in backends_of(specs, cluster_ips[i])) == add)
+            done = lb.wait_for(before, cluster_ips[i], lambda spec, add=add, extra=extra: has(spec, extra) == add)
             local_lat.append(max(0.0, done - start))
         cpu = (cpu_seconds() - cpu0) / (2 * samples)
         return {"n": n, "cold": cold, "rss": rss, "cpu_ms": cpu * 1000,

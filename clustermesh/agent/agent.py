@@ -120,7 +120,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._lb_factory = socket_lb_factory
         self.lb: Any = None
-        self._last_specs: list[ServiceSpec] | None = None
+        self._programmed = False  # the maps hold what a step of this agent wrote
+        # Frontends whose spec may have changed since the last write (None: compare them all).
+        self._unwritten: set[Frontend] | None = None
         self.routes: RouteTable | None = None
         if config.routes == "host":
             self.routes = RouteTable(None)
@@ -329,10 +331,13 @@ class Agent:
     def _usable_sources(self, now: float) -> list[RemoteCluster]:
         return [rc for rc in self.members.sources(now) if rc.usable(now)]
 
-    def desired(self, now: float, sources: list[RemoteCluster]) -> tuple[list[ServiceSpec], bool]:
+    def desired(self, now: float, sources: list[RemoteCluster]) -> tuple[
+        Mapping[Frontend, ServiceSpec] | list[ServiceSpec], bool, frozenset[Frontend] | None
+    ]:
         """The datapath's desired state: the merger's, merged again only for the Services touched
-        since the last call, plus what is kept from the previous agent; and whether it moved
-        since the last call. ``sources``: the usable remotes at ``now``."""
+        since the last call, plus what is kept from the previous agent; whether it moved since the
+        last call; and the frontends it moved at (None: anywhere). ``sources``: the usable remotes
+        at ``now``."""
         identity = self.identity
         assert identity is not None
         everyone = self.members.everyone()
@@ -356,7 +361,6 @@ class Agent:
 
             outcome = self.merger.update(lambda: list(self.state.services), local_of, records_of,
                                          self._local_pod_cidrs())
-            specs = self.merger.specs()
         self._merged_refs = outcome.refs
         if outcome.problems is not None:
             for problem in set(outcome.problems) - self._merge_problems:
@@ -364,16 +368,19 @@ class Agent:
                 metrics.ERRORS.labels("agent", "merge").inc()
             self._merge_problems = set(outcome.problems)
         inheriting = self._inheriting(now)
-        moved = outcome.changed or inheriting != self._last_inheriting
+        kept_moved = inheriting != self._last_inheriting
         self._last_inheriting = inheriting
         if not inheriting or not self._inherited:
-            return specs, moved
+            # The merger's own table, by frontend: the datapath looks only at what moved.
+            return self.merger.by_frontend, outcome.changed or kept_moved, None if kept_moved else outcome.frontends
+        with self._lock:
+            specs = self.merger.specs()
         return [
             ServiceSpec(spec.frontend, spec.backends | {
                 b for b in self._inherited.get(spec.frontend, ()) if b.cluster_id in inheriting
             }, spec.affinity)
             for spec in specs
-        ], moved
+        ], outcome.changed or kept_moved, None
 
     def _local_pod_cidrs(self) -> list[str]:
         cidrs: list[str] = []
@@ -385,7 +392,7 @@ class Agent:
     def ready_to_program(self) -> bool:
         if not self._listed or not all(e.is_set() for e in self._listed.values()):
             return False
-        if not self._fresh_node or self._last_specs is not None:
+        if not self._fresh_node or self._programmed:
             return True  # what an earlier agent or step wrote is served: follow changes at once
         if time.monotonic() - self._started_at >= self.config.first_sync_wait:
             return True
@@ -404,11 +411,15 @@ class Agent:
             # A remote's routes go in before its backends and leave only after them: a connect()
             # the socket-LB sends to a remote backend always finds its route.
             self._apply_routes({**(self._last_routes or {}), **routes})
-        specs, moved = self.desired(now, sources)
+        specs, moved, hint = self.desired(now, sources)
+        if hint is None:
+            self._unwritten = None
+        elif self._unwritten is not None:
+            self._unwritten |= hint
         wrote = False
-        if moved or self._last_specs is None:
-            ops = self.lb.program(specs)
-            self._last_specs = specs
+        if moved or not self._programmed:
+            ops = self.lb.program(specs, self._unwritten)
+            self._programmed, self._unwritten = True, set()
             wrote = True
             if trace.enabled():
                 trace.hops("map-write", (f"{ns}/{name}" for ns, name in self._merged_refs))
@@ -495,7 +506,7 @@ class Agent:
             draining = frozenset(cidr for cidr, (_, until) in self._draining.items() if now < until)
             usable = (frozenset(rc.name for rc in self.members.sources(now) if rc.usable(now)),
                       self._inheriting(now), self.members.switching(), draining)
-            if not changed and usable == last_usable and self._last_specs is not None:
+            if not changed and usable == last_usable and self._programmed:
                 continue
             last_usable = usable
             try:
@@ -503,11 +514,11 @@ class Agent:
             except CapacityError:
                 # Refused whole before any write, logged once and counted by the datapath: the
                 # maps keep the previous state; the next change tries again.
-                self._last_specs = None
+                self._programmed = False
             except Exception:  # one bad reconcile must not stop the node's agent
                 log.exception("reconcile failed; retrying on the next change")
                 metrics.ERRORS.labels("agent", "datapath").inc()
-                self._last_specs = None
+                self._programmed, self._unwritten = False, None
                 if self._stop.wait(1):
                     break
 
@@ -530,7 +541,7 @@ class Agent:
         remote that is down does not make the agent unready: the rest of the mesh is served."""
         if self.identity is None:
             return False, f"waiting for ClusterMesh {self.config.mesh_name}"
-        if self._last_specs is None:
+        if not self._programmed:
             return False, "the maps are not programmed yet"
         kept = self._inheriting(time.monotonic())
         if kept:

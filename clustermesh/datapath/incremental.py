@@ -11,7 +11,7 @@ sync (:func:`full_sync`) and now and then reads the maps back to compare (:func:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -52,14 +52,16 @@ class Update:
     planner must remember once they are in the maps (:meth:`IncrementalPlanner.commit`)."""
 
     ops: list[Op]
-    specs: dict[Frontend, ServiceSpec]
-    """The new desired state by frontend."""
+    specs: dict[Frontend, ServiceSpec] | None
+    """The new desired state by frontend (a plan of everything), or None (a plan of named changes)."""
     changed: list[Frontend]
     """Frontends whose spec is new, changed or gone, in frontend order."""
     new_ids: dict[tuple[int, int, int], int]
     """Backends that get an id (:attr:`Backend.key` -> id)."""
     refs: dict[int, int]
     """Slot references of each backend id this update touches, after it."""
+    patch: dict[Frontend, ServiceSpec | None] | None = None
+    """A plan of named changes: the new spec of each changed frontend, None where it goes."""
 
 
 class IncrementalPlanner:
@@ -102,17 +104,32 @@ class IncrementalPlanner:
         yield from range(self._top, MAX_BACKEND_ID + 1)
         raise ValueError("backend ids exhausted")
 
-    def plan(self, services: Iterable[ServiceSpec], capacity: Capacity = UNLIMITED) -> Update:
+    def plan(
+        self,
+        services: Iterable[ServiceSpec] | Mapping[Frontend, ServiceSpec],
+        capacity: Capacity = UNLIMITED,
+        changed_hint: Collection[Frontend] | None = None,
+    ) -> Update:
         """The writes that make the maps hold ``services``; changes nothing here.
+
+        With ``changed_hint``, ``services`` is a mapping by frontend and only the frontends named
+        there are compared with what was planned last: every other one must be as it was. That is
+        what keeps a change to one of 10,000 services from walking all of them.
 
         Raises :class:`CapacityError` (as :func:`ordered_ops`) and ValueError
         (as :func:`desired_state`).
         """
         old = self._specs
+        if changed_hint is not None:
+            if not isinstance(services, Mapping):
+                raise TypeError("a plan of named changes takes the services by frontend")
+            named = sorted((f for f in changed_hint if old.get(f) != services.get(f)), key=lambda f: f.key)
+            patch = {f: services.get(f) for f in named}
+            return self._plan_changed(patch, named, capacity, None, patch)
         specs: dict[Frontend, ServiceSpec] = {}
         changed: list[Frontend] = []
         listed = 0  # frontends of ``old`` still listed
-        for spec in services:
+        for spec in services.values() if isinstance(services, Mapping) else services:
             frontend = spec.frontend
             if frontend in specs:
                 raise ValueError(f"frontend {frontend} is listed twice")
@@ -127,7 +144,18 @@ class IncrementalPlanner:
         if listed != len(old):  # some frontends went away
             changed += [frontend for frontend in old if frontend not in specs]
         changed.sort(key=lambda f: f.key)
+        return self._plan_changed(specs, changed, capacity, specs, None)
 
+    def _plan_changed(
+        self,
+        wanted_of: Mapping[Frontend, ServiceSpec | None],
+        changed: list[Frontend],
+        capacity: Capacity,
+        specs: dict[Frontend, ServiceSpec] | None,
+        patch: dict[Frontend, ServiceSpec | None] | None,
+    ) -> Update:
+        """The writes for ``changed`` (in frontend order), whose new specs ``wanted_of`` holds."""
+        old = self._specs
         current = MapState()
         desired = MapState()
         delta: dict[int, int] = {}
@@ -149,7 +177,7 @@ class IncrementalPlanner:
         new_entries: dict[int, BackendEntry] = {}
         fresh = self._fresh_ids()
         for frontend in changed:
-            wanted = specs.get(frontend)
+            wanted = wanted_of.get(frontend)
             if wanted is None:
                 continue
             ordered, preferred = slot_order(wanted, local)
@@ -186,7 +214,7 @@ class IncrementalPlanner:
             self._needs[3] - here[3],
         )
         ops = _ordered_ops(current, desired, capacity, rest)
-        return Update(ops, specs, changed, new_ids, refs)
+        return Update(ops, specs, changed, new_ids, refs, patch)
 
     def commit(self, update: Update) -> None:
         """Remember ``update`` as written (call it once its ops are in the maps)."""
@@ -236,12 +264,19 @@ class IncrementalPlanner:
                 self._refs[bid] = count
             else:
                 self._refs.pop(bid, None)
-        self._specs = update.specs
+        if update.specs is not None:
+            self._specs = update.specs
+        for frontend, spec in (update.patch or {}).items():
+            if spec is None:
+                self._specs.pop(frontend, None)
+            else:
+                self._specs[frontend] = spec
 
-    def write(self, maps: Maps, services: Iterable[ServiceSpec]) -> list[Op]:
+    def write(self, maps: Maps, services: Iterable[ServiceSpec] | Mapping[Frontend, ServiceSpec],
+              changed_hint: Collection[Frontend] | None = None) -> list[Op]:
         """Plan, write and remember. On a failed write the planner is stale: drop it."""
         with paused_gc():
-            update = self.plan(services, maps.capacity)
+            update = self.plan(services, maps.capacity, changed_hint)
             apply(update.ops, maps)
             self.commit(update)
         return update.ops

@@ -26,7 +26,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from clustermesh.datapath.layout import (
     Svc6Key,
     SvcVal,
 )
-from clustermesh.datapath.model import BackendEntry, MapState, ServiceEntry, ServiceSpec, SlotKey
+from clustermesh.datapath.model import BackendEntry, Frontend, MapState, ServiceEntry, ServiceSpec, SlotKey
 from clustermesh.datapath.plan import Capacity, Maps, Op, dry_run
 from clustermesh.heap import release_freed_heap
 
@@ -439,8 +439,13 @@ class SocketLB:
         """What :meth:`program` would write now."""
         return dry_run(self.maps, services, self.local_cluster_id)
 
-    def program(self, services: Iterable[ServiceSpec]) -> list[Op]:
+    def program(self, services: Iterable[ServiceSpec] | Mapping[Frontend, ServiceSpec],
+                changed_hint: Collection[Frontend] | None = None) -> list[Op]:
         """Make the maps hold exactly ``services`` (ordered, batched writes).
+
+        ``changed_hint``: the frontends that may differ from the last successful call, with
+        ``services`` by frontend; the others are not looked at (see :meth:`IncrementalPlanner.plan`).
+        A full sync ignores it.
 
         The first call reads the maps and diffs everything; later ones plan only
         the services that changed (:class:`IncrementalPlanner`). One in
@@ -455,10 +460,10 @@ class SocketLB:
         maps = self.maps
         try:
             if self._verify_due():
-                ops = self._full_sync(maps, services)
+                ops = self._full_sync(maps, services.values() if isinstance(services, Mapping) else services)
             else:
                 assert self._planner is not None
-                ops = self._planner.write(maps, services)
+                ops = self._planner.write(maps, services, changed_hint)
                 self._incremental += 1
         except CapacityError as exc:
             # Refused before any write: the planner's memory still matches the maps.

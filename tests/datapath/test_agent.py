@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,10 +273,10 @@ class RecordingLB:
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
-    def program(self, specs: object) -> object:
-        specs = list(specs)  # type: ignore[call-overload]
-        self.calls.append({str(b.ip) for s in specs for b in s.backends})
-        return self.inner.program(specs)  # type: ignore[attr-defined]
+    def program(self, specs: object, changed_hint: object = None) -> object:
+        listed = list(specs.values() if isinstance(specs, Mapping) else specs)  # type: ignore[call-overload]
+        self.calls.append({str(b.ip) for s in listed for b in s.backends})
+        return self.inner.program(specs, changed_hint)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("remote_comes", [True, False], ids=["remote-syncs-late", "remote-never-syncs"])
@@ -356,11 +356,11 @@ def test_a_remote_route_is_there_whenever_its_backends_are(
             return changes
 
     class OrderedLB(RecordingLB):
-        def program(self, specs: object) -> object:
-            specs = list(specs)  # type: ignore[call-overload]
-            ops = self.inner.program(specs)  # type: ignore[attr-defined]
+        def program(self, specs: object, changed_hint: object = None) -> object:
+            ops = self.inner.program(specs, changed_hint)  # type: ignore[attr-defined]
+            listed = list(specs.values() if isinstance(specs, Mapping) else specs)  # type: ignore[call-overload]
             with lock:
-                history.append(("lb", any(str(b.ip) == remote_backend for s in specs for b in s.backends),
+                history.append(("lb", any(str(b.ip) == remote_backend for s in listed for b in s.backends),
                                 time.monotonic()))
             return ops
 

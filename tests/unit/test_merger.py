@@ -94,6 +94,44 @@ def test_incremental_merge_equals_full_merge_after_every_event(seed: int) -> Non
         assert incremental(merger, world) == world.full()
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_the_table_by_frontend_follows_and_the_outcome_names_every_frontend_that_moved(seed: int) -> None:
+    """What the datapath relies on when it looks only at the frontends an update names."""
+    rng = random.Random(seed)
+    world, merger = World(rng), ServiceMerger(LOCAL_ID)
+    table = merger.by_frontend
+    before: dict = {}
+    for _ in range(60):
+        for _ in range(rng.randrange(1, 4)):
+            world.step(merger)
+        outcome = merger.update(lambda: world.locals, world.locals.get, world.records_of, world.exclude)
+        now = {spec.frontend: spec for spec in world.full()}
+        assert dict(table) == now  # the same object, kept up to date
+        moved = {f for f in before.keys() | now.keys() if before.get(f) != now.get(f)}
+        assert set(outcome.frontends) == moved and outcome.changed == bool(moved)
+        before = now
+
+
+def test_a_frontend_two_services_claim_is_served_by_one_and_the_rest_keep_working() -> None:
+    world, merger = World(random.Random(5)), ServiceMerger(LOCAL_ID)
+    http = {"http": PortConfig("TCP", 80)}
+    a, b, c = NAMES[:3]
+    world.locals[a] = LocalService(*a, {"10.96.0.9": http}, {"10.244.0.1": http}, Affinity.NONE)
+    world.locals[b] = LocalService(*b, {"10.96.0.9": http}, {"10.244.0.2": http}, Affinity.NONE)
+    world.locals[c] = LocalService(*c, {"10.96.0.3": http}, {"10.244.0.3": http}, Affinity.NONE)
+    outcome = merger.update(lambda: world.locals, world.locals.get, world.records_of)
+    served = {str(s.frontend.ip): {str(be.ip) for be in s.backends} for s in merger.specs()}
+    assert served == {"10.96.0.9": {"10.244.0.1"}, "10.96.0.3": {"10.244.0.3"}}  # the first by name: a
+    assert outcome.problems is not None
+    assert [p for p in outcome.problems if "claimed" in p] == [
+        "frontend 10.96.0.9:80/TCP is claimed by ns/svc-0 and by ns/svc-1: ns/svc-0 serves it until it lets go"]
+    del world.locals[a]  # the owner lets go: the other takes over, and the problem is gone
+    merger.touch(a)
+    outcome = merger.update(lambda: world.locals, world.locals.get, world.records_of)
+    assert {str(be.ip) for be in merger.by_frontend[next(iter(outcome.frontends))].backends} == {"10.244.0.2"}
+    assert outcome.problems == []
+
+
 def test_only_touched_services_are_merged_and_changed_says_whether_specs_moved() -> None:
     world, merger = World(random.Random(7)), ServiceMerger(LOCAL_ID)
     for ref in NAMES:
