@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class OperatorConfig:
     status_lease_namespace: str = "clustermesh-system"
     replica: str = "operator"
     ready_probe_timeout: float = 1.0
+    mesh_poll: float = 2.0
+    """Seconds between two looks for the ClusterMesh object while there is none."""
     """Seconds /readyz gives the local etcd to answer."""
 
 
@@ -134,8 +137,10 @@ class Operator:
 
     # ------------------------------------------------------------ identity
 
-    def ensure_mesh(self) -> None:
-        """Create the ClusterMesh object from flags on a first start; check the CRD is there."""
+    def ensure_mesh(self, stop: threading.Event | None = None) -> None:
+        """Create the ClusterMesh object from flags on a first start, or wait for one to be applied
+        (deploy/ usually goes in first: waiting beats exiting and a growing restart backoff); check
+        the CRD is there. ``stop``: set to give up waiting."""
         mesh = self.kube.get_mesh(self.config.mesh_name)
         if mesh is not None:
             local = (mesh.get("spec") or {}).get("localCluster") or {}
@@ -147,10 +152,15 @@ class Operator:
                 )
             return
         if not self.config.cluster_name or not self.config.cluster_id:
-            raise KubeError(
-                f"no ClusterMesh {self.config.mesh_name!r} in the cluster: create one "
-                "(kubectl apply -f a ClusterMesh manifest) or pass --cluster-name and --cluster-id"
-            )
+            log.warning("no ClusterMesh %r in the cluster yet; waiting for one (kubectl apply -f a ClusterMesh "
+                        "manifest, see README) or pass --cluster-name and --cluster-id", self.config.mesh_name)
+            stop = stop or threading.Event()
+            while mesh is None:
+                if stop.wait(self.config.mesh_poll):
+                    raise KubeError(f"stopped while waiting for ClusterMesh {self.config.mesh_name!r}")
+                mesh = self.kube.get_mesh(self.config.mesh_name)
+            log.info("ClusterMesh %s appeared", self.config.mesh_name)
+            return
         ClusterIdentity(self.config.cluster_name, self.config.cluster_id)  # validate before writing
         self.kube.create_mesh(self.config.mesh_name, self.config.cluster_name, self.config.cluster_id)
         log.info("created ClusterMesh %s for cluster %s (id %d)", self.config.mesh_name,

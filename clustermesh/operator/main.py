@@ -49,17 +49,22 @@ def run_operator(args: argparse.Namespace) -> int:
             ),
         )
         operator = Operator(config, kv, kube)
-        operator.ensure_mesh()
     except (KubeError, KVStoreError, ValueError) as exc:
         print(f"clustermesh operator: {exc}", file=sys.stderr)
         return 1
     if args.metrics_port >= 0:
         try:
+            # Probes answer while the operator waits for its ClusterMesh: alive, not ready.
             metrics.serve(args.metrics_host, args.metrics_port, operator.health, operator.ready)
         except OSError as exc:
             print(f"clustermesh operator: metrics port {args.metrics_port}: {exc}; "
                   "pick another with --metrics-port (or -1 to disable)", file=sys.stderr)
             return 1
+    try:
+        operator.ensure_mesh()
+    except (KubeError, ValueError) as exc:
+        print(f"clustermesh operator: {exc}", file=sys.stderr)
+        return 1
     memo = kopf.Memo(operator=operator, connection=kube.connection(), batch_window=args.batch_window)
     if not args.verbose:  # one line per handled event is noise at this rate
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)

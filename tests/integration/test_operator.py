@@ -33,12 +33,14 @@ GLOBAL = {"service.cilium.io/global": "true"}
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: str, etcd_url: str, cluster: str, cluster_id: int, log: Path, *extra: str):
+    def __init__(self, kubeconfig: str, etcd_url: str, cluster: str, cluster_id: int | None, log: Path,
+                 *extra: str):
+        """``cluster_id`` None: no identity flags (the operator waits for its ClusterMesh object)."""
         self.metrics_port = free_port()
+        identity = [] if cluster_id is None else ["--cluster-name", cluster, "--cluster-id", str(cluster_id)]
         self.argv = [
             sys.executable, "-m", "clustermesh.cli", "operator",
-            "--kubeconfig", kubeconfig, "--etcd", etcd_url,
-            "--clustermesh", f"mesh-{cluster}", "--cluster-name", cluster, "--cluster-id", str(cluster_id),
+            "--kubeconfig", kubeconfig, "--etcd", etcd_url, "--clustermesh", f"mesh-{cluster}", *identity,
             "--metrics-port", str(self.metrics_port), *extra,
         ]
         self.log = log
@@ -101,7 +103,7 @@ def cluster() -> str:
 def operators(kubeconfig: str, crds: None, etcd_server, tmp_path: Path, cluster: str):
     started: list[OperatorProcess] = []
 
-    def start(*extra: str, cluster_id: int = 7, etcd_url: str | None = None) -> OperatorProcess:
+    def start(*extra: str, cluster_id: int | None = 7, etcd_url: str | None = None) -> OperatorProcess:
         op = OperatorProcess(kubeconfig, etcd_url or etcd_server.url, cluster, cluster_id,
                              tmp_path / f"operator-{len(started)}.log", *extra)
         started.append(op.start())
@@ -495,6 +497,30 @@ def test_status_reports_each_remote(
             {"name": "far", "connected": True, "ready": True, "services": 1, "nodes": 0}]
         assert status.get("remoteClusters") == "far"
     eventually(remote_ready, timeout=30)
+
+
+def test_an_operator_started_before_its_clustermesh_waits_for_it_alive_and_not_ready(
+    kv: KVClient, cluster: str, operators, kubeconfig: str, crds: None, tmp_path: Path
+) -> None:
+    """deploy/ goes in before the ClusterMesh object: the operator says what it waits for, answers
+    its probes (alive, not ready) instead of exiting into a restart backoff, and exports once the
+    object is applied."""
+    op = operators(cluster_id=None)
+
+    def waiting() -> None:
+        assert "no ClusterMesh" in (tmp_path / "operator-0.log").read_text()
+        assert op.healthz() == (200, "waiting for the ClusterMesh object and the first listing\n")
+    eventually(waiting, timeout=30)
+    assert op.proc is not None and op.proc.poll() is None
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        urllib.request.urlopen(f"http://127.0.0.1:{op.metrics_port}/readyz", timeout=5)
+    assert not_ready.value.code == 503
+    assert kv.get(schema.cluster_config_key(cluster)) is None
+    apply_object(kubeconfig, {"apiVersion": "clustermesh.io/v1alpha1", "kind": "ClusterMesh",
+                              "metadata": {"name": f"mesh-{cluster}"},
+                              "spec": {"localCluster": {"name": cluster, "id": 31}}})
+    eventually(lambda: _assert_eq(kv.get(schema.cluster_config_key(cluster)) is not None, True), timeout=30)
+    assert op.proc.poll() is None
 
 
 def test_cluster_config_follows_the_mesh_as_cilium_writes_it(
