@@ -151,7 +151,7 @@ class Operator:
                     self.config.mesh_name, local.get("name"), local.get("id"), *flags,
                 )
             return
-        if not self.config.cluster_name or not self.config.cluster_id:
+        if self.config.cluster_name is None and self.config.cluster_id is None:
             log.warning("no ClusterMesh %r in the cluster yet; waiting for one (kubectl apply -f a ClusterMesh "
                         "manifest, see README) or pass --cluster-name and --cluster-id", self.config.mesh_name)
             stop = stop or threading.Event()
@@ -161,6 +161,8 @@ class Operator:
                 mesh = self.kube.get_mesh(self.config.mesh_name)
             log.info("ClusterMesh %s appeared", self.config.mesh_name)
             return
+        if not self.config.cluster_name or self.config.cluster_id is None:
+            raise KubeError("pass both --cluster-name and --cluster-id, or neither and apply a ClusterMesh object")
         ClusterIdentity(self.config.cluster_name, self.config.cluster_id)  # validate before writing
         self.kube.create_mesh(self.config.mesh_name, self.config.cluster_name, self.config.cluster_id)
         log.info("created ClusterMesh %s for cluster %s (id %d)", self.config.mesh_name,
