@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,9 +78,9 @@ class OperatorConfig:
     status_lease_namespace: str = "clustermesh-system"
     replica: str = "operator"
     ready_probe_timeout: float = 1.0
+    """Seconds /readyz gives the local etcd to answer."""
     mesh_poll: float = 2.0
     """Seconds between two looks for the ClusterMesh object while there is none."""
-    """Seconds /readyz gives the local etcd to answer."""
 
 
 class ProblemLog:
@@ -137,10 +136,10 @@ class Operator:
 
     # ------------------------------------------------------------ identity
 
-    def ensure_mesh(self, stop: threading.Event | None = None) -> None:
+    def ensure_mesh(self) -> None:
         """Create the ClusterMesh object from flags on a first start, or wait for one to be applied
         (deploy/ usually goes in first: waiting beats exiting and a growing restart backoff); check
-        the CRD is there. ``stop``: set to give up waiting."""
+        the CRD is there. SIGTERM ends the wait (nothing is held yet)."""
         mesh = self.kube.get_mesh(self.config.mesh_name)
         if mesh is not None:
             local = (mesh.get("spec") or {}).get("localCluster") or {}
@@ -154,10 +153,8 @@ class Operator:
         if self.config.cluster_name is None and self.config.cluster_id is None:
             log.warning("no ClusterMesh %r in the cluster yet; waiting for one (kubectl apply -f a ClusterMesh "
                         "manifest, see README) or pass --cluster-name and --cluster-id", self.config.mesh_name)
-            stop = stop or threading.Event()
             while mesh is None:
-                if stop.wait(self.config.mesh_poll):
-                    raise KubeError(f"stopped while waiting for ClusterMesh {self.config.mesh_name!r}")
+                time.sleep(self.config.mesh_poll)
                 mesh = self.kube.get_mesh(self.config.mesh_name)
             log.info("ClusterMesh %s appeared", self.config.mesh_name)
             return
